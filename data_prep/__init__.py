@@ -1,0 +1,1 @@
+"""BraTS / IXI / phantom NIfTI into verified webdataset shards (see DESIGN.md for the shard contract)."""

@@ -1,0 +1,55 @@
+"""What the networks are told about a sample: which contrasts are present and which one to synthesize.
+
+Both the generator and the discriminator see the same conditioning stack, so a single model can serve every
+(inputs -> target) task: the images (absent ones zero), the availability mask and the target's one-hot code,
+each broadcast to planes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The canonical, ordered modality list: a model's input channel i is always MODALITIES[i] unless its config
+# says otherwise; the loader maps each manifest's order onto it by name.
+MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair", "pd")
+
+# BraTS 2023+ names (and common spellings) for the same contrasts.
+MODALITY_ALIASES: dict[str, str] = {"t1n": "t1", "t1c": "t1ce", "t1gd": "t1ce", "t2w": "t2", "t2f": "flair"}
+
+
+def canonical_modality(name: str) -> str:
+    """Lower-case ``name`` and map BraTS 2023+ aliases onto the canonical names (``t2f`` -> ``flair``)."""
+    lowered = name.strip().lower()
+    return MODALITY_ALIASES.get(lowered, lowered)
+
+
+def condition_stack(
+    images: torch.Tensor, available: torch.Tensor, target_index: torch.Tensor
+) -> torch.Tensor:
+    """Stack images, availability planes and target one-hot planes.
+
+    Args:
+        images: ``[B, M, H, W]`` input contrasts in ``[0, 1]``; channels that are not inputs are zeroed here
+            (so a caller cannot leak the target through the image stack).
+        available: ``[B, M]`` bool or 0/1: which channels are inputs for this sample.
+        target_index: ``[B]`` long: the channel to synthesize.
+
+    Returns:
+        ``[B, 3 * M, H, W]`` in the images' dtype.
+    """
+    batch, modalities, height, width = images.shape
+    if available.shape != (batch, modalities):
+        raise ValueError(f"available has shape {tuple(available.shape)}, expected {(batch, modalities)}")
+    if target_index.shape != (batch,):
+        raise ValueError(f"target_index has shape {tuple(target_index.shape)}, expected {(batch,)}")
+    available = available.to(images.dtype)
+    target = torch.nn.functional.one_hot(target_index.long(), modalities).to(images.dtype)
+    planes = torch.cat([available, target], dim=1)[:, :, None, None].expand(-1, -1, height, width)
+    return torch.cat([images * available[:, :, None, None], planes], dim=1)
+
+
+def condition_vector(available: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
+    """``[B, 2 * M]``: the availability mask followed by the target's one-hot code (float)."""
+    modalities = available.shape[1]
+    target = torch.nn.functional.one_hot(target_index.long(), modalities)
+    return torch.cat([available.float(), target.float()], dim=1)

@@ -1,0 +1,246 @@
+"""Generators: the SSM encoder-decoder and a plain U-Net baseline of similar size, with one interface.
+
+``generator(images [B, M, H, W], available [B, M], target_index [B]) -> [B, 1, H, W]`` in ``[0, 1]``, for
+any non-empty subset of inputs and any target, and any H, W (padded to a multiple of ``2 ** depth`` and
+cropped back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medgan.models.blocks import ConvBlock, DynamicGate, NonLocalAttention, SSMStage
+from medgan.models.conditioning import MODALITIES, condition_stack, condition_vector
+from medgan.models.config_checks import require
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    require(condition, f"model.generator.{key}", message)
+
+
+@dataclass(kw_only=True, slots=True)
+class GeneratorConfig:
+    """The generator's architecture; each ``use_*`` switch removes one block for ablations.
+
+    ``arch``: ``ssm`` (this project's model) or ``unet`` (the plain convolutional baseline; with
+    ``unet_base_channels: 0`` its width is chosen to match the SSM generator's parameter count).
+    ``ssm_levels``: encoder levels (0 = full resolution) that get an SSM stage; the bottleneck always does
+    when ``use_ssm``.
+    """
+
+    arch: str = "ssm"
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    base_channels: int = 32
+    depth: int = 3
+    ssm_levels: list[int] = field(default_factory=lambda: [1, 2])
+    ssm_state: int = 16
+    ssm_expand: int = 2
+    scales: list[int] = field(default_factory=lambda: [1, 2])
+    attention_heads: int = 4
+    condition_dim: int = 64
+    use_ssm: bool = True
+    use_multi_direction: bool = True
+    use_multi_scale: bool = True
+    use_dynamic_gating: bool = True
+    use_attention: bool = True
+    unet_base_channels: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.arch in ("ssm", "unet"), "arch", f"{self.arch!r} is not one of ssm, unet")
+        _require(len(self.modalities) >= 2, "modalities", f"{self.modalities} needs at least two contrasts")
+        _require(
+            len(set(self.modalities)) == len(self.modalities), "modalities", f"{self.modalities} repeats one"
+        )
+        _require(self.base_channels >= 8, "base_channels", f"{self.base_channels} must be >= 8")
+        _require(
+            self.base_channels % 8 == 0, "base_channels", f"{self.base_channels} must be a multiple of 8"
+        )
+        _require(1 <= self.depth <= 6, "depth", f"{self.depth} must be in 1..6")
+        _require(
+            all(0 <= level < self.depth for level in self.ssm_levels),
+            "ssm_levels",
+            f"{self.ssm_levels} must be encoder levels in 0..{self.depth - 1}",
+        )
+        _require(1 <= self.ssm_state <= 256, "ssm_state", f"{self.ssm_state} must be in 1..256")
+        _require(1 <= self.ssm_expand <= 4, "ssm_expand", f"{self.ssm_expand} must be in 1..4")
+        _require(
+            bool(self.scales) and all(s >= 1 for s in self.scales) and self.scales[0] == 1,
+            "scales",
+            f"{self.scales} must start with 1 and hold positive integers",
+        )
+        bottleneck = self.base_channels * 2**self.depth
+        _require(
+            self.attention_heads >= 1 and bottleneck % self.attention_heads == 0,
+            "attention_heads",
+            f"{self.attention_heads} must divide the bottleneck width {bottleneck}",
+        )
+        _require(self.condition_dim >= 1, "condition_dim", f"{self.condition_dim} must be >= 1")
+        _require(
+            self.unet_base_channels >= 0, "unet_base_channels", f"{self.unet_base_channels} must be >= 0"
+        )
+
+    @property
+    def pad_multiple(self) -> int:
+        return 2**self.depth
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Zero-pad H and W up to a multiple (zero is the background of a normalised MR slice)."""
+    height, width = x.shape[-2:]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    return F.pad(x, (0, pad_w, 0, pad_h)), (height, width)
+
+
+class SSMGenerator(nn.Module):
+    """Encoder-decoder with skips; SSM stages in the encoder and bottleneck, task-conditioned gates."""
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__()
+        self.config = config
+        modalities = len(config.modalities)
+        widths = [config.base_channels * 2**level for level in range(config.depth + 1)]
+        directions = 4 if config.use_multi_direction else 1
+        scales = tuple(config.scales) if config.use_multi_scale else (1,)
+
+        def ssm_stage(channels: int, stage_scales: tuple[int, ...]) -> nn.Module:
+            return SSMStage(channels, stage_scales, config.ssm_state, config.ssm_expand, directions)
+
+        def gate(channels: int) -> DynamicGate | None:
+            return DynamicGate(channels, config.condition_dim) if config.use_dynamic_gating else None
+
+        self.condition_embedding = (
+            nn.Sequential(nn.Linear(2 * modalities, config.condition_dim), nn.SiLU())
+            if config.use_dynamic_gating
+            else None
+        )
+        self.stem = nn.Conv2d(3 * modalities, widths[0], 3, padding=1)
+        self.encoder = nn.ModuleList()
+        self.encoder_ssm = nn.ModuleDict()
+        self.encoder_gates = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        for level in range(config.depth):
+            self.encoder.append(ConvBlock(widths[level], widths[level]))
+            if config.use_ssm and level in config.ssm_levels:
+                # full-resolution sequences are long: only the coarse-to-fine scales, not multi-scale, there
+                self.encoder_ssm[str(level)] = ssm_stage(widths[level], (1,) if level == 0 else scales)
+            self.encoder_gates.append(gate(widths[level]) or nn.Identity())
+            self.downsample.append(nn.Conv2d(widths[level], widths[level + 1], 4, stride=2, padding=1))
+        bottleneck = widths[-1]
+        self.bottleneck = ConvBlock(bottleneck, bottleneck)
+        self.bottleneck_ssm = ssm_stage(bottleneck, scales) if config.use_ssm else None
+        self.attention = (
+            NonLocalAttention(bottleneck, config.attention_heads) if config.use_attention else None
+        )
+        self.bottleneck_gate = gate(bottleneck)
+        self.upsample = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        self.decoder_gates = nn.ModuleList()
+        for level in reversed(range(config.depth)):
+            self.upsample.append(nn.ConvTranspose2d(widths[level + 1], widths[level], 4, stride=2, padding=1))
+            self.decoder.append(ConvBlock(2 * widths[level], widths[level]))
+            self.decoder_gates.append(gate(widths[level]) or nn.Identity())
+        self.head = nn.Conv2d(widths[0], 1, 1)
+
+    def _gate(
+        self, module: nn.Module | None, x: torch.Tensor, condition: torch.Tensor | None
+    ) -> torch.Tensor:
+        return x if module is None or isinstance(module, nn.Identity) else module(x, condition)
+
+    def forward(
+        self, images: torch.Tensor, available: torch.Tensor, target_index: torch.Tensor
+    ) -> torch.Tensor:
+        """``images [B, M, H, W]`` in ``[0, 1]``, ``available [B, M]``, ``target_index [B]`` ->
+        ``[B, 1, H, W]`` in ``[0, 1]``."""
+        stack, (height, width) = _pad_to_multiple(
+            condition_stack(images, available, target_index), self.config.pad_multiple
+        )
+        condition = (
+            self.condition_embedding(condition_vector(available, target_index))
+            if self.condition_embedding is not None
+            else None
+        )
+        x = self.stem(stack)
+        skips = []
+        for level, (block, gate, down) in enumerate(zip(self.encoder, self.encoder_gates, self.downsample)):
+            x = block(x)
+            if str(level) in self.encoder_ssm:
+                x = self.encoder_ssm[str(level)](x)
+            x = self._gate(gate, x, condition)
+            skips.append(x)
+            x = down(x)
+        x = self.bottleneck(x)
+        if self.bottleneck_ssm is not None:
+            x = self.bottleneck_ssm(x)
+        if self.attention is not None:
+            x = self.attention(x)
+        x = self._gate(self.bottleneck_gate, x, condition)
+        for up, block, gate, skip in zip(self.upsample, self.decoder, self.decoder_gates, reversed(skips)):
+            x = block(torch.cat([up(x), skip], dim=1))
+            x = self._gate(gate, x, condition)
+        return torch.sigmoid(self.head(x))[..., :height, :width]
+
+
+class UNetGenerator(nn.Module):
+    """The plain convolutional U-Net baseline: same conditioning input, no SSM, gates or attention."""
+
+    def __init__(self, config: GeneratorConfig, base_channels: int) -> None:
+        super().__init__()
+        self.config = config
+        modalities = len(config.modalities)
+        widths = [base_channels * 2**level for level in range(config.depth + 1)]
+        self.stem = nn.Conv2d(3 * modalities, widths[0], 3, padding=1)
+        self.encoder = nn.ModuleList(ConvBlock(widths[i], widths[i]) for i in range(config.depth))
+        self.downsample = nn.ModuleList(
+            nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1) for i in range(config.depth)
+        )
+        self.bottleneck = nn.Sequential(ConvBlock(widths[-1], widths[-1]), ConvBlock(widths[-1], widths[-1]))
+        self.upsample = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 4, stride=2, padding=1)
+            for i in reversed(range(config.depth))
+        )
+        self.decoder = nn.ModuleList(
+            ConvBlock(2 * widths[i], widths[i]) for i in reversed(range(config.depth))
+        )
+        self.head = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(
+        self, images: torch.Tensor, available: torch.Tensor, target_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Same contract as :meth:`SSMGenerator.forward`."""
+        stack, (height, width) = _pad_to_multiple(
+            condition_stack(images, available, target_index), self.config.pad_multiple
+        )
+        x = self.stem(stack)
+        skips = []
+        for block, down in zip(self.encoder, self.downsample):
+            x = block(x)
+            skips.append(x)
+            x = down(x)
+        x = self.bottleneck(x)
+        for up, block, skip in zip(self.upsample, self.decoder, reversed(skips)):
+            x = block(torch.cat([up(x), skip], dim=1))
+        return torch.sigmoid(self.head(x))[..., :height, :width]
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def matched_unet_width(config: GeneratorConfig) -> int:
+    """The U-Net base width (multiple of 8) whose parameter count is closest to the SSM generator's."""
+    with torch.device("meta"):
+        target = count_parameters(SSMGenerator(config))
+        candidates = range(8, 8 * 33, 8)
+        return min(candidates, key=lambda width: abs(count_parameters(UNetGenerator(config, width)) - target))
+
+
+def build_generator(config: GeneratorConfig) -> nn.Module:
+    """The generator ``config.arch`` names, ready to train (parameters on the CPU, float32)."""
+    if config.arch == "ssm":
+        return SSMGenerator(config)
+    width = config.unet_base_channels or matched_unet_width(config)
+    return UNetGenerator(config, width)

@@ -1,0 +1,105 @@
+"""The config tree: YAML + seed flags + dotted overrides, typed, validated with one-line errors."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medgan.config import Config, ConfigError, build_config, config_from_cli, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "brats.yaml"])
+def test_shipped_configs_load(name):
+    config = load_config(CONFIGS / name)
+    assert isinstance(config, Config)
+    assert config.model.generator.modalities == ["t1", "t1ce", "t2", "flair", "pd"]
+
+
+def test_seed_flags_and_dotted_overrides_land_in_the_tree():
+    config = config_from_cli(
+        [
+            "--config", str(CONFIGS / "demo.yaml"),
+            "--local_rank=1",
+            "--batch_size", "7",
+            "--lr_g", "1e-3",
+            "--input_modalities", "t1", "t2",
+            "--target_modality", "FLAIR",
+            "--checkpoint_dir", "/tmp/x",
+            "--deepspeed.zero_stage", "3",
+            "--model.generator.use_attention", "false",
+            "--model.generator.scales", "1", "2", "4",
+        ]
+    )  # fmt: skip
+    assert config.data.batch_size == 7
+    assert config.training.lr_g == pytest.approx(1e-3)
+    assert config.data.input_modalities == ["t1", "t2"]
+    assert config.data.target_modality == "flair"
+    assert config.checkpoint.dir == "/tmp/x"
+    assert config.deepspeed.zero_stage == 3
+    assert config.model.generator.use_attention is False
+    assert config.model.generator.scales == [1, 2, 4]
+    # untouched keys keep the YAML's values
+    assert config.training.epochs == load_config(CONFIGS / "demo.yaml").training.epochs
+
+
+def test_brats_2023_names_map_onto_canonical_modalities():
+    config = config_from_cli(["--input_modalities", "t1n", "t2w", "--target_modality", "t2f"])
+    assert config.data.input_modalities == ["t1", "t2"]
+    assert config.data.target_modality == "flair"
+
+
+def test_round_trip_through_yaml(tmp_path):
+    config = config_from_cli(["--config", str(CONFIGS / "demo.yaml"), "--training.seed", "5"])
+    path = tmp_path / "config.yaml"
+    config.save(path)
+    assert load_config(path) == config
+    assert yaml.safe_load(path.read_text())["training"]["seed"] == 5
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--deepspeed.zero_stage", "4"], "deepspeed.zero_stage: 4"),
+        (["--deepspeed.precision", "fp8"], "deepspeed.precision: 'fp8'"),
+        (["--training.lr_g", "-1"], "training.lr_g: -1.0"),
+        (["--training.lr_g", "fast"], "training.lr_g: 'fast' is not a number"),
+        (["--data.batch_size", "2.5"], "data.batch_size: '2.5' is not an integer"),
+        (["--model.generator.use_ssm", "maybe"], "model.generator.use_ssm: 'maybe' is not a boolean"),
+        (["--model.generator.arch", "transformer"], "model.generator.arch: 'transformer'"),
+        (["--model.generator.wings", "2"], "model.generator.wings: unknown config key"),
+        (["--trainig.epochs", "2"], "trainig: unknown config key"),
+        (["--target_modality", "dwi"], "data.target_modality: 'dwi'"),
+        (["--input_modalities", "t1", "--target_modality", "t1"], "also an input modality"),
+        (["--input_modalities", "t1"], "fixed inputs need a fixed --target_modality"),
+        (["--batchsize", "3"], "--batchsize: unknown flag"),
+        (["--data.batch_size"], "--data.batch_size: needs a value"),
+        (["stray"], "unexpected argument 'stray'"),
+    ],
+)
+def test_bad_values_give_one_line_errors_naming_the_key(argv, fragment):
+    with pytest.raises(ConfigError) as error:
+        config_from_cli(argv)
+    message = str(error.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_bad_yaml_files_name_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml' does not exist"):
+        load_config(missing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml' is not valid YAML"):
+        load_config(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(scalar)
+
+
+def test_section_given_a_scalar_is_an_error():
+    with pytest.raises(ConfigError, match="training: expected a mapping"):
+        build_config({"training": 3})
