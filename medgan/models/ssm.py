@@ -1,0 +1,418 @@
+"""The selective scan of Mamba (S6): a fast pure-PyTorch path, its sequential reference, and dispatch.
+
+All three functions share mamba-ssm's signature and semantics (``selective_scan_fn`` /
+``selective_scan_ref`` in ``mamba_ssm/ops/selective_scan_interface.py``)::
+
+    delta  = softplus(delta + delta_bias)            (bias and softplus optional)
+    h_t    = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      h_{-1} = 0
+    y_t    = <C_t, h_t>                              (sum over the state dimension n)
+    out    = (y + D * u) * silu(z)                   (D and z optional)
+
+Shapes: ``u, delta, z: [b, d, L]``; ``A: [d, n]`` (real, normally negative); ``B, C: [b, n, L]``;
+``D, delta_bias: [d]``; the last state ``h_L: [b, d, n]``.
+
+``selective_scan`` calls mamba-ssm's CUDA kernel when it is installed and the tensors are on a GPU, and
+``selective_scan_chunked`` (pure PyTorch, any device) otherwise. ``selective_scan_ref`` is the plain
+sequential recurrence that the tests hold the fast path equal to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
+except (ImportError, OSError):  # the CUDA extension is optional: pure PyTorch is the documented fallback
+    _mamba_selective_scan_fn = None
+
+__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_ref", "default_chunk_size"]
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
+    """Raise ValueError naming the offending shapes when the arguments do not fit together."""
+    if u.dim() != 3:
+        raise ValueError(f"u must be [b, d, L], got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be [d, n] with d={dim} (from u {tuple(u.shape)}), got {tuple(A.shape)}")
+    if A.is_complex():
+        raise ValueError("complex A is not supported; A must be real [d, n]")
+    dstate = A.shape[1]
+    expected = {"delta": (delta, (batch, dim, length)), "B": (B, (batch, dstate, length))}
+    expected["C"] = (C, (batch, dstate, length))
+    if z is not None:
+        expected["z"] = (z, (batch, dim, length))
+    if D is not None:
+        expected["D"] = (D, (dim,))
+    if delta_bias is not None:
+        expected["delta_bias"] = (delta_bias, (dim,))
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{name} must have shape {list(shape)} for u {tuple(u.shape)} and A {tuple(A.shape)}, "
+                f"got {tuple(tensor.shape)}"
+            )
+
+
+def _compute_dtype(u: torch.Tensor) -> torch.dtype:
+    """fp64 inputs are computed in fp64, everything else (fp32, fp16, bf16) in fp32."""
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def selective_scan_ref(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
+    """The selective scan as a plain sequential recurrence: one Python step per time step.
+
+    Args:
+        u: ``[b, d, L]`` input sequence.
+        delta: ``[b, d, L]`` step sizes (``>= 0`` after the optional bias and softplus).
+        A: ``[d, n]`` real state matrix (diagonal per channel), normally negative.
+        B: ``[b, n, L]`` input projection, per time step.
+        C: ``[b, n, L]`` output projection, per time step.
+        D: ``[d]`` skip connection, or None.
+        z: ``[b, d, L]`` gate, applied as ``out * silu(z)``, or None.
+        delta_bias: ``[d]`` added to delta before the softplus, or None.
+        delta_softplus: apply softplus to ``delta (+ delta_bias)``.
+        return_last_state: also return the final state ``h_L``.
+
+    Returns:
+        ``out [b, d, L]`` in u's dtype; with ``return_last_state``, ``(out, h_L)`` where ``h_L`` is
+        ``[b, d, n]`` in the compute dtype. Computed in fp32 (fp64 when u is fp64), as mamba-ssm's
+        reference does, and differentiable by autograd with memory linear in L.
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    dtype_in = u.dtype
+    compute = _compute_dtype(u)
+    u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, dstate = u.shape[0], A.shape[0], A.shape[1]
+    decay = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    drive = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    # unbind, not indexing: the backward of x[:, :, i] allocates a full-size gradient per step (O(L^2))
+    decays, drives, outputs = decay.unbind(2), drive.unbind(2), C.unbind(2)
+    state = u.new_zeros((batch, dim, dstate))
+    ys = []
+    for step in range(u.shape[2]):
+        state = decays[step] * state + drives[step]
+        ys.append(torch.einsum("bdn,bn->bd", state, outputs[step]))
+    out = torch.stack(ys, dim=2)
+    if D is not None:
+        out = out + u * D.to(compute)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(compute))
+    out = out.to(dtype_in)
+    return (out, state) if return_last_state else out
+
+
+def default_chunk_size(length: int) -> int:
+    """The chunk size the fast path uses for a sequence of ``length`` steps.
+
+    The Python-level work of one scan is ``chunk + length / chunk`` small tensor operations, smallest at
+    ``chunk ~ sqrt(length)``; measured on 2 CPU cores (docs/performance.md), 32 to 64 is flat and fastest
+    for L in 1k..16k, so the square root is rounded to a power of two and clamped to [16, 128].
+    """
+    if length <= 16:
+        return max(length, 1)
+    return int(min(128, max(16, 2 ** round(math.log2(math.sqrt(length))))))
+
+
+def _chunked_linear_scan(
+    delta: torch.Tensor, A: torch.Tensor, drive: torch.Tensor, chunk: int, reverse: bool
+) -> torch.Tensor:
+    """Solve ``h_t = exp(delta_t * A) * h_{t-/+1} + drive_t`` over time, from a zero state.
+
+    Args:
+        delta: ``[L, b, d]`` time-major step sizes, ``L`` a multiple of ``chunk``.
+        A: ``[d, n]``.
+        drive: ``[L, b, d, n]`` time-major inputs.
+        chunk: chunk length.
+        reverse: run from ``t = L-1`` down to 0, using ``h_{t+1}`` (the backward recurrence).
+
+    Returns:
+        ``h: [L, b, d, n]``. Only products of decays ``exp(delta * A)`` and ``exp(A * sum(delta))``
+        appear, never their inverses, so for ``A <= 0`` nothing can overflow: decays underflow to 0.
+
+    Two levels, each vectorised over the other: (1) every chunk is scanned from a zero state, all chunks
+    at once, one tensor op per position in the chunk; (2) the true state entering each chunk is carried
+    across chunks (one op per chunk); (3) every chunk is scanned again from its entering state.
+    """
+    length, batch, dim = delta.shape
+    n_chunks = length // chunk
+    decay = torch.mul(delta[..., None], A)
+    decay.exp_()
+    decay = decay.view(n_chunks, chunk, batch, dim, -1)
+    drive = drive.view(n_chunks, chunk, batch, dim, -1)
+    states = torch.empty_like(drive)
+    positions = range(chunk - 1, -1, -1) if reverse else range(chunk)
+    first, rest = positions[0], positions[1:]
+    step = 1 if reverse else -1  # offset of the neighbour a position depends on
+
+    def scan_chunks(entering: torch.Tensor | None, chunks: slice) -> None:
+        d, x, h = decay[chunks], drive[chunks], states[chunks]
+        if entering is None:
+            h[:, first].copy_(x[:, first])
+        else:
+            torch.addcmul(x[:, first], d[:, first], entering, out=h[:, first])
+        for t in rest:
+            torch.addcmul(x[:, t], d[:, t], h[:, t + step], out=h[:, t])
+
+    scan_chunks(None, slice(None))
+    if n_chunks == 1:
+        return states.view(length, batch, dim, -1)
+    # decay across a whole chunk: exp(A * sum(delta)) equals the product of the per-step decays
+    chunk_decay = torch.mul(delta.view(n_chunks, chunk, batch, dim).sum(1)[..., None], A).exp_()
+    entering = torch.empty_like(states[:, 0])
+    order = range(n_chunks - 1, -1, -1) if reverse else range(n_chunks)
+    entering[order[0]].zero_()
+    for previous, current in zip(order[:-1], order[1:]):
+        # the true state leaving `previous` = its local (zero-start) end state + decayed entering state
+        torch.addcmul(
+            states[previous, positions[-1]], chunk_decay[previous], entering[previous], out=entering[current]
+        )
+    # the first chunk in scan order already started from the true (zero) state
+    later = slice(0, n_chunks - 1) if reverse else slice(1, n_chunks)
+    scan_chunks(entering[later], later)
+    return states.view(length, batch, dim, -1)
+
+
+# elements of one [rows, d, n] block: 2 MiB in fp32, so a block's temporaries stay in the L2 cache
+_BLOCK_ELEMENTS = 2**19
+
+
+def _row_blocks(rows: int, per_row: int) -> list[slice]:
+    """Consecutive slices covering ``range(rows)`` with about ``_BLOCK_ELEMENTS`` elements each."""
+    step = max(1, _BLOCK_ELEMENTS // per_row)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _contract_states(states: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """``y[r, d] = sum_n states[r, d, n] * C[r, n]`` for ``states [r, d, n]``, ``C [r, n]``; block-wise."""
+    rows, dim, dstate = states.shape
+    y = states.new_empty(rows, dim)
+    product = states.new_empty(min(rows, max(1, _BLOCK_ELEMENTS // (dim * dstate))), dim, dstate)
+    for block in _row_blocks(rows, dim * dstate):
+        part = product[: block.stop - block.start]
+        torch.mul(states[block], C[block, None, :], out=part)
+        torch.sum(part, -1, out=y[block])
+    return y
+
+
+def _input_gradients(states, grad_states, delta, u, B, grad_y, A):
+    """Gradients of the scan's inputs from the states and their gradients, all time-major.
+
+    Args: ``states, grad_states [r, d, n]`` (r = L * b rows, any leading shape that views so),
+    ``delta, u, grad_y [r, d]``, ``B [r, n]``, ``A [d, n]``.
+    Returns ``grad_u [r, d]``, ``grad_delta [r, d]``, ``grad_A [d, n]``, ``grad_B [r, n]``, ``grad_C [r, n]``.
+    Works block by block so that the [r, d, n] temporaries stay in cache and memory stays flat.
+    """
+    dim, dstate = A.shape
+    rows = delta.numel() // dim
+    states, grad_states = states.view(rows, dim, dstate), grad_states.view(rows, dim, dstate)
+    delta, u, grad_y, B = (
+        delta.view(rows, dim),
+        u.view(rows, dim),
+        grad_y.view(rows, dim),
+        B.view(rows, dstate),
+    )
+    delta_u = delta * u
+    grad_u, grad_delta = torch.empty_like(delta), torch.empty_like(delta)
+    grad_B, grad_C = B.new_empty(rows, 1, dstate), B.new_empty(rows, 1, dstate)
+    grad_A = torch.zeros_like(A)
+    block_rows = min(rows, max(1, _BLOCK_ELEMENTS // (dim * dstate)))
+    scratch, product = (states.new_empty(block_rows, dim, dstate) for _ in range(2))
+    grad_drive_sum = delta.new_empty(block_rows, dim)
+    for block in _row_blocks(rows, dim * dstate):
+        count = block.stop - block.start
+        h, dh, work, prod, gsum = (
+            states[block],
+            grad_states[block],
+            scratch[:count],
+            product[:count],
+            grad_drive_sum[:count],
+        )
+        torch.bmm(grad_y[block, None, :], h, out=grad_C[block])
+        torch.bmm(delta_u[block, None, :], dh, out=grad_B[block])
+        # sum_n dh * B serves both du (times delta) and ddelta (times u)
+        torch.mul(dh, B[block, None, :], out=work)
+        torch.sum(work, -1, out=gsum)
+        torch.mul(gsum, delta[block], out=grad_u[block])
+        torch.mul(gsum, u[block], out=grad_delta[block])
+        # d(delta_t A) = dh_t * exp(delta_t A) h_{t-1} = dh_t * (h_t - drive_t): no shifted copy of h
+        torch.mul(delta_u[block, :, None], B[block, None, :], out=work)
+        torch.sub(h, work, out=work)
+        work.mul_(dh)
+        torch.mul(work, A, out=prod)
+        grad_delta[block] += prod.sum(-1)
+        torch.mul(work, delta[block, :, None], out=prod)
+        grad_A += prod.sum(0)
+    return grad_u, grad_delta, grad_A, grad_B.view(rows, dstate), grad_C.view(rows, dstate)
+
+
+def _to_time_major(tensor: torch.Tensor, length: int, compute: torch.dtype) -> torch.Tensor:
+    """``[b, c, L]`` -> contiguous ``[padded_L, b, c]`` in the compute dtype, zero-padded at the end."""
+    time_major = tensor.to(compute).permute(2, 0, 1)
+    if length > tensor.shape[2]:
+        time_major = F.pad(time_major, (0, 0, 0, 0, 0, length - tensor.shape[2]))
+    return time_major.contiguous()
+
+
+def _bdl(time_major: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Contiguous time-major ``[padded_L, b, c]`` -> ``[b, c, length]`` in ``dtype``."""
+    return time_major[:length].permute(1, 2, 0).to(dtype).contiguous()
+
+
+def _effective_delta(delta, delta_bias, delta_softplus, compute):
+    """``softplus(delta + delta_bias)`` in the compute dtype, plus the pre-softplus value (or None)."""
+    delta = delta.to(compute)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute)[:, None]
+    if not delta_softplus:
+        return delta, None
+    return F.softplus(delta), delta
+
+
+class _SelectiveScanChunked(torch.autograd.Function):
+    """Chunked selective scan with a hand-written backward (the reverse recurrence)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk):
+        ctx.set_materialize_grads(False)
+        compute = _compute_dtype(u)
+        batch, dim, length = u.shape
+        padded = math.ceil(length / chunk) * chunk
+        delta_eff, delta_pre = _effective_delta(delta, delta_bias, delta_softplus, compute)
+        # padding with delta = 0 gives decay 1 and drive 0: the state passes through unchanged
+        delta_tm = _to_time_major(delta_eff, padded, compute)
+        u_tm = _to_time_major(u, padded, compute)
+        B_tm = _to_time_major(B, padded, compute)
+        C_tm = _to_time_major(C, padded, compute)
+        A_c = A.to(compute)
+        drive = (delta_tm * u_tm)[..., None] * B_tm[:, :, None, :]
+        states = _chunked_linear_scan(delta_tm, A_c, drive, chunk, reverse=False)
+        del drive
+        y = _contract_states(states.view(padded * batch, dim, -1), C_tm.view(padded * batch, -1))
+        y = y.view(padded, batch, dim)[:length].permute(1, 2, 0)
+        if D is not None:
+            y = y + u.to(compute) * D.to(compute)[:, None]
+        out = y if z is None else y * F.silu(z.to(compute))
+        last_state = states[length - 1].clone() if return_last_state else None
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, y if z is not None else None)
+        ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
+        out = out.to(u.dtype)
+        return (out, last_state) if return_last_state else out
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_last_state=None):
+        u, delta, A, B, C, D, z, delta_bias, states, pre_gate = ctx.saved_tensors
+        compute = _compute_dtype(u)
+        batch, dim, length = u.shape
+        padded, chunk = states.shape[0], ctx.chunk
+        u_c, A_c = u.to(compute), A.to(compute)
+        grad_out = torch.zeros_like(u_c) if grad_out is None else grad_out.to(compute)
+        grad_z = grad_D = None
+        if z is not None:
+            z_c = z.to(compute)
+            gate = torch.sigmoid(z_c)
+            # d silu(z) / dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
+            grad_z = (grad_out * pre_gate * gate * (1 + z_c * (1 - gate))).to(z.dtype)
+            grad_out = grad_out * (z_c * gate)
+        if D is not None:
+            grad_D = (grad_out * u_c).sum((0, 2)).to(D.dtype)
+
+        delta_eff, delta_pre = _effective_delta(delta, delta_bias, ctx.delta_softplus, compute)
+        delta_tm = _to_time_major(delta_eff, padded, compute)
+        u_tm = _to_time_major(u, padded, compute)
+        B_tm = _to_time_major(B, padded, compute)
+        C_tm = _to_time_major(C, padded, compute)
+        grad_y_tm = _to_time_major(grad_out, padded, compute)
+
+        # dh_t = C_t * dy_t + exp(delta_{t+1} A) * dh_{t+1}: the same scan, reversed, with delta shifted
+        grad_states = C_tm[:, :, None, :] * grad_y_tm[..., None]
+        if grad_last_state is not None:
+            grad_states[length - 1] += grad_last_state.to(compute)
+        delta_next = torch.zeros_like(delta_tm)
+        delta_next[:-1] = delta_tm[1:]
+        grad_states = _chunked_linear_scan(delta_next, A_c, grad_states, chunk, reverse=True)
+
+        grad_u, grad_delta, grad_A, grad_B, grad_C = _input_gradients(
+            states, grad_states, delta_tm, u_tm, B_tm, grad_y_tm, A_c
+        )
+        grad_u, grad_delta = grad_u.view(padded, batch, dim), grad_delta.view(padded, batch, dim)
+        grad_B, grad_C = grad_B.view(padded, batch, -1), grad_C.view(padded, batch, -1)
+        grad_delta = _bdl(grad_delta, length, compute)
+        if delta_pre is not None:
+            grad_delta = grad_delta * torch.sigmoid(delta_pre)
+        grad_bias = None if delta_bias is None else grad_delta.sum((0, 2)).to(delta_bias.dtype)
+        grad_u = _bdl(grad_u, length, compute)
+        if D is not None:
+            grad_u = grad_u + grad_out * D.to(compute)[:, None]
+        return (
+            grad_u.to(u.dtype),
+            grad_delta.to(delta.dtype),
+            grad_A.to(A.dtype),
+            _bdl(grad_B, length, B.dtype),
+            _bdl(grad_C, length, C.dtype),
+            grad_D,
+            grad_z,
+            grad_bias,
+            None,
+            None,
+            None,
+        )
+
+
+def selective_scan_chunked(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    *,
+    chunk_size: int | None = None,
+):
+    """The selective scan in pure PyTorch, chunked, with a hand-written backward; any device.
+
+    Arguments, shapes, result and dtypes as ``selective_scan_ref`` (which see); ``chunk_size`` (>= 1)
+    defaults to ``default_chunk_size(L)`` and changes only speed, not the result beyond rounding.
+
+    Promises: equal to ``selective_scan_ref`` forward and backward within rounding of the compute dtype
+    (fp32, or fp64 for fp64 inputs); no inf/NaN for any ``A <= 0`` and ``delta >= 0`` however large,
+    at any chunk size (decays only ever shrink); memory linear in L (about three ``[L, b, d, n]``
+    tensors in the compute dtype; one is kept for the backward). Python-level work is
+    ``O(chunk_size + L / chunk_size)`` vectorised tensor operations per scan, never a step per time step.
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    chunk = default_chunk_size(u.shape[2]) if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _SelectiveScanChunked.apply(
+        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state), chunk
+    )
+
+
+def selective_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
+    """The selective scan: mamba-ssm's CUDA kernel where available, else the pure-PyTorch fast path.
+
+    Arguments, shapes, result and dtypes as ``selective_scan_ref`` (which see). The CUDA kernel is used
+    when ``mamba_ssm`` is importable and ``u`` is on a CUDA device; otherwise ``selective_scan_chunked``
+    with its default chunk size. A missing extension is not an error and is not logged.
+    """
+    if _mamba_selective_scan_fn is not None and u.is_cuda:
+        return _mamba_selective_scan_fn(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+        )
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
