@@ -1,0 +1,125 @@
+"""`python -m data_prep {phantom,shard,verify}`: the command lines of DESIGN.md.
+
+Problems the user can fix arrive here as `InputError` and leave as one line on stderr with exit status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_prep.errors import InputError
+
+EXIT_INPUT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def progress_bar(description: str):
+    """A tqdm wrapper for iterables; silent when stderr is not a terminal (logs, CI, tests)."""
+    return lambda items, **kwargs: tqdm(items, desc=description, unit="subject", disable=None, **kwargs)
+
+
+def _run_phantom(args) -> int:
+    from data_prep.phantom import PhantomConfig, make_phantom
+
+    config = PhantomConfig(
+        layout=args.layout,
+        subjects=args.subjects,
+        seed=args.seed,
+        shape=tuple(args.shape),
+        missing_rate=args.missing_rate,
+    )
+    subjects = make_phantom(config, args.out, progress=progress_bar("phantom"))
+    with_tumour = sum(subject.has_tumour for subject in subjects)
+    print(
+        f"wrote {len(subjects)} {config.layout} phantom subjects ({with_tumour} with a tumour) to {args.out}"
+    )
+    return 0
+
+
+def _run_shard(args) -> int:
+    from data_prep.shard import ShardConfig, shard_dataset
+
+    config = ShardConfig(
+        dataset=args.format,
+        source=args.src,
+        out=args.out,
+        size=args.size,
+        split_fractions=tuple(args.split),
+        split_file=args.split_file,
+        seed=args.seed,
+        workers=args.workers,
+        strict=args.strict,
+        modalities=tuple(args.modalities) if args.modalities else None,
+        required=tuple(args.require),
+    )
+    return shard_dataset(config)
+
+
+def _run_verify(args) -> int:
+    from data_prep.verify import verify_shards
+
+    summary = verify_shards(args.dir)
+    print(summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    phantom = commands.add_parser("phantom", help="write a seeded synthetic BraTS- or IXI-style dataset")
+    phantom.add_argument("--layout", choices=["brats", "ixi"], required=True)
+    phantom.add_argument("--subjects", type=int, required=True, metavar="N")
+    phantom.add_argument("--out", type=Path, required=True, metavar="DIR")
+    phantom.add_argument("--seed", type=int, default=0, metavar="S")
+    phantom.add_argument("--shape", type=int, nargs=3, default=[128, 128, 64], metavar=("X", "Y", "Z"))
+    phantom.add_argument(
+        "--missing-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability a subject lacks one contrast",
+    )
+    phantom.set_defaults(run=_run_phantom)
+
+    shard = commands.add_parser("shard", help="BraTS / IXI NIfTI -> webdataset shards + manifest.json")
+    shard.add_argument("--format", choices=["brats", "ixi"], required=True)
+    shard.add_argument("--src", type=Path, required=True, metavar="DIR")
+    shard.add_argument("--out", type=Path, required=True, metavar="DIR")
+    shard.add_argument("--size", type=int, default=256, metavar="PIXELS", help="in-plane crop/pad size")
+    shard.add_argument(
+        "--split", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TR", "VA", "TE"), help="fractions"
+    )
+    shard.add_argument("--split-file", type=Path, metavar="F", help="reuse a splits_final.json")
+    shard.add_argument("--seed", type=int, default=0, metavar="S")
+    shard.add_argument("--workers", type=int, default=1, metavar="N")
+    shard.add_argument("--strict", action="store_true", help="exit non-zero if any subject fails")
+    shard.add_argument("--modalities", nargs="+", metavar="MOD", help="channel order (default: the format's)")
+    shard.add_argument("--require", nargs="+", default=[], metavar="MOD", help="drop subjects lacking these")
+    shard.set_defaults(run=_run_shard)
+
+    verify = commands.add_parser("verify", help="re-read and check a shard folder against its manifest")
+    verify.add_argument("dir", type=Path, metavar="DIR")
+    verify.set_defaults(run=_run_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except InputError as error:
+        print(f"data_prep {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        print(f"data_prep {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
