@@ -1,0 +1,167 @@
+"""Find the subjects in a BraTS or IXI download, whatever naming variant and folder nesting it uses.
+
+Recognised file names (any case, `.nii` or `.nii.gz`, at any folder depth):
+
+- BraTS 2017-2020: ``Brats18_CBICA_AAB_1_t1.nii.gz``, ``BraTS19_2013_10_1_flair.nii``,
+  ``BraTS20_Training_001_t1ce.nii.gz``, ... with ``t1 t1ce t2 flair seg``
+- BraTS 2021: ``BraTS2021_00000_t1ce.nii.gz``
+- BraTS 2023-2025: ``BraTS-GLI-00000-000-t1n.nii.gz`` with ``t1n t1c t2w t2f seg`` and any cohort
+  prefix (GLI, MEN, MET, PED, SSA, ...); ``-000``, ``-001`` are timepoints of one patient
+- IXI: ``IXI002-Guys-0828-T1.nii.gz`` (usually in IXI-T1/, IXI-T2/, IXI-PD/); MRA and DTI are skipped
+
+Modality names are normalised to lower case ``t1 t1ce t2 flair pd`` (t1n->t1, t1c->t1ce, t2w->t2,
+t2f->flair) and ``seg`` for a segmentation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_prep.errors import InputError
+
+MODALITIES = ("t1", "t1ce", "t2", "flair", "pd")
+SEGMENTATION = "seg"
+DATASET_MODALITIES: dict[str, tuple[str, ...]] = {
+    "brats": ("t1", "t1ce", "t2", "flair"),
+    "ixi": ("t1", "t2", "pd"),
+}
+MODALITY_ALIASES = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"}
+
+_BRATS_2023 = re.compile(
+    r"^(?P<patient>brats-[a-z]+(?:-[a-z]+)*-\d+)(?:-(?P<timepoint>\d+))?[-_](?P<modality>t1n|t1c|t2w|t2f|seg)$",
+    re.IGNORECASE,
+)
+_BRATS_LEGACY = re.compile(r"^(?P<subject>brats\d*_.+)_(?P<modality>t1ce|t1|t2|flair|seg)$", re.IGNORECASE)
+_IXI = re.compile(r"^(?P<subject>ixi\d+-[a-z]+-\d+)-(?P<modality>t1|t2|pd|mra|dti-\d+)$", re.IGNORECASE)
+_IXI_UNUSED = ("mra", "dti")
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectFiles:
+    """One subject's files.
+
+    subject: id as spelled in the file names. patient: the person (BraTS 2023+ timepoints share it).
+    files: modality (``t1 t1ce t2 flair pd`` or ``seg``) -> path. problem: why the subject cannot be
+    used (e.g. duplicate files), or None.
+    """
+
+    subject: str
+    patient: str
+    dataset: str
+    files: dict[str, Path]
+    problem: str | None = None
+
+    @property
+    def modalities(self) -> list[str]:
+        return [modality for modality in MODALITIES if modality in self.files]
+
+
+@dataclass(slots=True)
+class Discovery:
+    """What a source folder holds: subjects sorted by id, and files left out with the reason why."""
+
+    subjects: list[SubjectFiles] = field(default_factory=list)
+    ignored: list[tuple[Path, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class NameMatch:
+    """What a file name says: dataset ("brats" / "ixi"), subject, patient and normalised modality."""
+
+    dataset: str
+    subject: str
+    patient: str
+    modality: str
+
+
+def nifti_stem(path: Path) -> str | None:
+    """The name without `.nii` / `.nii.gz` (any case), or None when it is not a NIfTI file name."""
+    lower = path.name.lower()
+    for suffix in (".nii.gz", ".nii"):
+        if lower.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def parse_name(path: Path) -> NameMatch | None:
+    """Read dataset, subject, patient and modality from a file name; None when it follows no convention."""
+    stem = nifti_stem(path)
+    if stem is None:
+        return None
+    if match := _BRATS_2023.match(stem):
+        patient = match["patient"]
+        subject = f"{patient}-{match['timepoint']}" if match["timepoint"] else patient
+        modality = match["modality"].lower()
+        return NameMatch("brats", subject, patient, MODALITY_ALIASES.get(modality, modality))
+    if match := _BRATS_LEGACY.match(stem):
+        return NameMatch("brats", match["subject"], match["subject"], match["modality"].lower())
+    if match := _IXI.match(stem):
+        return NameMatch("ixi", match["subject"], match["subject"], match["modality"].lower())
+    return None
+
+
+def discover(source: Path, dataset: str) -> Discovery:
+    """All `dataset` ("brats" or "ixi") subjects under `source`, searched recursively.
+
+    Raises InputError when the folder is missing, holds no NIfTI file, or no file is named like a
+    `dataset` subject. Subjects with two files for one modality come back with `problem` set.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise InputError(f"--src {source}: no such folder")
+    if not source.is_dir():
+        raise InputError(f"--src {source}: not a folder")
+    found = Discovery()
+    by_subject: dict[str, dict[str, list[Path]]] = {}
+    names: dict[str, tuple[str, str]] = {}
+    nifti_count = other_count = 0
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        if nifti_stem(path) is None:
+            other_count += 1
+            continue
+        nifti_count += 1
+        match = parse_name(path)
+        if match is None:
+            found.ignored.append((path, "unknown file name (not a BraTS or IXI naming convention)"))
+        elif match.dataset != dataset:
+            found.ignored.append((path, f"named like {match.dataset.upper()}, but --format is {dataset}"))
+        elif match.modality.startswith(_IXI_UNUSED):
+            found.ignored.append((path, f"IXI {match.modality.upper()} is not an anatomical contrast we use"))
+        else:
+            # Case-insensitive grouping: one download may mix "_T1.nii" and "_flair.nii.gz".
+            key = match.subject.lower()
+            names.setdefault(key, (match.subject, match.patient))
+            by_subject.setdefault(key, {}).setdefault(match.modality, []).append(path)
+    if nifti_count == 0:
+        raise InputError(
+            f"--src {source}: no NIfTI files (.nii or .nii.gz) found ({other_count} other files)"
+        )
+    if not by_subject:
+        example = found.ignored[0][0]
+        raise InputError(
+            f"--src {source}: none of the {nifti_count} NIfTI files is named like a {dataset} subject "
+            f"(first: {example.relative_to(source)}; see docs/data.md for the names we recognise)"
+        )
+    for key in sorted(by_subject):
+        subject, patient = names[key]
+        paths = by_subject[key]
+        duplicates = {modality: files for modality, files in paths.items() if len(files) > 1}
+        problem = None
+        if duplicates:
+            modality, files = next(iter(duplicates.items()))
+            listed = ", ".join(str(path) for path in files)
+            problem = f"duplicate subject id: {len(files)} {modality} files ({listed})"
+        files = {modality: files[0] for modality, files in paths.items()}
+        found.subjects.append(SubjectFiles(subject, patient, dataset, files, problem))
+    return found
+
+
+def normalise_modality(name: str) -> str:
+    """Lower-case modality name (t1n->t1, t1c->t1ce, t2w->t2, t2f->flair); InputError if unknown."""
+    lower = name.lower()
+    lower = MODALITY_ALIASES.get(lower, lower)
+    if lower not in MODALITIES:
+        raise InputError(f"unknown modality {name!r}: expected one of {' '.join(MODALITIES)}")
+    return lower

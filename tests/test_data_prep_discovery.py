@@ -1,0 +1,128 @@
+"""Discovery finds every BraTS / IXI naming variant (empty files named like the real ones suffice)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_prep.discovery import discover, normalise_modality, parse_name
+from data_prep.errors import InputError
+
+
+def _touch(root: Path, *relative: str) -> None:
+    for name in relative:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+
+
+@pytest.mark.parametrize(
+    ("name", "subject", "patient", "modality"),
+    [
+        ("Brats17_TCIA_105_1_t1ce.nii.gz", "Brats17_TCIA_105_1", "Brats17_TCIA_105_1", "t1ce"),
+        ("Brats18_CBICA_AAB_1_flair.nii.gz", "Brats18_CBICA_AAB_1", "Brats18_CBICA_AAB_1", "flair"),
+        ("BraTS19_2013_10_1_t1.nii.gz", "BraTS19_2013_10_1", "BraTS19_2013_10_1", "t1"),
+        ("BraTS20_Training_001_seg.nii", "BraTS20_Training_001", "BraTS20_Training_001", "seg"),
+        ("BraTS20_Validation_125_t2.nii.gz", "BraTS20_Validation_125", "BraTS20_Validation_125", "t2"),
+        ("BraTS2021_00000_t1ce.nii.gz", "BraTS2021_00000", "BraTS2021_00000", "t1ce"),
+        ("BRATS2021_01666_FLAIR.NII.GZ", "BRATS2021_01666", "BRATS2021_01666", "flair"),
+        ("BraTS-GLI-00000-000-t1n.nii.gz", "BraTS-GLI-00000-000", "BraTS-GLI-00000", "t1"),
+        ("BraTS-GLI-00000-001-t1c.nii.gz", "BraTS-GLI-00000-001", "BraTS-GLI-00000", "t1ce"),
+        ("BraTS-MEN-00004-000-t2w.nii.gz", "BraTS-MEN-00004-000", "BraTS-MEN-00004", "t2"),
+        ("BraTS-MET-00002-000-t2f.nii", "BraTS-MET-00002-000", "BraTS-MET-00002", "flair"),
+        ("BraTS-PED-00010-000-seg.nii.gz", "BraTS-PED-00010-000", "BraTS-PED-00010", "seg"),
+        ("BraTS-SSA-00002-000-T1N.nii.gz", "BraTS-SSA-00002-000", "BraTS-SSA-00002", "t1"),
+        ("IXI002-Guys-0828-T1.nii.gz", "IXI002-Guys-0828", "IXI002-Guys-0828", "t1"),
+        ("IXI012-HH-1211-PD.nii", "IXI012-HH-1211", "IXI012-HH-1211", "pd"),
+        ("ixi035-iop-0873-t2.nii.gz", "ixi035-iop-0873", "ixi035-iop-0873", "t2"),
+    ],
+)
+def test_every_naming_variant_parses(name, subject, patient, modality):
+    match = parse_name(Path(name))
+    assert (match.subject, match.patient, match.modality) == (subject, patient, modality)
+
+
+@pytest.mark.parametrize(
+    "name", ["notes.txt", "BraTS2021_00000_t1.mgz", "scan.nii.gz", "BraTS2021_00000_dwi.nii"]
+)
+def test_other_names_do_not_parse(name):
+    assert parse_name(Path(name)) is None
+
+
+def test_brats_2023_nested_folders_timepoints_and_ignored_files(tmp_path):
+    _touch(
+        tmp_path,
+        *(
+            f"train/BraTS-GLI-00001-000/BraTS-GLI-00001-000-{m}.nii.gz"
+            for m in ("t1n", "t1c", "t2w", "t2f", "seg")
+        ),
+        *(f"train/BraTS-GLI-00001-001/BraTS-GLI-00001-001-{m}.nii.gz" for m in ("t1n", "t2w")),
+        "val/deeper/BraTS-MEN-00002-000/BraTS-MEN-00002-000-t2f.nii",
+        "val/README.txt",
+        "val/BraTS-GLI-00001-000/scan_0001.nii.gz",
+        "elsewhere/IXI002-Guys-0828-T1.nii.gz",
+    )
+    found = discover(tmp_path, "brats")
+    assert [s.subject for s in found.subjects] == [
+        "BraTS-GLI-00001-000",
+        "BraTS-GLI-00001-001",
+        "BraTS-MEN-00002-000",
+    ]
+    assert [s.patient for s in found.subjects] == ["BraTS-GLI-00001", "BraTS-GLI-00001", "BraTS-MEN-00002"]
+    assert set(found.subjects[0].files) == {"t1", "t1ce", "t2", "flair", "seg"}
+    assert found.subjects[1].modalities == ["t1", "t2"]
+    reasons = {path.name: reason for path, reason in found.ignored}
+    assert set(reasons) == {"scan_0001.nii.gz", "IXI002-Guys-0828-T1.nii.gz"}
+    assert "unknown file name" in reasons["scan_0001.nii.gz"]
+    assert "named like IXI" in reasons["IXI002-Guys-0828-T1.nii.gz"]
+
+
+def test_ixi_per_contrast_folders(tmp_path):
+    _touch(
+        tmp_path,
+        "IXI-T1/IXI002-Guys-0828-T1.nii.gz",
+        "IXI-T2/IXI002-Guys-0828-T2.nii.gz",
+        "IXI-PD/IXI002-Guys-0828-PD.nii.gz",
+        "IXI-T2/IXI012-HH-1211-T2.nii.gz",
+        "IXI-MRA/IXI002-Guys-0828-MRA.nii.gz",
+        "IXI-DTI/IXI002-Guys-0828-DTI-00.nii.gz",
+    )
+    found = discover(tmp_path, "ixi")
+    assert [(s.subject, s.modalities) for s in found.subjects] == [
+        ("IXI002-Guys-0828", ["t1", "t2", "pd"]),
+        ("IXI012-HH-1211", ["t2"]),
+    ]
+    assert len(found.ignored) == 2
+
+
+def test_duplicate_subject_is_flagged_with_both_files(tmp_path):
+    _touch(tmp_path, "a/BraTS2021_00001_t1.nii.gz", "b/BraTS2021_00001_t1.nii", "a/BraTS2021_00001_t2.nii.gz")
+    (subject,) = discover(tmp_path, "brats").subjects
+    assert subject.problem.startswith("duplicate subject id: 2 t1 files")
+    assert "a/BraTS2021_00001_t1.nii.gz" in subject.problem and "b/BraTS2021_00001_t1.nii" in subject.problem
+
+
+def test_missing_empty_and_unnamed_sources_give_one_clear_line(tmp_path):
+    with pytest.raises(InputError, match="no such folder"):
+        discover(tmp_path / "absent", "brats")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"no NIfTI files \(.nii or .nii.gz\) found \(0 other files\)"):
+        discover(tmp_path / "empty", "brats")
+    _touch(tmp_path, "odd/scan.nii.gz")
+    with pytest.raises(InputError, match="none of the 1 NIfTI files is named like a brats subject"):
+        discover(tmp_path / "odd", "brats")
+
+
+def test_modality_names_normalise_to_lower_case_and_reject_unknown():
+    assert [normalise_modality(m) for m in ("T1", "t1n", "T1C", "t2w", "t2f", "PD", "FLAIR")] == [
+        "t1",
+        "t1",
+        "t1ce",
+        "t2",
+        "flair",
+        "pd",
+        "flair",
+    ]
+    with pytest.raises(InputError, match="unknown modality 'dwi'"):
+        normalise_modality("dwi")
