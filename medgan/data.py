@@ -1,0 +1,307 @@
+"""Streaming slices from data_prep's webdataset shards into training and validation batches.
+
+The order is a pure function of ``(seed, epoch, rank, world size, workers)``: per epoch the shards are
+permuted, dealt to the ``world_size * num_workers`` reading slots (or, when there are fewer shards than
+slots, every slot reads every shard and keeps every ``slots``-th sample), shuffled through a seeded buffer
+and repeated as needed, so every rank runs the same number of steps and none waits at an epoch's end.
+A resumed run asks for the same epoch with ``skip_batches`` and gets exactly the batches not yet consumed.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
+
+from medgan.models.conditioning import canonical_modality
+
+
+class DataError(ValueError):
+    """The shard folder a user pointed at is missing, incomplete or inconsistent (one line, names it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSplit:
+    """One split of a shard folder, as ``manifest.json`` describes it."""
+
+    directory: Path
+    name: str
+    modalities: tuple[str, ...]
+    shards: tuple[Path, ...]
+    samples: int
+    manifest_sha256: str
+
+
+def read_split(data_path: str | Path, split: str) -> ShardSplit:
+    """Read ``manifest.json`` of a shard folder and describe ``split``; errors name the folder or split."""
+    import hashlib
+
+    directory = Path(data_path)
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(
+            f"{directory}: no manifest.json (not a finished shard folder; run python -m data_prep shard)"
+        )
+    raw = manifest_path.read_bytes()
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{manifest_path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise DataError(f"{manifest_path}: no split {split!r} (has {', '.join(sorted(splits)) or 'none'})")
+    entry = splits[split]
+    shards = tuple(directory / _shard_name(shard) for shard in entry["shards"])
+    missing = [str(path) for path in shards if not path.is_file()]
+    if missing:
+        raise DataError(f"{manifest_path}: shard {missing[0]} is listed but missing")
+    samples = int(entry["samples"])
+    if samples == 0 or not shards:
+        raise DataError(f"{manifest_path}: split {split!r} holds no samples")
+    return ShardSplit(
+        directory=directory,
+        name=split,
+        modalities=tuple(canonical_modality(m) for m in manifest["modalities"]),
+        shards=shards,
+        samples=samples,
+        manifest_sha256=hashlib.sha256(raw).hexdigest(),
+    )
+
+
+def _shard_name(shard: Any) -> str:
+    return shard if isinstance(shard, str) else shard["name"]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """Which inputs and target each sample trains: ``target is None`` means a random task per sample."""
+
+    inputs: tuple[int, ...] = ()
+    target: int | None = None
+
+    @staticmethod
+    def from_names(inputs: list[str], target: str, canonical: list[str]) -> TaskSpec:
+        if target == "any":
+            return TaskSpec()
+        return TaskSpec(inputs=tuple(canonical.index(m) for m in inputs), target=canonical.index(target))
+
+
+def _decode_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _present_modalities(info: dict[str, Any], manifest_order: tuple[str, ...]) -> list[str]:
+    present = info.get("present", info.get("modalities"))
+    if isinstance(present, dict):
+        return [canonical_modality(name) for name, flag in present.items() if flag]
+    if present and isinstance(present[0], bool | int) and len(present) == len(manifest_order):
+        return [name for name, flag in zip(manifest_order, present) if flag]
+    return [canonical_modality(name) for name in present]
+
+
+def _choose_task(
+    present: list[int], task: TaskSpec, rng: np.random.Generator
+) -> tuple[list[int], int] | None:
+    """(inputs, target) for one sample, or None when the sample cannot serve the task."""
+    if task.target is None:
+        if len(present) < 2:
+            return None
+        target = int(rng.choice(present))
+        others = [m for m in present if m != target]
+        count = int(rng.integers(1, len(others) + 1))
+        return sorted(int(m) for m in rng.choice(others, size=count, replace=False)), target
+    if task.target not in present:
+        return None
+    inputs = list(task.inputs) or [m for m in present if m != task.target]
+    if not inputs or any(m not in present for m in inputs):
+        return None
+    return inputs, task.target
+
+
+def _validation_task(present: list[int], task: TaskSpec, index: int) -> tuple[list[int], int] | None:
+    """Deterministic task for validation: the fixed task, or target cycling over present contrasts with
+    every other present one as input."""
+    if task.target is not None:
+        return _choose_task(present, task, np.random.default_rng(0))
+    if len(present) < 2:
+        return None
+    target = present[index % len(present)]
+    return [m for m in present if m != target], target
+
+
+class SliceStream(IterableDataset):
+    """Batches ``dict(images [B,M,H,W], available [B,M], target_index [B], target [B,1,H,W], mask [B,1,H,W],
+    key)`` in the canonical modality order (float32 in ``[0, 1]``).
+
+    ``train=True``: seeded shuffling, random tasks and flips, endless (the caller counts steps).
+    ``train=False``: one pass in shard order, deterministic tasks, every sample exactly once across ranks.
+    """
+
+    def __init__(
+        self,
+        split: ShardSplit,
+        canonical: list[str],
+        task: TaskSpec,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        train: bool,
+        random_flips: bool = False,
+        shuffle_buffer: int = 256,
+        epoch: int = 0,
+        skip_batches: int = 0,
+    ) -> None:
+        super().__init__()
+        unknown = [m for m in split.modalities if m not in canonical]
+        if unknown:
+            raise DataError(
+                f"{split.directory}: modalities {unknown} are not in the model's list {canonical}"
+            )
+        self.split = split
+        self.canonical = list(canonical)
+        self.task = task
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.train = train
+        self.random_flips = random_flips
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = epoch
+        self.skip_batches = skip_batches
+        self.channel_of = [self.canonical.index(m) for m in split.modalities]
+
+    def _slot(self) -> tuple[int, int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers, worker
+
+    def _raw_samples(self, shards: list[Path], keep: tuple[int, int] | None) -> Iterator[dict[str, Any]]:
+        urls = [{"url": str(path)} for path in shards]
+        for index, sample in enumerate(tarfile_samples(urls)):
+            if keep is None or index % keep[1] == keep[0]:
+                yield sample
+
+    def _slot_samples(self, slot: int, slots: int, cycle: int) -> Iterator[dict[str, Any]]:
+        shards = list(self.split.shards)
+        if self.train:
+            order = np.random.default_rng([self.seed, self.epoch, cycle]).permutation(len(shards))
+            shards = [shards[i] for i in order]
+        if len(shards) >= slots:
+            yield from self._raw_samples(shards[slot::slots], None)
+        else:
+            yield from self._raw_samples(shards, (slot, slots))
+
+    def _shuffled(
+        self, samples: Iterator[dict[str, Any]], rng: np.random.Generator
+    ) -> Iterator[dict[str, Any]]:
+        buffer: list[dict[str, Any]] = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(int(rng.integers(len(buffer))))
+        while buffer:
+            yield buffer.pop(int(rng.integers(len(buffer))))
+
+    def _convert(self, raw: dict[str, Any], rng: np.random.Generator, index: int) -> dict[str, Any] | None:
+        info = json.loads(raw["json"])
+        stored = _decode_npy(raw["img.npy"])
+        present = sorted(self.canonical.index(m) for m in _present_modalities(info, self.split.modalities))
+        choice = (
+            _choose_task(present, self.task, rng)
+            if self.train
+            else _validation_task(present, self.task, index)
+        )
+        if choice is None:
+            return None
+        inputs, target = choice
+        height, width = stored.shape[-2:]
+        images = np.zeros((len(self.canonical), height, width), dtype=np.float32)
+        images[self.channel_of] = stored.astype(np.float32)
+        mask = _decode_npy(raw["mask.npy"]).astype(np.float32)[None]
+        if self.train and self.random_flips and rng.random() < 0.5:
+            # left-right flips keep anatomy plausible (the brain is roughly symmetric); up-down would not
+            images, mask = images[..., ::-1].copy(), mask[..., ::-1].copy()
+        available = np.zeros(len(self.canonical), dtype=bool)
+        available[inputs] = True
+        return {
+            "images": torch.from_numpy(images),
+            "available": torch.from_numpy(available),
+            "target_index": torch.tensor(target, dtype=torch.long),
+            "target": torch.from_numpy(images[target : target + 1].copy()),
+            "mask": torch.from_numpy(mask),
+            "key": raw["__key__"],
+            "subject": str(info.get("subject", raw["__key__"])),
+        }
+
+    def _samples(self) -> Iterator[dict[str, Any]]:
+        slot, slots, _ = self._slot()
+        cycles = itertools.count() if self.train else range(1)
+        for cycle in cycles:
+            rng = np.random.default_rng([self.seed, self.epoch, cycle, slot, 1])
+            stream = self._slot_samples(slot, slots, cycle)
+            if self.train:
+                stream = self._shuffled(stream, rng)
+            produced = 0
+            for index, raw in enumerate(stream):
+                sample = self._convert(raw, rng, index)
+                if sample is not None:
+                    produced += 1
+                    yield sample
+            if produced == 0 and self.train and cycle == 0:
+                # an endless loop over an empty slot would hang this rank: stop with the reason instead
+                raise DataError(
+                    f"{self.split.directory}: reading slot {slot} of {slots} found no usable sample in split "
+                    f"{self.split.name!r} (fewer samples than ranks x workers, or none serves the task)"
+                )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        _, _, worker = self._slot()
+        info = get_worker_info()
+        workers = info.num_workers if info else 1
+        # batches are dealt to a rank's workers round-robin, so worker w produced ceil((k - w) / W) of them
+        to_skip = max(0, (self.skip_batches - worker + workers - 1) // workers) if self.train else 0
+        batch: list[dict[str, Any]] = []
+        for sample in self._samples():
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                if to_skip:
+                    to_skip -= 1
+                else:
+                    yield collate(batch)
+                batch = []
+        if batch and not self.train:
+            yield collate(batch)
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    names = ("key", "subject")
+    batch: dict[str, Any] = {
+        name: torch.stack([s[name] for s in samples]) for name in samples[0] if name not in names
+    }
+    for name in names:
+        batch[name] = [s[name] for s in samples]
+    return batch
+
+
+def make_loader(stream: SliceStream, num_workers: int) -> DataLoader:
+    """A DataLoader over a batched stream (batch_size=None: the stream batches itself)."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+        pin_memory=torch.cuda.is_available(),
+    )

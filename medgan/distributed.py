@@ -1,0 +1,110 @@
+"""Rank and world size, read once; process-group setup that never falls into MPI discovery.
+
+Everything else asks :class:`DistributedContext` (``context.is_main``) instead of reading the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True, slots=True)
+class DistributedContext:
+    """Where this process sits in the job. ``is_main`` guards every rank-0 side effect."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _launched_by_a_launcher() -> bool:
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def read_context() -> DistributedContext:
+    """The launcher's variables (deepspeed, torchrun, srun-started launchers), or a 1-rank job."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return DistributedContext(
+        rank=int(os.environ.get("RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        world_size=world_size,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))),
+    )
+
+
+def set_thread_share(context: DistributedContext) -> int:
+    """Give each local rank its share of the CPU cores (torch defaults every rank to all of them, which
+    oversubscribes the machine when several ranks share it). Returns the thread count set."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // max(1, context.local_world_size))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def init_distributed() -> DistributedContext:
+    """Initialise the default process group once: NCCL on GPUs, gloo on the CPU.
+
+    Without launcher variables (``python -m medgan --mode train``) a 1-rank group on a free local port is
+    set up here, because ``deepspeed.init_distributed()`` would otherwise try MPI discovery.
+    """
+    import deepspeed
+
+    if not _launched_by_a_launcher():
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1"
+        )
+        os.environ["MASTER_PORT"] = str(_free_port())
+    context = read_context()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(context.local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return context
+
+
+def all_ranks_agree(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (one all-reduce; used to stop together)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item() > 0)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+
+
+def all_gather_objects(value: object) -> list[object]:
+    """Every rank's ``value``, in rank order (a list of one without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

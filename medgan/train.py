@@ -1,0 +1,480 @@
+"""The DeepSpeed GAN engine: two engines (generator, discriminator), streaming shards, EMA, validation,
+crash-safe checkpoints, SIGTERM handling and rank-0 reporting. ``launch/train.py`` calls :func:`main`.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medgan import metrics
+from medgan.checkpointing import CheckpointManager, provenance, tag_for_step
+from medgan.config import Config, ConfigError, config_from_cli, load_config
+from medgan.data import DataError, SliceStream, TaskSpec, make_loader, read_split
+from medgan.distributed import (
+    DistributedContext,
+    all_gather_objects,
+    all_ranks_agree,
+    barrier,
+    init_distributed,
+    set_thread_share,
+)
+from medgan.ema import ExponentialMovingAverage
+from medgan.models.conditioning import condition_stack
+from medgan.models.discriminator import PatchDiscriminator
+from medgan.models.generator import build_generator, count_parameters
+from medgan.tracking import SilentReporter, image_grid, make_reporter
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def deepspeed_settings(config: Config, world_size: int) -> dict[str, Any]:
+    """The one place our config becomes DeepSpeed's config dict."""
+    settings = config.deepspeed
+    if settings.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("deepspeed.precision: fp16 needs a GPU (use bf16 or fp32 on the CPU)")
+    zero: dict[str, Any] = {"stage": settings.zero_stage}
+    if settings.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "train_batch_size": config.data.batch_size * settings.gradient_accumulation_steps * world_size,
+        "gradient_clipping": settings.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": settings.precision == "bf16"},
+        "fp16": {"enabled": settings.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # our optimizers are plain torch Adam (no JIT-built fused kernels needed on the CPU)
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def lr_factor(config: Config, batches_per_epoch: int):
+    """The LR multiplier per optimizer step: the seed's constant-then-step decay, linear, or constant."""
+    training = config.training
+    accumulation = config.deepspeed.gradient_accumulation_steps
+
+    def factor(optimizer_step: int) -> float:
+        epoch = optimizer_step * accumulation / batches_per_epoch
+        if training.lr_schedule == "step":
+            return training.lr_decay_factor ** int(epoch // training.lr_decay_epoch)
+        if training.lr_schedule == "linear":
+            if epoch < training.lr_decay_epoch:
+                return 1.0
+            span = max(1.0, training.epochs - training.lr_decay_epoch)
+            return max(0.0, 1.0 - (epoch - training.lr_decay_epoch) / span)
+        return 1.0
+
+    return factor
+
+
+def discriminator_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    real_logits, fake_logits = real_logits.float(), fake_logits.float()
+    if kind == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    return 0.5 * (((real_logits - 1) ** 2).mean() + (fake_logits**2).mean())
+
+
+def generator_adversarial_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
+    fake_logits = fake_logits.float()
+    if kind == "hinge":
+        return -fake_logits.mean()
+    return ((fake_logits - 1) ** 2).mean()
+
+
+def _rng_states() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+
+
+class GANTrainer:
+    """Builds both DeepSpeed engines from the config and runs the training loop on every rank."""
+
+    def __init__(self, config: Config, context: DistributedContext) -> None:
+        import deepspeed
+
+        self.config = config
+        self.context = context
+        self.device = (
+            torch.device("cuda", context.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        )
+        self.dtype = PRECISION_DTYPES[config.deepspeed.precision]
+        self.train_split = read_split(config.data.data_path, "train")
+        self.val_split = read_split(config.data.data_path, "val")
+        self.canonical = list(config.model.generator.modalities)
+        self.task = TaskSpec.from_names(
+            config.data.input_modalities, config.data.target_modality, self.canonical
+        )
+        global_batch = config.data.batch_size * context.world_size
+        self.batches_per_epoch = self.train_split.samples // global_batch
+        if self.batches_per_epoch < 1:
+            raise DataError(
+                f"{config.data.data_path}: the train split has {self.train_split.samples} samples, "
+                f"fewer than "
+                f"one global batch ({config.data.batch_size} per rank x {context.world_size} ranks)"
+            )
+        self.total_steps = config.training.epochs * self.batches_per_epoch
+        if config.training.max_steps:
+            self.total_steps = min(self.total_steps, config.training.max_steps)
+
+        torch.manual_seed(config.training.seed)
+        generator = build_generator(config.model.generator)
+        discriminator = PatchDiscriminator(config.model.discriminator, len(self.canonical))
+        self.parameter_counts = (count_parameters(generator), count_parameters(discriminator))
+        settings = deepspeed_settings(config, context.world_size)
+        betas = tuple(config.training.betas)
+        factor = lr_factor(config, self.batches_per_epoch)
+        g_optimizer = torch.optim.Adam(generator.parameters(), lr=config.training.lr_g, betas=betas)
+        d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=config.training.lr_d, betas=betas)
+        self.g_engine, _, _, _ = deepspeed.initialize(
+            model=generator,
+            optimizer=g_optimizer,
+            lr_scheduler=torch.optim.lr_scheduler.LambdaLR(g_optimizer, factor),
+            config=settings,
+        )
+        self.d_engine, _, _, _ = deepspeed.initialize(
+            model=discriminator,
+            optimizer=d_optimizer,
+            lr_scheduler=torch.optim.lr_scheduler.LambdaLR(d_optimizer, factor),
+            config=settings,
+        )
+        self.ema = (
+            ExponentialMovingAverage(self.g_engine.module, config.training.ema_decay)
+            if config.training.ema
+            else None
+        )
+        self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last, context)
+        self.provenance = provenance(self.train_split.manifest_sha256)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best_psnr = float("-inf")
+        self.stop_requested = False
+        self.reporter: SilentReporter = SilentReporter()
+
+    # ----------------------------------------------------------------------------------------- state
+    def _client_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "samples_consumed": self.step * self.config.data.batch_size * self.context.world_size,
+            "best_psnr": self.best_psnr,
+            "wandb_run_id": self.reporter.run_id,
+            "world_size": self.context.world_size,
+            "config": self.config.to_dict(),
+            "provenance": self.provenance,
+            "rng": _rng_states(),
+        }
+
+    def resume(self) -> dict[str, Any] | None:
+        """Load ``latest`` when there is one (the same command resumes a run)."""
+        if not self.config.checkpoint.resume:
+            return None
+        state = self.checkpoints.load(self.g_engine, self.d_engine, self.ema)
+        if state is None:
+            return None
+        if state.get("world_size") != self.context.world_size:
+            raise DataError(
+                f"{self.config.checkpoint.dir}: saved with {state.get('world_size')} ranks, resumed with "
+                f"{self.context.world_size}; the sample order depends on it (start a new checkpoint_dir)"
+            )
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best_psnr = state.get("best_psnr", float("-inf"))
+        _restore_rng_states(state["rng"])
+        return state
+
+    def save(self) -> str:
+        tag = self.checkpoints.save(self.step, self.g_engine, self.d_engine, self.ema, self._client_state())
+        self.reporter.print(f"saved checkpoint {Path(self.config.checkpoint.dir) / 'generator' / tag}")
+        return tag
+
+    # ------------------------------------------------------------------------------------------ step
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        moved = {}
+        for name, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device, non_blocking=True)
+                if value.is_floating_point():
+                    value = value.to(self.dtype)
+            moved[name] = value
+        return moved
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        kind = self.config.training.gan_loss
+        images, available, target_index, real = (
+            batch["images"],
+            batch["available"],
+            batch["target_index"],
+            batch["target"],
+        )
+        condition = condition_stack(images, available, target_index)
+        fake = self.g_engine(images, available, target_index)
+
+        d_loss = discriminator_loss(
+            kind, self.d_engine(condition, real), self.d_engine(condition, fake.detach())
+        )
+        self.d_engine.backward(d_loss)
+        self.d_engine.step()
+
+        # The adversarial term goes through D's module, not its engine, with D frozen: a second engine
+        # forward would make ZeRO 2 reduce D's gradients twice ("already been reduced") and ZeRO 0 refuse.
+        discriminator = self.d_engine.module
+        for parameter in discriminator.parameters():
+            parameter.requires_grad_(False)
+        adversarial = generator_adversarial_loss(kind, discriminator(condition, fake))
+        l1 = (fake.float() - real.float()).abs().mean()
+        g_loss = adversarial + self.config.training.l1_weight * l1
+        self.g_engine.backward(g_loss)
+        self.g_engine.step()
+        for parameter in discriminator.parameters():
+            parameter.requires_grad_(True)
+        if self.ema is not None and self.g_engine.is_gradient_accumulation_boundary():
+            self.ema.update(self.g_engine.module)
+        self._last_images = (batch, fake.detach())
+        return {
+            "loss_d": d_loss.item(),
+            "loss_g": g_loss.item(),
+            "loss_adv": adversarial.item(),
+            "loss_l1": l1.item(),
+        }
+
+    # ------------------------------------------------------------------------------------ validation
+    def _evaluation_generator(self) -> torch.nn.Module:
+        model = build_generator(self.config.model.generator).to(self.device)
+        if self.ema is not None:
+            self.ema.copy_to(model)
+        else:
+            from medgan.ema import _gathered
+
+            with _gathered(self.g_engine.module):
+                model.load_state_dict({k: v.float() for k, v in self.g_engine.module.state_dict().items()})
+        return model.eval()
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Masked PSNR/SSIM/MAE of the EMA generator on the val split (each rank a share), per subject."""
+        model = self._evaluation_generator()
+        stream = SliceStream(
+            self.val_split,
+            self.canonical,
+            self.task,
+            self.config.data.batch_size,
+            seed=self.config.training.seed,
+            rank=self.context.rank,
+            world_size=self.context.world_size,
+            train=False,
+        )
+        rows = []
+        for index, batch in enumerate(make_loader(stream, 0)):
+            if self.config.training.val_max_batches and index >= self.config.training.val_max_batches:
+                break
+            fake = (
+                model(
+                    batch["images"].to(self.device),
+                    batch["available"].to(self.device),
+                    batch["target_index"].to(self.device),
+                )
+                .float()
+                .cpu()
+            )
+            real, mask = batch["target"], batch["mask"] > 0.5
+            psnr = metrics.psnr(fake, real, data_range=1.0, mask=mask)
+            ssim = metrics.ssim(fake, real, data_range=1.0, mask=mask)
+            mae = metrics.mae(fake, real, data_range=1.0, mask=mask)
+            for i, subject in enumerate(batch["subject"]):
+                rows.append(
+                    [
+                        subject,
+                        self.canonical[int(batch["target_index"][i])],
+                        float(psnr[i, 0]),
+                        float(ssim[i, 0]),
+                        float(mae[i, 0]),
+                    ]
+                )
+        all_rows = [row for rank_rows in all_gather_objects(rows) for row in rank_rows]
+        summary = {}
+        for column, name in ((2, "psnr"), (3, "ssim"), (4, "mae")):
+            stats = metrics.summarize([row[column] for row in all_rows])
+            summary[f"val/{name}"] = stats["mean"]
+            summary[f"val/{name}_std"] = stats["std"]
+        summary["val/slices"] = len(all_rows)
+        by_subject: dict[str, list[list[Any]]] = {}
+        for row in all_rows:
+            by_subject.setdefault(row[0], []).append(row)
+        table = [
+            [s, len(r), *(float(np.nanmean([x[c] for x in r])) for c in (2, 3, 4))]
+            for s, r in sorted(by_subject.items())
+        ]
+        self.reporter.log_table(
+            "val/per_subject", ["subject", "slices", "psnr", "ssim", "mae"], table, self.step
+        )
+        return summary
+
+    def _log_images(self) -> None:
+        batch, fake = self._last_images
+        count = min(4, fake.shape[0])
+        available = batch["available"][:count].float()
+        images = batch["images"][:count].float()
+        first_input = (images * available[:, :, None, None]).amax(dim=1)
+        real = batch["target"][:count, 0].float()
+        synthesized = fake[:count, 0].float()
+        columns = [first_input, synthesized, real, (synthesized - real).abs()]
+        grid = image_grid([c.cpu().numpy() for c in columns])
+        self.reporter.log_images(
+            "train/images", grid, self.step, caption="inputs (max) | synthesized | real | |error|"
+        )
+
+    # ------------------------------------------------------------------------------------------ loop
+    def _handle_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def fit(self) -> None:
+        config = self.config
+        state = self.resume()
+        self.reporter = make_reporter(
+            self.context.is_main, config, state.get("wandb_run_id") if state else None, self.provenance
+        )
+        if self.context.is_main:
+            Path(config.checkpoint.dir).mkdir(parents=True, exist_ok=True)
+            config.save(Path(config.checkpoint.dir) / "config.yaml")
+        report = self.reporter
+        report.print(
+            f"generator {self.parameter_counts[0]:,} parameters, discriminator {self.parameter_counts[1]:,}; "
+            f"{self.context.world_size} rank(s), {self.batches_per_epoch} steps per epoch, "
+            f"{self.total_steps} steps"
+        )
+        if state is not None:
+            report.print(
+                f"resuming from {state['tag']} (step {self.step}, epoch {self.epoch}) "
+                f"in {config.checkpoint.dir}"
+            )
+        signal.signal(signal.SIGTERM, self._handle_sigterm)
+        report.start_progress(self.total_steps, self.step)
+        window = {"data": 0.0, "total": 0.0, "steps": 0}
+        last_saved = self.step if state is not None else -1
+        while self.step < self.total_steps:
+            stream = SliceStream(
+                self.train_split,
+                self.canonical,
+                self.task,
+                config.data.batch_size,
+                seed=config.training.seed,
+                rank=self.context.rank,
+                world_size=self.context.world_size,
+                train=True,
+                random_flips=config.data.random_flips,
+                shuffle_buffer=config.data.shuffle_buffer,
+                epoch=self.epoch,
+                skip_batches=self.batch_in_epoch,
+            )
+            batches = iter(make_loader(stream, config.data.num_workers))
+            while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
+                started = time.perf_counter()
+                batch = self._to_device(next(batches))
+                fetched = time.perf_counter()
+                losses = self.train_step(batch)
+                self.step += 1
+                self.batch_in_epoch += 1
+                finished = time.perf_counter()
+                window["data"] += fetched - started
+                window["total"] += finished - started
+                window["steps"] += 1
+                if self.step % config.logging.log_every_steps == 0 or self.step == self.total_steps:
+                    images_per_second = (
+                        window["steps"] * config.data.batch_size * self.context.world_size / window["total"]
+                    )
+                    values = {
+                        **{f"train/{k}": v for k, v in losses.items()},
+                        "train/lr_g": self.g_engine.get_lr()[0],
+                        "train/lr_d": self.d_engine.get_lr()[0],
+                        "train/epoch": self.epoch + self.batch_in_epoch / self.batches_per_epoch,
+                        "perf/images_per_s": images_per_second,
+                        "perf/data_wait_pct": 100.0 * window["data"] / window["total"],
+                        "perf/step_s": window["total"] / window["steps"],
+                    }
+                    for name, engine in (("g", self.g_engine), ("d", self.d_engine)):
+                        norm = engine.get_global_grad_norm()
+                        if norm is not None:
+                            values[f"train/grad_norm_{name}"] = float(norm)
+                    report.log(values, self.step)
+                    window = {"data": 0.0, "total": 0.0, "steps": 0}
+                    report.progress(
+                        self.step,
+                        {"loss_g": losses["loss_g"], "loss_d": losses["loss_d"], "img/s": images_per_second},
+                    )
+                if self.step % config.logging.image_every_steps == 0 and self.context.is_main:
+                    self._log_images()
+                if self.batch_in_epoch == self.batches_per_epoch:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                if self.step % config.training.val_every_steps == 0 or self.step == self.total_steps:
+                    summary = self.validate()
+                    report.log(summary, self.step)
+                    report.print(
+                        f"step {self.step}: val PSNR {summary['val/psnr']:.2f} dB, "
+                        f"SSIM {summary['val/ssim']:.4f}, "
+                        f"MAE {summary['val/mae']:.4f} over {summary['val/slices']} slices"
+                    )
+                    if summary["val/psnr"] > self.best_psnr:
+                        self.best_psnr = summary["val/psnr"]
+                        self.save()
+                        last_saved = self.step
+                        self.checkpoints.mark_best(tag_for_step(self.step))
+                if self.step % config.checkpoint.every_steps == 0 and last_saved != self.step:
+                    self.save()
+                    last_saved = self.step
+                if all_ranks_agree(self.stop_requested):
+                    report.print(f"SIGTERM: stopping at step {self.step}")
+                    if last_saved != self.step:
+                        self.save()
+                    report.finish()
+                    return
+            del batches
+        if last_saved != self.step:
+            self.save()
+        report.finish()
+        report.print(f"done: {self.step} steps; checkpoints in {config.checkpoint.dir}")
+
+
+def _load_resumed_model_config(config: Config) -> Config:
+    """On resume the architecture comes from the checkpoint's config, not the flags (as in nanoGPT)."""
+    saved_path = Path(config.checkpoint.dir) / "config.yaml"
+    if not config.checkpoint.resume or not (Path(config.checkpoint.dir) / "generator" / "latest").is_file():
+        return config
+    saved = load_config(saved_path)
+    if saved.model != config.model:
+        print(f"note: resuming keeps the model architecture saved in {saved_path}", file=sys.stderr)
+        config.model = saved.model
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = _load_resumed_model_config(config_from_cli(argv))
+        context = init_distributed()
+        set_thread_share(context)
+        trainer = GANTrainer(config, context)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if context.is_main:
+        print(config.to_yaml(), flush=True)
+    trainer.fit()
+    barrier()
+    return 0
