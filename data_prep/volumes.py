@@ -1,0 +1,645 @@
+"""One subject's volumes, prepared for the model and put back again: data_prep's public API for medgan.
+
+Forward (``shard``, and ``synthesize`` on its inputs), each step recorded so it can be undone:
+
+1. `load_volume`: read a NIfTI with nibabel and validate it (3D, finite, not all zero).
+2. `to_canonical`: reorient to RAS by axis permutation and flips only (no resampling, exact inverse).
+3. `register_rigid` + `resample_onto`: bring a modality acquired on another grid (IXI T1) onto the
+   reference grid (IXI T2): rigid, Mattes mutual information, SimpleITK.
+4. `brain_mask` (BraTS: nonzero, already skull-stripped) or `head_mask` (IXI: Otsu + morphology).
+5. `fit_scaling` + `normalise`: percentiles within the mask into ``[0, 1]``, zero outside the mask.
+6. `choose_crop` + `crop`: keep the axial slices with enough brain, crop or pad in-plane to a square.
+
+Inverse (``synthesize``, ``evaluate --subjects``), nnU-Net style: `restore_volume` pastes slices back
+at the crop box, undoes the normalisation and the reorientation, and returns a NIfTI with the
+reference's original header; `resample_from` maps a reference-grid volume back onto a registered
+modality's own grid. The geometric part of the round trip is exact (tested); registration
+resampling interpolates, and values clipped by the normalisation cannot come back.
+
+Array conventions: canonical volumes are ``[X, Y, Z]`` in RAS voxel order; model slices are
+``[H, W] = [x, y]`` of one axial (z) slice; a stack of slices is ``[Z, H, W]``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from scipy import ndimage
+
+from data_prep.errors import InputError
+
+SEG_LABELS = {1: "necrotic tumour core", 2: "peritumoural oedema", 4: "enhancing tumour"}
+# BraTS 2023+ renumbered enhancing tumour from 4 to 3; shards always carry the BraTS 2021 labels.
+_BRATS_2023_ENHANCING = 3
+LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5
+# An axial slice is kept when its mask covers at least this share of the largest axial cross-section.
+MIN_SLICE_BRAIN_SHARE = 0.1
+_AFFINE_TOLERANCE_MM = 1e-3
+_REGISTRATION_SAMPLES = 20_000
+
+
+class VolumeError(InputError):
+    """A volume that cannot be used; the message names the file (or modality) and what is wrong."""
+
+
+@dataclass(slots=True)
+class LoadedVolume:
+    """A validated 3D volume. data: float32 [X, Y, Z] in the file's voxel order and intensity units;
+    affine: [4, 4] voxel -> RAS mm; header: the file's header (reused when writing back);
+    repairs: one line per fix applied while loading (e.g. NaN voxels set to 0)."""
+
+    path: Path
+    data: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    repairs: list[str] = field(default_factory=list)
+
+
+def load_volume(path: Path, *, is_label: bool = False) -> LoadedVolume:
+    """Read and validate one NIfTI volume; raises VolumeError naming the file on any problem.
+
+    A trailing length-1 fourth axis is dropped and NaN/Inf voxels are set to 0 (both reported in
+    `repairs`); a truly 4D volume, an empty, truncated or non-NIfTI file, a singular affine and an
+    all-zero image volume (not label map) are rejected.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise VolumeError(f"{path}: empty file (0 bytes)")
+        image = nib.load(path)
+    except FileNotFoundError:
+        raise VolumeError(f"{path}: file not found") from None
+    except (ImageFileError, gzip.BadGzipFile, zlib.error, EOFError, ValueError) as error:
+        raise VolumeError(f"{path}: not a readable NIfTI file ({_first_line(error)})") from None
+    try:
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except (gzip.BadGzipFile, zlib.error, EOFError, OSError, ValueError) as error:
+        raise VolumeError(f"{path}: truncated or corrupt image data ({_first_line(error)})") from None
+    repairs = []
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+        repairs.append(f"{path.name}: dropped a length-1 fourth dimension")
+    if data.ndim != 3:
+        raise VolumeError(f"{path}: {data.ndim}D volume of shape {data.shape}, expected 3D")
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise VolumeError(f"{path}: the header's affine is singular or not finite")
+    non_finite = ~np.isfinite(data)
+    if non_finite.any():
+        data[non_finite] = 0.0
+        repairs.append(f"{path.name}: replaced {int(non_finite.sum())} NaN/Inf voxels with 0")
+    if not is_label and not np.any(data):
+        raise VolumeError(f"{path}: all-zero volume")
+    return LoadedVolume(path=path, data=data, affine=affine, header=image.header.copy(), repairs=repairs)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class Reorientation:
+    """How a volume was turned into RAS voxel order: original shape and affine, and the nibabel
+    orientation transform [3, 2] (axis, flip) from original to RAS. Exactly invertible."""
+
+    original_shape: tuple[int, int, int]
+    original_affine: np.ndarray
+    transform: np.ndarray
+
+    @property
+    def original_axcodes(self) -> tuple[str, ...]:
+        return nib.aff2axcodes(self.original_affine)
+
+    def to_dict(self) -> dict:
+        return {
+            "original_shape": list(self.original_shape),
+            "original_affine": self.original_affine.tolist(),
+            "original_axcodes": "".join(self.original_axcodes),
+            "to_ras": self.transform.astype(int).tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Reorientation:
+        return cls(
+            original_shape=tuple(record["original_shape"]),
+            original_affine=np.asarray(record["original_affine"], dtype=np.float64),
+            transform=np.asarray(record["to_ras"], dtype=np.float64),
+        )
+
+
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, Reorientation]:
+    """Reorient [X, Y, Z] data to RAS voxel order (permute and flip axes, no interpolation).
+
+    Returns (canonical data, canonical affine [4, 4], the Reorientation that `from_canonical` undoes).
+    Every voxel keeps its world position: canonical_affine @ new_index == affine @ old_index.
+    """
+    transform = io_orientation(affine)
+    canonical = apply_orientation(data, transform)
+    canonical_affine = affine @ inv_ornt_aff(transform, data.shape)
+    return canonical, canonical_affine, Reorientation(tuple(data.shape), affine.copy(), transform)
+
+
+def from_canonical(canonical: np.ndarray, reorientation: Reorientation) -> np.ndarray:
+    """Inverse of `to_canonical`: RAS voxel order back to the original file's voxel order (exact)."""
+    back = ornt_transform(axcodes2ornt(("R", "A", "S")), reorientation.transform)
+    data = apply_orientation(canonical, back)
+    if tuple(data.shape) != tuple(reorientation.original_shape):
+        raise ValueError(f"volume of shape {canonical.shape} does not fit {reorientation.original_shape}")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class RigidRegistration:
+    """A rigid transform found by `register_rigid`.
+
+    fixed_to_moving: [4, 4] RAS mm -> RAS mm, maps a point of the fixed (reference) image onto the
+    same anatomy in the moving image. metric: final Mattes mutual information (lower is better).
+    """
+
+    fixed_to_moving: np.ndarray
+    metric: float
+    euler_parameters: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "method": "rigid (Euler3D), Mattes mutual information, SimpleITK",
+            "fixed_to_moving_ras": self.fixed_to_moving.tolist(),
+            "itk_euler3d_parameters": list(self.euler_parameters),
+            "metric": self.metric,
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict) -> RigidRegistration:
+        return cls(
+            fixed_to_moving=np.asarray(record["fixed_to_moving_ras"], dtype=np.float64),
+            metric=float(record["metric"]),
+            euler_parameters=tuple(record["itk_euler3d_parameters"]),
+        )
+
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _to_sitk(data: np.ndarray, affine: np.ndarray):
+    """A SimpleITK image (LPS physical space, as ITK uses) of [X, Y, Z] data with a RAS affine."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0), dtype=np.float32))
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((_RAS_TO_LPS @ affine[:3, :3] / spacing).flatten().tolist())
+    image.SetOrigin((_RAS_TO_LPS @ affine[:3, 3]).tolist())
+    return image
+
+
+def register_rigid(
+    moving: np.ndarray, moving_affine: np.ndarray, fixed: np.ndarray, fixed_affine: np.ndarray, seed: int = 0
+) -> RigidRegistration:
+    """Rigidly register `moving` [X, Y, Z] onto `fixed` [X', Y', Z'] (affines [4, 4] voxel -> RAS mm).
+
+    Mattes mutual information (so T1 onto T2 works), 3-level pyramid, centre-of-mass start; seeded
+    metric sampling and one thread so the same input always gives the same transform.
+    """
+    import SimpleITK as sitk
+
+    fixed_image = _to_sitk(fixed, fixed_affine)
+    moving_image = _to_sitk(moving, moving_affine)
+    initial = sitk.CenteredTransformInitializer(
+        fixed_image, moving_image, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
+    )
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    # A fixed sample count keeps the cost flat from phantom to full-size IXI volumes.
+    method.SetMetricSamplingPercentage(min(1.0, _REGISTRATION_SAMPLES / fixed.size), seed)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=2.0, minStep=1e-3, numberOfIterations=100, relaxationFactor=0.5
+    )
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([4, 2, 1])
+    method.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    method.SetInitialTransform(initial, inPlace=False)
+    method.SetNumberOfThreads(1)
+    found = sitk.Euler3DTransform(initial)
+    found.SetParameters(method.Execute(fixed_image, moving_image).GetParameters())
+    return RigidRegistration(
+        fixed_to_moving=_lps_transform_to_ras(found),
+        metric=float(method.GetMetricValue()),
+        euler_parameters=tuple(found.GetParameters()),
+    )
+
+
+def _lps_transform_to_ras(transform) -> np.ndarray:
+    """[4, 4] RAS matrix of an ITK Euler3D transform (ITK: p_moving = R (p - c) + c + t, in LPS)."""
+    rotation = np.asarray(transform.GetMatrix()).reshape(3, 3)
+    centre = np.asarray(transform.GetCenter())
+    translation = np.asarray(transform.GetTranslation())
+    lps = np.eye(4)
+    lps[:3, :3] = rotation
+    lps[:3, 3] = centre + translation - rotation @ centre
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ lps @ flip
+
+
+def resample_onto(
+    moving: np.ndarray,
+    moving_affine: np.ndarray,
+    fixed_shape,
+    fixed_affine: np.ndarray,
+    fixed_to_moving: np.ndarray,
+    order: int = 1,
+) -> np.ndarray:
+    """float32 [fixed_shape]: `moving` sampled at the fixed grid's voxels (zero beyond its field of view).
+
+    order: spline order (1 for images, 0 for label maps).
+    """
+    voxel_map = np.linalg.inv(moving_affine) @ fixed_to_moving @ fixed_affine
+    return ndimage.affine_transform(
+        moving.astype(np.float32),
+        voxel_map[:3, :3],
+        voxel_map[:3, 3],
+        output_shape=tuple(fixed_shape),
+        order=order,
+        mode="constant",
+        cval=0.0,
+    )
+
+
+def resample_from(
+    on_fixed: np.ndarray,
+    fixed_affine: np.ndarray,
+    moving_shape,
+    moving_affine: np.ndarray,
+    fixed_to_moving: np.ndarray,
+    order: int = 1,
+) -> np.ndarray:
+    """Inverse of `resample_onto`: a fixed-grid volume back onto the moving modality's grid."""
+    return resample_onto(
+        on_fixed, fixed_affine, moving_shape, moving_affine, np.linalg.inv(fixed_to_moving), order
+    )
+
+
+def brain_mask(volumes: list[np.ndarray]) -> np.ndarray:
+    """bool [X, Y, Z]: voxels nonzero in any of the (skull-stripped, same-grid) volumes."""
+    mask = np.zeros(volumes[0].shape, dtype=bool)
+    for volume in volumes:
+        mask |= volume != 0
+    return mask
+
+
+def head_mask(volume: np.ndarray) -> np.ndarray:
+    """bool [X, Y, Z]: the head of a non-skull-stripped image (Otsu threshold, closing, hole filling,
+    largest connected component). Deterministic; no skull stripping, as IXI synthesis work does."""
+    from skimage.filters import threshold_otsu
+
+    smooth = ndimage.gaussian_filter(volume.astype(np.float32), sigma=1.0)
+    foreground = smooth > threshold_otsu(smooth)
+    foreground = ndimage.binary_closing(foreground, structure=np.ones((3, 3, 3)), iterations=2)
+    # Axial slices are filled one by one too: the neck leaves the head open at the bottom in 3D.
+    foreground = ndimage.binary_fill_holes(foreground)
+    for z in range(foreground.shape[2]):
+        foreground[:, :, z] = ndimage.binary_fill_holes(foreground[:, :, z])
+    labels, count = ndimage.label(foreground)
+    if count <= 1:
+        return foreground
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+@dataclass(frozen=True, slots=True)
+class IntensityScaling:
+    """Linear map of original intensities onto [0, 1]: `low` -> 0, `high` -> 1 (original units)."""
+
+    low: float
+    high: float
+
+    def to_dict(self) -> dict:
+        return {"low": self.low, "high": self.high}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> IntensityScaling:
+        return cls(low=float(record["low"]), high=float(record["high"]))
+
+
+def fit_scaling(volume: np.ndarray, mask: np.ndarray) -> IntensityScaling:
+    """Percentiles (LOW_PERCENTILE, HIGH_PERCENTILE) of the volume within the mask."""
+    inside = volume[mask]
+    if inside.size == 0:
+        raise VolumeError("empty mask: no voxel to normalise within")
+    low, high = np.percentile(inside, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    if high <= low:
+        raise VolumeError(f"constant intensity {low:g} within the mask")
+    return IntensityScaling(low=float(low), high=float(high))
+
+
+def normalise(volume: np.ndarray, scaling: IntensityScaling, mask: np.ndarray) -> np.ndarray:
+    """float32 like `volume`, in [0, 1]: scaled, clipped, and zero outside the mask."""
+    scaled = (volume.astype(np.float32) - np.float32(scaling.low)) / np.float32(scaling.high - scaling.low)
+    return np.where(mask, np.clip(scaled, 0.0, 1.0), 0.0).astype(np.float32)
+
+
+def denormalise(normalised: np.ndarray, scaling: IntensityScaling) -> np.ndarray:
+    """float32 in original intensity units: inverse of `normalise` (within [low, high])."""
+    return (
+        normalised.astype(np.float32) * np.float32(scaling.high - scaling.low) + np.float32(scaling.low)
+    ).astype(np.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class CropBox:
+    """Where the model's slices sit in the canonical (RAS) volume, in voxels, half-open [start, stop).
+
+    x, y: the in-plane window of `size` voxels; it may reach outside the volume (those pixels are
+    padding). z: the axial slices kept.
+    """
+
+    x: tuple[int, int]
+    y: tuple[int, int]
+    z: tuple[int, int]
+
+    def to_dict(self) -> dict:
+        return {"x": list(self.x), "y": list(self.y), "z": list(self.z)}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> CropBox:
+        return cls(x=tuple(record["x"]), y=tuple(record["y"]), z=tuple(record["z"]))
+
+
+def choose_crop(mask: np.ndarray, size: int) -> tuple[CropBox, bool]:
+    """Crop box for a canonical mask [X, Y, Z]: slices whose mask area is >= MIN_SLICE_BRAIN_SHARE of
+    the largest, in-plane window of `size` centred on the mask. Returns (box, whether the mask's
+    in-plane extent is larger than `size`, i.e. the crop cuts into it)."""
+    area = mask.sum(axis=(0, 1))
+    kept = np.flatnonzero(area >= MIN_SLICE_BRAIN_SHARE * area.max())
+    z = (int(kept[0]), int(kept[-1]) + 1)
+    in_plane = mask[:, :, z[0] : z[1]].any(axis=2)
+    box = []
+    cut = False
+    for axis in (0, 1):
+        extent = np.flatnonzero(in_plane.any(axis=1 - axis))
+        lo, hi = int(extent[0]), int(extent[-1]) + 1
+        cut |= hi - lo > size
+        start = (lo + hi) // 2 - size // 2
+        box.append((start, start + size))
+    return CropBox(x=box[0], y=box[1], z=z), cut
+
+
+def _overlap(window: tuple[int, int], length: int) -> tuple[slice, slice]:
+    """(slice into the volume axis, slice into the window) where the window overlaps [0, length)."""
+    start, stop = max(window[0], 0), min(window[1], length)
+    return slice(start, stop), slice(start - window[0], stop - window[0])
+
+
+def crop(volume: np.ndarray, box: CropBox) -> np.ndarray:
+    """[Z, H, W] slices of a canonical volume [X, Y, Z] inside `box` (zero where the box is padding)."""
+    size_x, size_y = box.x[1] - box.x[0], box.y[1] - box.y[0]
+    slices = np.zeros((box.z[1] - box.z[0], size_x, size_y), dtype=volume.dtype)
+    (vx, wx), (vy, wy) = _overlap(box.x, volume.shape[0]), _overlap(box.y, volume.shape[1])
+    slices[:, wx, wy] = volume[vx, vy, box.z[0] : box.z[1]].transpose(2, 0, 1)
+    return slices
+
+
+def uncrop(slices: np.ndarray, box: CropBox, canonical_shape, fill: float = 0.0) -> np.ndarray:
+    """Inverse of `crop`: paste [Z, H, W] slices into a canonical volume of `canonical_shape`.
+
+    Voxels outside the box (and slices not kept) get `fill`; padding pixels are dropped.
+    """
+    expected = (box.z[1] - box.z[0], box.x[1] - box.x[0], box.y[1] - box.y[0])
+    if tuple(slices.shape) != expected:
+        raise ValueError(
+            f"slices of shape {tuple(slices.shape)} do not fit the crop box (expected {expected})"
+        )
+    volume = np.full(tuple(canonical_shape), fill, dtype=slices.dtype)
+    (vx, wx), (vy, wy) = _overlap(box.x, volume.shape[0]), _overlap(box.y, volume.shape[1])
+    volume[vx, vy, box.z[0] : box.z[1]] = slices[:, wx, wy].transpose(1, 2, 0)
+    return volume
+
+
+@dataclass(frozen=True, slots=True)
+class PreparationSettings:
+    """How a dataset is prepared. mask: "nonzero" (skull-stripped) or "head" (Otsu).
+    register: whether a modality on another grid is registered (True) or an error (False)."""
+
+    mask: str
+    register: bool
+    reference_order: tuple[str, ...]
+
+
+DATASET_SETTINGS = {
+    "brats": PreparationSettings(
+        mask="nonzero", register=False, reference_order=("t1", "t1ce", "t2", "flair")
+    ),
+    "ixi": PreparationSettings(mask="head", register=True, reference_order=("t2", "pd", "t1")),
+}
+
+
+@dataclass(slots=True)
+class SubjectGeometry:
+    """Everything needed to put a slice back on the reference's original grid.
+
+    reference: the modality whose grid the slices live on. reorientation: that grid's original ->
+    RAS. canonical_affine: [4, 4] RAS-grid voxel -> mm. crop: CropBox in canonical voxels.
+    registered: modality -> (RigidRegistration, that modality's own Reorientation).
+    """
+
+    reference: str
+    reorientation: Reorientation
+    canonical_affine: np.ndarray
+    crop: CropBox
+    registered: dict[str, tuple[RigidRegistration, Reorientation]] = field(default_factory=dict)
+
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        return tuple(
+            apply_orientation(
+                np.empty(self.reorientation.original_shape, bool), self.reorientation.transform
+            ).shape
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "reference": self.reference,
+            "reorientation": self.reorientation.to_dict(),
+            "canonical_shape": list(self.canonical_shape),
+            "canonical_affine": self.canonical_affine.tolist(),
+            "crop_box": self.crop.to_dict(),
+            "registration": {
+                modality: {
+                    "fixed": self.reference,
+                    **registration.to_dict(),
+                    "moving_grid": reorientation.to_dict(),
+                }
+                for modality, (registration, reorientation) in self.registered.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict) -> SubjectGeometry:
+        return cls(
+            reference=record["reference"],
+            reorientation=Reorientation.from_dict(record["reorientation"]),
+            canonical_affine=np.asarray(record["canonical_affine"], dtype=np.float64),
+            crop=CropBox.from_dict(record["crop_box"]),
+            registered={
+                modality: (RigidRegistration.from_dict(entry), Reorientation.from_dict(entry["moving_grid"]))
+                for modality, entry in record.get("registration", {}).items()
+            },
+        )
+
+
+@dataclass(slots=True)
+class PreparedSubject:
+    """A subject ready for sharding.
+
+    images: float32 [M, Z, H, W] in [0, 1], in `modalities` order, all zero for absent modalities.
+    mask: uint8 [Z, H, W] in {0, 1}. seg: uint8 [Z, H, W] BraTS 2021 labels {0, 1, 2, 4}, or None.
+    scaling: modality -> IntensityScaling (present modalities only). repairs: one line per fix.
+    """
+
+    modalities: tuple[str, ...]
+    present: list[str]
+    images: np.ndarray
+    mask: np.ndarray
+    seg: np.ndarray | None
+    geometry: SubjectGeometry
+    scaling: dict[str, IntensityScaling]
+    repairs: list[str]
+
+
+def _same_grid(a: LoadedVolume, b: LoadedVolume) -> bool:
+    return a.data.shape == b.data.shape and np.allclose(a.affine, b.affine, atol=_AFFINE_TOLERANCE_MM)
+
+
+def prepare_subject(
+    files: dict[str, Path],
+    *,
+    dataset: str,
+    modalities: tuple[str, ...],
+    size: int,
+    seed: int = 0,
+) -> PreparedSubject:
+    """Load, validate, reorient, register, mask, normalise and crop one subject.
+
+    files: modality -> path, optionally "seg" -> path; modalities: the channel order of `images`
+    (modalities without a file are absent: all zero). dataset: "brats" or "ixi" (see DATASET_SETTINGS).
+    Raises VolumeError with a one-line reason when the subject cannot be used.
+    """
+    settings = DATASET_SETTINGS[dataset]
+    present = [modality for modality in modalities if modality in files]
+    if not present:
+        raise VolumeError(f"none of the modalities {' '.join(modalities)} is present")
+    loaded = {modality: load_volume(files[modality]) for modality in present}
+    repairs = [line for volume in loaded.values() for line in volume.repairs]
+    reference = next(m for m in (*settings.reference_order, *present) if m in loaded)
+    fixed = loaded[reference]
+    canonical, canonical_affine, reorientation = to_canonical(fixed.data, fixed.affine)
+
+    on_reference = {}
+    registered = {}
+    for modality, volume in loaded.items():
+        if _same_grid(volume, fixed):
+            on_reference[modality] = to_canonical(volume.data, volume.affine)[0]
+            continue
+        if not settings.register:
+            raise VolumeError(
+                f"modalities on different grids: {reference} {fixed.data.shape} "
+                f"vs {modality} {volume.data.shape} ({volume.path})"
+            )
+        moving, moving_affine, moving_reorientation = to_canonical(volume.data, volume.affine)
+        registration = register_rigid(moving, moving_affine, canonical, canonical_affine, seed=seed)
+        on_reference[modality] = resample_onto(
+            moving, moving_affine, canonical.shape, canonical_affine, registration.fixed_to_moving
+        )
+        registered[modality] = (registration, moving_reorientation)
+
+    if settings.mask == "nonzero":
+        mask = brain_mask(list(on_reference.values()))
+    else:
+        mask = head_mask(on_reference[reference])
+    box, cut = choose_crop(mask, size)
+    if cut:
+        repairs.append(f"mask wider than --size {size}: the in-plane crop cuts into it")
+
+    scaling = {}
+    images = np.zeros((len(modalities), box.z[1] - box.z[0], size, size), dtype=np.float32)
+    for channel, modality in enumerate(modalities):
+        if modality in on_reference:
+            try:
+                scaling[modality] = fit_scaling(on_reference[modality], mask)
+            except VolumeError as error:
+                raise VolumeError(f"{files[modality]}: {error}") from None
+            images[channel] = crop(normalise(on_reference[modality], scaling[modality], mask), box)
+
+    seg = None
+    if "seg" in files:
+        seg = _load_segmentation(files["seg"], fixed)
+        seg = crop(to_canonical(seg, fixed.affine)[0], box)
+    geometry = SubjectGeometry(
+        reference=reference,
+        reorientation=reorientation,
+        canonical_affine=canonical_affine,
+        crop=box,
+        registered=registered,
+    )
+    return PreparedSubject(
+        modalities=tuple(modalities),
+        present=present,
+        images=images,
+        mask=crop(mask.astype(np.uint8), box),
+        seg=seg,
+        geometry=geometry,
+        scaling=scaling,
+        repairs=repairs,
+    )
+
+
+def _load_segmentation(path: Path, reference: LoadedVolume) -> np.ndarray:
+    """uint8 label map on the reference grid, in BraTS 2021 labels (2023+ label 3 becomes 4)."""
+    volume = load_volume(path, is_label=True)
+    if not _same_grid(volume, reference):
+        raise VolumeError(
+            f"{path}: seg {volume.data.shape} is not on the grid of the images {reference.data.shape}"
+        )
+    labels = np.rint(volume.data).astype(np.int64)
+    found = set(np.unique(labels).tolist())
+    unexpected = found - {0, 1, 2, _BRATS_2023_ENHANCING, 4}
+    if unexpected:
+        raise VolumeError(
+            f"{path}: seg has labels {sorted(unexpected)}, expected BraTS labels 0 1 2 4 (or 3)"
+        )
+    labels[labels == _BRATS_2023_ENHANCING] = 4
+    return labels.astype(np.uint8)
+
+
+def restore_volume(
+    slices: np.ndarray,
+    geometry: SubjectGeometry,
+    scaling: IntensityScaling | None = None,
+    header: nib.Nifti1Header | None = None,
+    fill: float = 0.0,
+) -> nib.Nifti1Image:
+    """Put model slices back on the reference's original grid (nnU-Net style, each step undone).
+
+    slices: [Z, H, W] for the crop box's axial range, normalised in [0, 1] when `scaling` is given
+    (then denormalised into that modality's original units), else written as they are.
+    fill: value for voxels outside the crop box or the kept slices. header: the reference file's
+    header to keep (data type, units, descriptions); its geometry is reset to the original affine.
+    Returns a NIfTI image with the original shape and affine of the reference volume.
+    """
+    values = denormalise(slices, scaling) if scaling is not None else np.asarray(slices)
+    canonical = uncrop(values, geometry.crop, geometry.canonical_shape, fill=fill)
+    original = from_canonical(canonical, geometry.reorientation)
+    image = nib.Nifti1Image(original, geometry.reorientation.original_affine, header=header)
+    image.set_qform(geometry.reorientation.original_affine, code=1)
+    image.set_sform(geometry.reorientation.original_affine, code=1)
+    return image
