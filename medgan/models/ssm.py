@@ -124,19 +124,19 @@ def default_chunk_size(length: int) -> int:
 
 
 def _chunked_linear_scan(
-    delta: torch.Tensor, A: torch.Tensor, drive: torch.Tensor, chunk: int, reverse: bool
+    delta: torch.Tensor, rate: torch.Tensor, drive: torch.Tensor, chunk: int, reverse: bool
 ) -> torch.Tensor:
-    """Solve ``h_t = exp(delta_t * A) * h_{t-/+1} + drive_t`` over time, from a zero state.
+    """Solve ``h_t = exp(delta_t * rate) * h_{t-/+1} + drive_t`` over time, from a zero state.
 
     Args:
         delta: ``[L, b, d]`` time-major step sizes, ``L`` a multiple of ``chunk``.
-        A: ``[d, n]``.
-        drive: ``[L, b, d, n]`` time-major inputs.
+        rate: ``[n, d]``, the transposed ``A``.
+        drive: ``[L, b, n, d]`` time-major inputs.
         chunk: chunk length.
         reverse: run from ``t = L-1`` down to 0, using ``h_{t+1}`` (the backward recurrence).
 
     Returns:
-        ``h: [L, b, d, n]``. Only products of decays ``exp(delta * A)`` and ``exp(A * sum(delta))``
+        ``h: [L, b, n, d]``. Only products of decays ``exp(delta * A)`` and ``exp(A * sum(delta))``
         appear, never their inverses, so for ``A <= 0`` nothing can overflow: decays underflow to 0.
 
     Two levels, each vectorised over the other: (1) every chunk is scanned from a zero state, all chunks
@@ -145,10 +145,9 @@ def _chunked_linear_scan(
     """
     length, batch, dim = delta.shape
     n_chunks = length // chunk
-    decay = torch.mul(delta[..., None], A)
-    decay.exp_()
-    decay = decay.view(n_chunks, chunk, batch, dim, -1)
-    drive = drive.view(n_chunks, chunk, batch, dim, -1)
+    chunked = (n_chunks, chunk, *drive.shape[1:])
+    decay = torch.mul(delta[:, :, None, :], rate).exp_().view(chunked)
+    drive = drive.view(chunked)
     states = torch.empty_like(drive)
     positions = range(chunk - 1, -1, -1) if reverse else range(chunk)
     first, rest = positions[0], positions[1:]
@@ -164,25 +163,27 @@ def _chunked_linear_scan(
             torch.addcmul(x[:, t], d[:, t], h[:, t + step], out=h[:, t])
 
     scan_chunks(None, slice(None))
-    if n_chunks == 1:
-        return states.view(length, batch, dim, -1)
-    # decay across a whole chunk: exp(A * sum(delta)) equals the product of the per-step decays
-    chunk_decay = torch.mul(delta.view(n_chunks, chunk, batch, dim).sum(1)[..., None], A).exp_()
-    entering = torch.empty_like(states[:, 0])
-    order = range(n_chunks - 1, -1, -1) if reverse else range(n_chunks)
-    entering[order[0]].zero_()
-    for previous, current in zip(order[:-1], order[1:]):
-        # the true state leaving `previous` = its local (zero-start) end state + decayed entering state
-        torch.addcmul(
-            states[previous, positions[-1]], chunk_decay[previous], entering[previous], out=entering[current]
-        )
-    # the first chunk in scan order already started from the true (zero) state
-    later = slice(0, n_chunks - 1) if reverse else slice(1, n_chunks)
-    scan_chunks(entering[later], later)
-    return states.view(length, batch, dim, -1)
+    if n_chunks > 1:
+        # decay across a whole chunk: exp(A * sum(delta)) equals the product of the per-step decays
+        chunk_decay = torch.mul(delta.view(n_chunks, chunk, batch, dim).sum(1)[:, :, None, :], rate).exp_()
+        entering = torch.empty_like(states[:, 0])
+        order = range(n_chunks - 1, -1, -1) if reverse else range(n_chunks)
+        entering[order[0]].zero_()
+        for previous, current in zip(order[:-1], order[1:]):
+            # the true state leaving `previous` = its local (zero-start) end state + decayed entering state
+            torch.addcmul(
+                states[previous, positions[-1]],
+                chunk_decay[previous],
+                entering[previous],
+                out=entering[current],
+            )
+        # the first chunk in scan order already started from the true (zero) state
+        later = slice(0, n_chunks - 1) if reverse else slice(1, n_chunks)
+        scan_chunks(entering[later], later)
+    return states.view(length, *drive.shape[2:])
 
 
-# elements of one [rows, d, n] block: 2 MiB in fp32, so a block's temporaries stay in the L2 cache
+# elements of one [rows, n, d] block: 2 MiB in fp32, so a block's temporaries stay in the L2 cache
 _BLOCK_ELEMENTS = 2**19
 
 
@@ -192,67 +193,42 @@ def _row_blocks(rows: int, per_row: int) -> list[slice]:
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
-def _contract_states(states: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """``y[r, d] = sum_n states[r, d, n] * C[r, n]`` for ``states [r, d, n]``, ``C [r, n]``; block-wise."""
-    rows, dim, dstate = states.shape
-    y = states.new_empty(rows, dim)
-    product = states.new_empty(min(rows, max(1, _BLOCK_ELEMENTS // (dim * dstate))), dim, dstate)
-    for block in _row_blocks(rows, dim * dstate):
-        part = product[: block.stop - block.start]
-        torch.mul(states[block], C[block, None, :], out=part)
-        torch.sum(part, -1, out=y[block])
-    return y
-
-
-def _input_gradients(states, grad_states, delta, u, B, grad_y, A):
+def _input_gradients(states, grad_states, delta, u, B, grad_y, rate):
     """Gradients of the scan's inputs from the states and their gradients, all time-major.
 
-    Args: ``states, grad_states [r, d, n]`` (r = L * b rows, any leading shape that views so),
-    ``delta, u, grad_y [r, d]``, ``B [r, n]``, ``A [d, n]``.
-    Returns ``grad_u [r, d]``, ``grad_delta [r, d]``, ``grad_A [d, n]``, ``grad_B [r, n]``, ``grad_C [r, n]``.
-    Works block by block so that the [r, d, n] temporaries stay in cache and memory stays flat.
+    Args: ``states, grad_states [r, n, d]`` (r = L * b rows), ``delta, u, grad_y [r, d]``, ``B [r, n]``,
+    ``rate [n, d]`` (A transposed).
+    Returns ``grad_u [r, d]``, ``grad_delta [r, d]``, ``grad_rate [n, d]``, ``grad_B [r, n]``,
+    ``grad_C [r, n]``. Works block by block so that the ``[r, n, d]`` temporaries stay in cache.
     """
-    dim, dstate = A.shape
-    rows = delta.numel() // dim
-    states, grad_states = states.view(rows, dim, dstate), grad_states.view(rows, dim, dstate)
-    delta, u, grad_y, B = (
-        delta.view(rows, dim),
-        u.view(rows, dim),
-        grad_y.view(rows, dim),
-        B.view(rows, dstate),
-    )
+    dstate, dim = rate.shape
+    rows = delta.shape[0]
     delta_u = delta * u
     grad_u, grad_delta = torch.empty_like(delta), torch.empty_like(delta)
-    grad_B, grad_C = B.new_empty(rows, 1, dstate), B.new_empty(rows, 1, dstate)
-    grad_A = torch.zeros_like(A)
+    grad_B, grad_C = B.new_empty(rows, dstate), B.new_empty(rows, dstate)
+    grad_rate = torch.zeros_like(rate)
     block_rows = min(rows, max(1, _BLOCK_ELEMENTS // (dim * dstate)))
-    scratch, product = (states.new_empty(block_rows, dim, dstate) for _ in range(2))
-    grad_drive_sum = delta.new_empty(block_rows, dim)
+    scratch, product = (states.new_empty(block_rows, dstate, dim) for _ in range(2))
     for block in _row_blocks(rows, dim * dstate):
         count = block.stop - block.start
-        h, dh, work, prod, gsum = (
-            states[block],
-            grad_states[block],
-            scratch[:count],
-            product[:count],
-            grad_drive_sum[:count],
-        )
-        torch.bmm(grad_y[block, None, :], h, out=grad_C[block])
-        torch.bmm(delta_u[block, None, :], dh, out=grad_B[block])
+        h, dh, work, prod = states[block], grad_states[block], scratch[:count], product[:count]
+        torch.mul(h, grad_y[block, None, :], out=work)
+        torch.sum(work, -1, out=grad_C[block])
+        torch.mul(dh, delta_u[block, None, :], out=work)
+        torch.sum(work, -1, out=grad_B[block])
         # sum_n dh * B serves both du (times delta) and ddelta (times u)
-        torch.mul(dh, B[block, None, :], out=work)
-        torch.sum(work, -1, out=gsum)
-        torch.mul(gsum, delta[block], out=grad_u[block])
-        torch.mul(gsum, u[block], out=grad_delta[block])
+        grad_drive = torch.bmm(B[block, None, :], dh).squeeze(1)
+        torch.mul(grad_drive, delta[block], out=grad_u[block])
+        torch.mul(grad_drive, u[block], out=grad_delta[block])
         # d(delta_t A) = dh_t * exp(delta_t A) h_{t-1} = dh_t * (h_t - drive_t): no shifted copy of h
-        torch.mul(delta_u[block, :, None], B[block, None, :], out=work)
+        torch.mul(B[block, :, None], delta_u[block, None, :], out=work)
         torch.sub(h, work, out=work)
         work.mul_(dh)
-        torch.mul(work, A, out=prod)
-        grad_delta[block] += prod.sum(-1)
-        torch.mul(work, delta[block, :, None], out=prod)
-        grad_A += prod.sum(0)
-    return grad_u, grad_delta, grad_A, grad_B.view(rows, dstate), grad_C.view(rows, dstate)
+        torch.mul(work, rate, out=prod)
+        grad_delta[block] += prod.sum(1)
+        torch.mul(work, delta[block, None, :], out=prod)
+        grad_rate += prod.sum(0)
+    return grad_u, grad_delta, grad_rate, grad_B, grad_C
 
 
 def _to_time_major(tensor: torch.Tensor, length: int, compute: torch.dtype) -> torch.Tensor:
@@ -293,16 +269,17 @@ class _SelectiveScanChunked(torch.autograd.Function):
         u_tm = _to_time_major(u, padded, compute)
         B_tm = _to_time_major(B, padded, compute)
         C_tm = _to_time_major(C, padded, compute)
-        A_c = A.to(compute)
-        drive = (delta_tm * u_tm)[..., None] * B_tm[:, :, None, :]
-        states = _chunked_linear_scan(delta_tm, A_c, drive, chunk, reverse=False)
+        rate = A.to(compute).t()
+        drive = (delta_tm * u_tm)[:, :, None, :] * B_tm[..., None]
+        states = _chunked_linear_scan(delta_tm, rate, drive, chunk, reverse=False)
         del drive
-        y = _contract_states(states.view(padded * batch, dim, -1), C_tm.view(padded * batch, -1))
+        rows = padded * batch
+        y = torch.bmm(C_tm.view(rows, 1, -1), states.view(rows, -1, dim))
         y = y.view(padded, batch, dim)[:length].permute(1, 2, 0)
         if D is not None:
             y = y + u.to(compute) * D.to(compute)[:, None]
         out = y if z is None else y * F.silu(z.to(compute))
-        last_state = states[length - 1].clone() if return_last_state else None
+        last_state = states[length - 1].transpose(1, 2).contiguous() if return_last_state else None
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, y if z is not None else None)
         ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
         out = out.to(u.dtype)
@@ -314,7 +291,7 @@ class _SelectiveScanChunked(torch.autograd.Function):
         compute = _compute_dtype(u)
         batch, dim, length = u.shape
         padded, chunk = states.shape[0], ctx.chunk
-        u_c, A_c = u.to(compute), A.to(compute)
+        u_c, rate = u.to(compute), A.to(compute).t()
         grad_out = torch.zeros_like(u_c) if grad_out is None else grad_out.to(compute)
         grad_z = grad_D = None
         if z is not None:
@@ -334,15 +311,22 @@ class _SelectiveScanChunked(torch.autograd.Function):
         grad_y_tm = _to_time_major(grad_out, padded, compute)
 
         # dh_t = C_t * dy_t + exp(delta_{t+1} A) * dh_{t+1}: the same scan, reversed, with delta shifted
-        grad_states = C_tm[:, :, None, :] * grad_y_tm[..., None]
+        grad_states = grad_y_tm[:, :, None, :] * C_tm[..., None]
         if grad_last_state is not None:
-            grad_states[length - 1] += grad_last_state.to(compute)
+            grad_states[length - 1] += grad_last_state.to(compute).transpose(1, 2)
         delta_next = torch.zeros_like(delta_tm)
         delta_next[:-1] = delta_tm[1:]
-        grad_states = _chunked_linear_scan(delta_next, A_c, grad_states, chunk, reverse=True)
+        grad_states = _chunked_linear_scan(delta_next, rate, grad_states, chunk, reverse=True)
 
-        grad_u, grad_delta, grad_A, grad_B, grad_C = _input_gradients(
-            states, grad_states, delta_tm, u_tm, B_tm, grad_y_tm, A_c
+        rows = padded * batch
+        grad_u, grad_delta, grad_rate, grad_B, grad_C = _input_gradients(
+            states.view(rows, -1, dim),
+            grad_states.view(rows, -1, dim),
+            delta_tm.view(rows, dim),
+            u_tm.view(rows, dim),
+            B_tm.view(rows, -1),
+            grad_y_tm.view(rows, dim),
+            rate,
         )
         grad_u, grad_delta = grad_u.view(padded, batch, dim), grad_delta.view(padded, batch, dim)
         grad_B, grad_C = grad_B.view(padded, batch, -1), grad_C.view(padded, batch, -1)
@@ -356,7 +340,7 @@ class _SelectiveScanChunked(torch.autograd.Function):
         return (
             grad_u.to(u.dtype),
             grad_delta.to(delta.dtype),
-            grad_A.to(A.dtype),
+            grad_rate.t().to(A.dtype),
             _bdl(grad_B, length, B.dtype),
             _bdl(grad_C, length, C.dtype),
             grad_D,
