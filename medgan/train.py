@@ -101,6 +101,14 @@ def _restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
 
 
+def _cast_floating_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """ZeRO 3 casts parameters but not buffers to bf16/fp16; spectral norm's power-iteration vectors are
+    buffers and must match the weights' dtype."""
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(dtype)
+
+
 class GANTrainer:
     """Builds both DeepSpeed engines from the config and runs the training loop on every rank."""
 
@@ -135,6 +143,8 @@ class GANTrainer:
         generator = build_generator(config.model.generator)
         discriminator = PatchDiscriminator(config.model.discriminator, len(self.canonical))
         self.parameter_counts = (count_parameters(generator), count_parameters(discriminator))
+        for module in (generator, discriminator):
+            _cast_floating_buffers(module, self.dtype)
         settings = deepspeed_settings(config, context.world_size)
         betas = tuple(config.training.betas)
         factor = lr_factor(config, self.batches_per_epoch)

@@ -159,7 +159,7 @@ class SSMGenerator(nn.Module):
             condition_stack(images, available, target_index), self.config.pad_multiple
         )
         condition = (
-            self.condition_embedding(condition_vector(available, target_index))
+            self.condition_embedding(condition_vector(available, target_index).to(stack.dtype))
             if self.condition_embedding is not None
             else None
         )
