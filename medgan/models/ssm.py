@@ -124,55 +124,55 @@ def default_chunk_size(length: int) -> int:
 
 
 def _chunked_linear_scan(
-    delta: torch.Tensor, rate: torch.Tensor, drive: torch.Tensor, chunk: int, reverse: bool
+    delta: torch.Tensor, rate: torch.Tensor, drive: torch.Tensor, reverse: bool
 ) -> torch.Tensor:
     """Solve ``h_t = exp(delta_t * rate) * h_{t-/+1} + drive_t`` over time, from a zero state.
 
+    Every tensor is chunk-major: time ``t = c * chunk + p`` sits at ``[p, c]``, so one position of all
+    chunks is one contiguous slab.
+
     Args:
-        delta: ``[L, b, d]`` time-major step sizes, ``L`` a multiple of ``chunk``.
-        rate: ``[n, d]``, the transposed ``A``.
-        drive: ``[L, b, n, d]`` time-major inputs.
-        chunk: chunk length.
-        reverse: run from ``t = L-1`` down to 0, using ``h_{t+1}`` (the backward recurrence).
+        delta: ``[chunk, n_chunks, b, d]`` step sizes.
+        rate: ``[n, d]``, the transposed ``A``, contiguous.
+        drive: ``[chunk, n_chunks, b, n, d]`` inputs.
+        reverse: run from the last time step to the first, using ``h_{t+1}`` (the backward recurrence).
 
     Returns:
-        ``h: [L, b, n, d]``. Only products of decays ``exp(delta * A)`` and ``exp(A * sum(delta))``
-        appear, never their inverses, so for ``A <= 0`` nothing can overflow: decays underflow to 0.
+        ``h: [chunk, n_chunks, b, n, d]``. Only products of decays ``exp(delta * A)`` and
+        ``exp(A * sum(delta))`` appear, never their inverses, so for ``A <= 0`` nothing can overflow:
+        decays underflow to 0.
 
     Two levels, each vectorised over the other: (1) every chunk is scanned from a zero state, all chunks
     at once, one tensor op per position in the chunk; (2) the true state entering each chunk is carried
     across chunks (one op per chunk); (3) every chunk is scanned again from its entering state.
     """
-    length, batch, dim = delta.shape
-    n_chunks = length // chunk
-    chunked = (n_chunks, chunk, *drive.shape[1:])
-    decay = torch.mul(delta[:, :, None, :], rate).exp_().view(chunked)
-    drive = drive.view(chunked)
+    chunk, n_chunks = delta.shape[:2]
+    decay = torch.mul(delta[..., None, :], rate).exp_()
     states = torch.empty_like(drive)
     positions = range(chunk - 1, -1, -1) if reverse else range(chunk)
     first, rest = positions[0], positions[1:]
     step = 1 if reverse else -1  # offset of the neighbour a position depends on
 
     def scan_chunks(entering: torch.Tensor | None, chunks: slice) -> None:
-        d, x, h = decay[chunks], drive[chunks], states[chunks]
+        d, x, h = decay[:, chunks], drive[:, chunks], states[:, chunks]
         if entering is None:
-            h[:, first].copy_(x[:, first])
+            h[first].copy_(x[first])
         else:
-            torch.addcmul(x[:, first], d[:, first], entering, out=h[:, first])
-        for t in rest:
-            torch.addcmul(x[:, t], d[:, t], h[:, t + step], out=h[:, t])
+            torch.addcmul(x[first], d[first], entering, out=h[first])
+        for p in rest:
+            torch.addcmul(x[p], d[p], h[p + step], out=h[p])
 
     scan_chunks(None, slice(None))
     if n_chunks > 1:
         # decay across a whole chunk: exp(A * sum(delta)) equals the product of the per-step decays
-        chunk_decay = torch.mul(delta.view(n_chunks, chunk, batch, dim).sum(1)[:, :, None, :], rate).exp_()
-        entering = torch.empty_like(states[:, 0])
+        chunk_decay = torch.mul(delta.sum(0)[..., None, :], rate).exp_()
+        entering = torch.empty_like(states[0])
         order = range(n_chunks - 1, -1, -1) if reverse else range(n_chunks)
         entering[order[0]].zero_()
         for previous, current in zip(order[:-1], order[1:]):
             # the true state leaving `previous` = its local (zero-start) end state + decayed entering state
             torch.addcmul(
-                states[previous, positions[-1]],
+                states[positions[-1], previous],
                 chunk_decay[previous],
                 entering[previous],
                 out=entering[current],
@@ -180,7 +180,7 @@ def _chunked_linear_scan(
         # the first chunk in scan order already started from the true (zero) state
         later = slice(0, n_chunks - 1) if reverse else slice(1, n_chunks)
         scan_chunks(entering[later], later)
-    return states.view(length, *drive.shape[2:])
+    return states
 
 
 # elements of one [rows, n, d] block: 2 MiB in fp32, so a block's temporaries stay in the L2 cache
@@ -231,17 +231,20 @@ def _input_gradients(states, grad_states, delta, u, B, grad_y, rate):
     return grad_u, grad_delta, grad_rate, grad_B, grad_C
 
 
-def _to_time_major(tensor: torch.Tensor, length: int, compute: torch.dtype) -> torch.Tensor:
-    """``[b, c, L]`` -> contiguous ``[padded_L, b, c]`` in the compute dtype, zero-padded at the end."""
-    time_major = tensor.to(compute).permute(2, 0, 1)
-    if length > tensor.shape[2]:
-        time_major = F.pad(time_major, (0, 0, 0, 0, 0, length - tensor.shape[2]))
-    return time_major.contiguous()
+def _to_chunk_major(tensor: torch.Tensor, chunk: int, padded: int) -> torch.Tensor:
+    """``[b, c, L]`` -> contiguous ``[chunk, padded // chunk, b, c]`` (time ``i * chunk + p`` at ``[p, i]``),
+    zero-padded at the end of time to ``padded`` steps."""
+    batch, channels, length = tensor.shape
+    if padded > length:
+        tensor = F.pad(tensor, (0, padded - length))
+    return tensor.reshape(batch, channels, padded // chunk, chunk).permute(3, 2, 0, 1).contiguous()
 
 
-def _bdl(time_major: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Contiguous time-major ``[padded_L, b, c]`` -> ``[b, c, length]`` in ``dtype``."""
-    return time_major[:length].permute(1, 2, 0).to(dtype).contiguous()
+def _from_chunk_major(tensor: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Chunk-major ``[chunk, n_chunks, b, c]`` -> contiguous ``[b, c, length]`` in ``dtype``."""
+    chunk, n_chunks, batch, channels = tensor.shape
+    time_ordered = tensor.permute(2, 3, 1, 0).reshape(batch, channels, chunk * n_chunks)
+    return time_ordered[:, :, :length].to(dtype).contiguous()
 
 
 def _effective_delta(delta, delta_bias, delta_softplus, compute):
@@ -265,23 +268,25 @@ class _SelectiveScanChunked(torch.autograd.Function):
         padded = math.ceil(length / chunk) * chunk
         delta_eff, delta_pre = _effective_delta(delta, delta_bias, delta_softplus, compute)
         # padding with delta = 0 gives decay 1 and drive 0: the state passes through unchanged
-        delta_tm = _to_time_major(delta_eff, padded, compute)
-        u_tm = _to_time_major(u, padded, compute)
-        B_tm = _to_time_major(B, padded, compute)
-        C_tm = _to_time_major(C, padded, compute)
-        rate = A.to(compute).t()
-        drive = (delta_tm * u_tm)[:, :, None, :] * B_tm[..., None]
-        states = _chunked_linear_scan(delta_tm, rate, drive, chunk, reverse=False)
+        delta_cm = _to_chunk_major(delta_eff, chunk, padded)
+        u_cm = _to_chunk_major(u.to(compute), chunk, padded)
+        B_cm = _to_chunk_major(B.to(compute), chunk, padded)
+        C_cm = _to_chunk_major(C.to(compute), chunk, padded)
+        rate = A.to(compute).t().contiguous()
+        drive = (delta_cm * u_cm)[..., None, :] * B_cm[..., None]
+        states = _chunked_linear_scan(delta_cm, rate, drive, reverse=False)
         del drive
         rows = padded * batch
-        y = torch.bmm(C_tm.view(rows, 1, -1), states.view(rows, -1, dim))
-        y = y.view(padded, batch, dim)[:length].permute(1, 2, 0)
+        y = torch.bmm(C_cm.view(rows, 1, -1), states.view(rows, -1, dim))
+        y = _from_chunk_major(y.view(chunk, -1, batch, dim), length, compute)
         if D is not None:
             y = y + u.to(compute) * D.to(compute)[:, None]
         out = y if z is None else y * F.silu(z.to(compute))
-        last_state = states[length - 1].transpose(1, 2).contiguous() if return_last_state else None
+        last_state = None
+        if return_last_state:
+            last_state = states[(length - 1) % chunk, (length - 1) // chunk].transpose(1, 2).contiguous()
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, y if z is not None else None)
-        ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
+        ctx.delta_softplus = delta_softplus
         out = out.to(u.dtype)
         return (out, last_state) if return_last_state else out
 
@@ -290,8 +295,9 @@ class _SelectiveScanChunked(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, states, pre_gate = ctx.saved_tensors
         compute = _compute_dtype(u)
         batch, dim, length = u.shape
-        padded, chunk = states.shape[0], ctx.chunk
-        u_c, rate = u.to(compute), A.to(compute).t()
+        chunk, n_chunks = states.shape[:2]
+        padded = chunk * n_chunks
+        u_c, rate = u.to(compute), A.to(compute).t().contiguous()
         grad_out = torch.zeros_like(u_c) if grad_out is None else grad_out.to(compute)
         grad_z = grad_D = None
         if z is not None:
@@ -304,45 +310,46 @@ class _SelectiveScanChunked(torch.autograd.Function):
             grad_D = (grad_out * u_c).sum((0, 2)).to(D.dtype)
 
         delta_eff, delta_pre = _effective_delta(delta, delta_bias, ctx.delta_softplus, compute)
-        delta_tm = _to_time_major(delta_eff, padded, compute)
-        u_tm = _to_time_major(u, padded, compute)
-        B_tm = _to_time_major(B, padded, compute)
-        C_tm = _to_time_major(C, padded, compute)
-        grad_y_tm = _to_time_major(grad_out, padded, compute)
+        delta_cm = _to_chunk_major(delta_eff, chunk, padded)
+        u_cm = _to_chunk_major(u_c, chunk, padded)
+        B_cm = _to_chunk_major(B.to(compute), chunk, padded)
+        C_cm = _to_chunk_major(C.to(compute), chunk, padded)
+        grad_y_cm = _to_chunk_major(grad_out, chunk, padded)
 
         # dh_t = C_t * dy_t + exp(delta_{t+1} A) * dh_{t+1}: the same scan, reversed, with delta shifted
-        grad_states = grad_y_tm[:, :, None, :] * C_tm[..., None]
+        grad_states = grad_y_cm[..., None, :] * C_cm[..., None]
         if grad_last_state is not None:
-            grad_states[length - 1] += grad_last_state.to(compute).transpose(1, 2)
-        delta_next = torch.zeros_like(delta_tm)
-        delta_next[:-1] = delta_tm[1:]
-        grad_states = _chunked_linear_scan(delta_next, rate, grad_states, chunk, reverse=True)
+            last = grad_states[(length - 1) % chunk, (length - 1) // chunk]
+            last += grad_last_state.to(compute).transpose(1, 2)
+        delta_next_cm = _to_chunk_major(delta_eff[:, :, 1:], chunk, padded)
+        grad_states = _chunked_linear_scan(delta_next_cm, rate, grad_states, reverse=True)
 
         rows = padded * batch
         grad_u, grad_delta, grad_rate, grad_B, grad_C = _input_gradients(
             states.view(rows, -1, dim),
             grad_states.view(rows, -1, dim),
-            delta_tm.view(rows, dim),
-            u_tm.view(rows, dim),
-            B_tm.view(rows, -1),
-            grad_y_tm.view(rows, dim),
+            delta_cm.view(rows, dim),
+            u_cm.view(rows, dim),
+            B_cm.view(rows, -1),
+            grad_y_cm.view(rows, dim),
             rate,
         )
-        grad_u, grad_delta = grad_u.view(padded, batch, dim), grad_delta.view(padded, batch, dim)
-        grad_B, grad_C = grad_B.view(padded, batch, -1), grad_C.view(padded, batch, -1)
-        grad_delta = _bdl(grad_delta, length, compute)
+        chunk_major = (chunk, n_chunks, batch, -1)
+        grad_u, grad_delta = grad_u.view(chunk_major), grad_delta.view(chunk_major)
+        grad_B, grad_C = grad_B.view(chunk_major), grad_C.view(chunk_major)
+        grad_delta = _from_chunk_major(grad_delta, length, compute)
         if delta_pre is not None:
             grad_delta = grad_delta * torch.sigmoid(delta_pre)
         grad_bias = None if delta_bias is None else grad_delta.sum((0, 2)).to(delta_bias.dtype)
-        grad_u = _bdl(grad_u, length, compute)
+        grad_u = _from_chunk_major(grad_u, length, compute)
         if D is not None:
             grad_u = grad_u + grad_out * D.to(compute)[:, None]
         return (
             grad_u.to(u.dtype),
             grad_delta.to(delta.dtype),
             grad_rate.t().to(A.dtype),
-            _bdl(grad_B, length, B.dtype),
-            _bdl(grad_C, length, C.dtype),
+            _from_chunk_major(grad_B, length, B.dtype),
+            _from_chunk_major(grad_C, length, C.dtype),
             grad_D,
             grad_z,
             grad_bias,
