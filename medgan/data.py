@@ -78,7 +78,8 @@ def read_split(data_path: str | Path, split: str) -> ShardSplit:
 
 
 def _shard_name(shard: Any) -> str:
-    return shard if isinstance(shard, str) else shard["name"]
+    """A manifest lists each shard as ``{"file": name, "samples": n, "sha256": ...}`` (or a bare name)."""
+    return shard if isinstance(shard, str) else shard["file"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,10 +183,17 @@ class SliceStream(IterableDataset):
         self.skip_batches = skip_batches
         self.channel_of = [self.canonical.index(m) for m in split.modalities]
 
-    def _slot(self) -> tuple[int, int, int]:
+    def _slot(self) -> tuple[int, int, int, int]:
+        """(reading slot, slot count, logical worker, workers of this rank).
+
+        The DataLoader takes batch j from worker ``j % W``. Global batch k of the epoch belongs to logical
+        worker ``k % W``; a loader resumed at batch k starts at its worker 0, so worker ids are rotated by k
+        to keep every batch on the logical worker (and reading slot) that produced it in the uninterrupted run.
+        """
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers, worker
+        logical = (worker + (self.skip_batches if self.train else 0)) % workers
+        return self.rank * workers + logical, self.world_size * workers, logical, workers
 
     def _raw_samples(self, shards: list[Path], keep: tuple[int, int] | None) -> Iterator[dict[str, Any]]:
         urls = [{"url": str(path)} for path in shards]
@@ -246,7 +254,7 @@ class SliceStream(IterableDataset):
         }
 
     def _samples(self) -> Iterator[dict[str, Any]]:
-        slot, slots, _ = self._slot()
+        slot, slots, _, _ = self._slot()
         cycles = itertools.count() if self.train else range(1)
         for cycle in cycles:
             rng = np.random.default_rng([self.seed, self.epoch, cycle, slot, 1])
@@ -267,10 +275,8 @@ class SliceStream(IterableDataset):
                 )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        _, _, worker = self._slot()
-        info = get_worker_info()
-        workers = info.num_workers if info else 1
-        # batches are dealt to a rank's workers round-robin, so worker w produced ceil((k - w) / W) of them
+        _, _, worker, workers = self._slot()
+        # logical worker w produced ceil((k - w) / W) of the first k batches
         to_skip = max(0, (self.skip_batches - worker + workers - 1) // workers) if self.train else 0
         batch: list[dict[str, Any]] = []
         for sample in self._samples():

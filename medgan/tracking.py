@@ -58,6 +58,7 @@ class RankZeroReporter(SilentReporter):
     def __init__(self, config: Config, run_id: str | None, provenance: dict[str, Any]) -> None:
         self.mode = resolve_wandb_mode(config.logging.wandb)
         self.bar: tqdm | None = None
+        self.total = 0
         self.use_bar = config.logging.progress_bar
         self.run = None
         if self.mode != "disabled":
@@ -81,6 +82,7 @@ class RankZeroReporter(SilentReporter):
             print(message, flush=True)
 
     def start_progress(self, total: int, initial: int) -> None:
+        self.total = total
         if self.use_bar:
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
@@ -88,6 +90,9 @@ class RankZeroReporter(SilentReporter):
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+        else:
+            # batch jobs (slurm logs) get one plain line per logging interval instead of a bar
+            print(f"step {step}/{self.total}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()), flush=True)
 
     def log(self, values: dict[str, Any], step: int) -> None:
         if self.run is not None:

@@ -425,7 +425,12 @@ class GANTrainer:
                     window = {"data": 0.0, "total": 0.0, "steps": 0}
                     report.progress(
                         self.step,
-                        {"loss_g": losses["loss_g"], "loss_d": losses["loss_d"], "img/s": images_per_second},
+                        {
+                            "loss_g": losses["loss_g"],
+                            "loss_d": losses["loss_d"],
+                            "img/s": images_per_second,
+                            "data_wait_%": values["perf/data_wait_pct"],
+                        },
                     )
                 if self.step % config.logging.image_every_steps == 0 and self.context.is_main:
                     self._log_images()
