@@ -124,48 +124,50 @@ def default_chunk_size(length: int) -> int:
 
 
 def _chunked_linear_scan(
-    delta: torch.Tensor, rate: torch.Tensor, drive: torch.Tensor, reverse: bool
+    decay: torch.Tensor, chunk_decay: torch.Tensor, drive: torch.Tensor, reverse: bool
 ) -> torch.Tensor:
-    """Solve ``h_t = exp(delta_t * rate) * h_{t-/+1} + drive_t`` over time, from a zero state.
+    """Solve the linear recurrence ``h_t = a_t * h_{t-1} + x_t``, or its adjoint, from a zero state.
 
-    Every tensor is chunk-major: time ``t = c * chunk + p`` sits at ``[p, c]``, so one position of all
-    chunks is one contiguous slab.
+    ``reverse`` solves the adjoint, ``h_t = a_{t+1} * h_{t+1} + x_t`` from the last step back: the
+    backward pass of the forward recurrence, with the same decays. Every tensor is chunk-major: time
+    ``t = c * chunk + p`` sits at ``[p, c]``, so one position of all chunks is one contiguous slab.
 
     Args:
-        delta: ``[chunk, n_chunks, b, d]`` step sizes.
-        rate: ``[n, d]``, the transposed ``A``, contiguous.
-        drive: ``[chunk, n_chunks, b, n, d]`` inputs.
-        reverse: run from the last time step to the first, using ``h_{t+1}`` (the backward recurrence).
+        decay: ``a``, ``[chunk, n_chunks, b, n, d]``, in ``[0, 1]`` for ``A <= 0``.
+        chunk_decay: ``[n_chunks, b, n, d]``, the product of the decays that chunk ``c`` applies to the
+            state entering it (``_chunk_decays``).
+        drive: ``x``, ``[chunk, n_chunks, b, n, d]``.
+        reverse: solve the adjoint.
 
     Returns:
-        ``h: [chunk, n_chunks, b, n, d]``. Only products of decays ``exp(delta * A)`` and
-        ``exp(A * sum(delta))`` appear, never their inverses, so for ``A <= 0`` nothing can overflow:
-        decays underflow to 0.
+        ``h: [chunk, n_chunks, b, n, d]``. Only products of decays appear, never their inverses, so for
+        ``A <= 0`` nothing can overflow: decays underflow to 0.
 
     Two levels, each vectorised over the other: (1) every chunk is scanned from a zero state, all chunks
     at once, one tensor op per position in the chunk; (2) the true state entering each chunk is carried
     across chunks (one op per chunk); (3) every chunk is scanned again from its entering state.
     """
-    chunk, n_chunks = delta.shape[:2]
-    decay = torch.mul(delta[..., None, :], rate).exp_()
+    chunk, n_chunks = decay.shape[:2]
     states = torch.empty_like(drive)
     positions = range(chunk - 1, -1, -1) if reverse else range(chunk)
     first, rest = positions[0], positions[1:]
     step = 1 if reverse else -1  # offset of the neighbour a position depends on
 
-    def scan_chunks(entering: torch.Tensor | None, chunks: slice) -> None:
-        d, x, h = decay[:, chunks], drive[:, chunks], states[:, chunks]
+    def scan_chunks(entering: torch.Tensor | None, chunks: range) -> None:
+        x, h = drive[:, chunks.start : chunks.stop], states[:, chunks.start : chunks.stop]
         if entering is None:
             h[first].copy_(x[first])
         else:
-            torch.addcmul(x[first], d[first], entering, out=h[first])
+            # the adjoint's entering state comes from the next chunk, through that chunk's first decay
+            shift = 1 if reverse else 0
+            entering_decay = decay[0, chunks.start + shift : chunks.stop + shift]
+            torch.addcmul(x[first], entering_decay, entering, out=h[first])
+        a = decay[:, chunks.start : chunks.stop]
         for p in rest:
-            torch.addcmul(x[p], d[p], h[p + step], out=h[p])
+            torch.addcmul(x[p], a[p + 1 if reverse else p], h[p + step], out=h[p])
 
-    scan_chunks(None, slice(None))
+    scan_chunks(None, range(n_chunks))
     if n_chunks > 1:
-        # decay across a whole chunk: exp(A * sum(delta)) equals the product of the per-step decays
-        chunk_decay = torch.mul(delta.sum(0)[..., None, :], rate).exp_()
         entering = torch.empty_like(states[0])
         order = range(n_chunks - 1, -1, -1) if reverse else range(n_chunks)
         entering[order[0]].zero_()
@@ -178,9 +180,23 @@ def _chunked_linear_scan(
                 out=entering[current],
             )
         # the first chunk in scan order already started from the true (zero) state
-        later = slice(0, n_chunks - 1) if reverse else slice(1, n_chunks)
-        scan_chunks(entering[later], later)
+        later = range(0, n_chunks - 1) if reverse else range(1, n_chunks)
+        scan_chunks(entering[later.start : later.stop], later)
     return states
+
+
+def _chunk_decays(delta: torch.Tensor, rate: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """Per chunk, the product of the decays ``exp(delta_t * A)`` applied to the state entering it.
+
+    ``delta [chunk, n_chunks, b, d]`` chunk-major, ``rate [n, d]``; returns ``[n_chunks, b, n, d]``.
+    Forward, a chunk applies its own steps; the adjoint applies steps 1.. of the chunk and step 0 of the
+    next one. exp of a sum of ``delta * A <= 0``: never above 1.
+    """
+    if not reverse:
+        return torch.mul(delta.sum(0)[..., None, :], rate).exp_()
+    total = delta[1:].sum(0)
+    total[:-1] += delta[0, 1:]
+    return torch.mul(total[..., None, :], rate).exp_()
 
 
 # elements of one [rows, n, d] block: 2 MiB in fp32, so a block's temporaries stay in the L2 cache
@@ -274,7 +290,8 @@ class _SelectiveScanChunked(torch.autograd.Function):
         C_cm = _to_chunk_major(C.to(compute), chunk, padded)
         rate = A.to(compute).t().contiguous()
         drive = (delta_cm * u_cm)[..., None, :] * B_cm[..., None]
-        states = _chunked_linear_scan(delta_cm, rate, drive, reverse=False)
+        decay = torch.mul(delta_cm[..., None, :], rate).exp_()
+        states = _chunked_linear_scan(decay, _chunk_decays(delta_cm, rate, False), drive, reverse=False)
         del drive
         rows = padded * batch
         y = torch.bmm(C_cm.view(rows, 1, -1), states.view(rows, -1, dim))
@@ -285,14 +302,17 @@ class _SelectiveScanChunked(torch.autograd.Function):
         last_state = None
         if return_last_state:
             last_state = states[(length - 1) % chunk, (length - 1) // chunk].transpose(1, 2).contiguous()
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, y if z is not None else None)
+        # the decays are kept for the adjoint scan: recomputing them costs as much as the scan itself
+        ctx.save_for_backward(
+            u, delta, A, B, C, D, z, delta_bias, states, decay, y if z is not None else None
+        )
         ctx.delta_softplus = delta_softplus
         out = out.to(u.dtype)
         return (out, last_state) if return_last_state else out
 
     @staticmethod
     def backward(ctx, grad_out, grad_last_state=None):
-        u, delta, A, B, C, D, z, delta_bias, states, pre_gate = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, states, decay, pre_gate = ctx.saved_tensors
         compute = _compute_dtype(u)
         batch, dim, length = u.shape
         chunk, n_chunks = states.shape[:2]
@@ -316,13 +336,13 @@ class _SelectiveScanChunked(torch.autograd.Function):
         C_cm = _to_chunk_major(C.to(compute), chunk, padded)
         grad_y_cm = _to_chunk_major(grad_out, chunk, padded)
 
-        # dh_t = C_t * dy_t + exp(delta_{t+1} A) * dh_{t+1}: the same scan, reversed, with delta shifted
+        # dh_t = C_t * dy_t + exp(delta_{t+1} A) * dh_{t+1}: the adjoint of the forward recurrence
         grad_states = grad_y_cm[..., None, :] * C_cm[..., None]
         if grad_last_state is not None:
             last = grad_states[(length - 1) % chunk, (length - 1) // chunk]
             last += grad_last_state.to(compute).transpose(1, 2)
-        delta_next_cm = _to_chunk_major(delta_eff[:, :, 1:], chunk, padded)
-        grad_states = _chunked_linear_scan(delta_next_cm, rate, grad_states, reverse=True)
+        chunk_decay = _chunk_decays(delta_cm, rate, True)
+        grad_states = _chunked_linear_scan(decay, chunk_decay, grad_states, reverse=True)
 
         rows = padded * batch
         grad_u, grad_delta, grad_rate, grad_B, grad_C = _input_gradients(
