@@ -123,10 +123,10 @@ def default_chunk_size(length: int) -> int:
     return int(min(128, max(16, 2 ** round(math.log2(math.sqrt(length))))))
 
 
-def _chunked_linear_scan(
-    decay: torch.Tensor, chunk_decay: torch.Tensor, drive: torch.Tensor, reverse: bool
+def _chunked_linear_scan_(
+    decay: torch.Tensor, chunk_decay: torch.Tensor, states: torch.Tensor, reverse: bool
 ) -> torch.Tensor:
-    """Solve the linear recurrence ``h_t = a_t * h_{t-1} + x_t``, or its adjoint, from a zero state.
+    """Solve the linear recurrence ``h_t = a_t * h_{t-1} + x_t``, or its adjoint, in place, from zero.
 
     ``reverse`` solves the adjoint, ``h_t = a_{t+1} * h_{t+1} + x_t`` from the last step back: the
     backward pass of the forward recurrence, with the same decays. Every tensor is chunk-major: time
@@ -136,52 +136,43 @@ def _chunked_linear_scan(
         decay: ``a``, ``[chunk, n_chunks, b, n, d]``, in ``[0, 1]`` for ``A <= 0``.
         chunk_decay: ``[n_chunks, b, n, d]``, the product of the decays that chunk ``c`` applies to the
             state entering it (``_chunk_decays``).
-        drive: ``x``, ``[chunk, n_chunks, b, n, d]``.
+        states: ``[chunk, n_chunks, b, n, d]``, holding ``x`` on entry and ``h`` on return.
         reverse: solve the adjoint.
 
-    Returns:
-        ``h: [chunk, n_chunks, b, n, d]``. Only products of decays appear, never their inverses, so for
-        ``A <= 0`` nothing can overflow: decays underflow to 0.
+    Returns ``states``. Only products of decays appear, never their inverses, so for ``A <= 0`` nothing
+    can overflow: decays underflow to 0. No tensor of the size of ``states`` is allocated: on the CPU,
+    touching fresh pages costs more than the arithmetic.
 
     Two levels, each vectorised over the other: (1) every chunk is scanned from a zero state, all chunks
     at once, one tensor op per position in the chunk; (2) the true state entering each chunk is carried
-    across chunks (one op per chunk); (3) every chunk is scanned again from its entering state.
+    across chunks (one op per chunk); (3) the entering state, decayed step by step, is added to every
+    position of its chunk.
     """
     chunk, n_chunks = decay.shape[:2]
-    states = torch.empty_like(drive)
     positions = range(chunk - 1, -1, -1) if reverse else range(chunk)
-    first, rest = positions[0], positions[1:]
     step = 1 if reverse else -1  # offset of the neighbour a position depends on
-
-    def scan_chunks(entering: torch.Tensor | None, chunks: range) -> None:
-        x, h = drive[:, chunks.start : chunks.stop], states[:, chunks.start : chunks.stop]
-        if entering is None:
-            h[first].copy_(x[first])
-        else:
-            # the adjoint's entering state comes from the next chunk, through that chunk's first decay
-            shift = 1 if reverse else 0
-            entering_decay = decay[0, chunks.start + shift : chunks.stop + shift]
-            torch.addcmul(x[first], entering_decay, entering, out=h[first])
-        a = decay[:, chunks.start : chunks.stop]
-        for p in rest:
-            torch.addcmul(x[p], a[p + 1 if reverse else p], h[p + step], out=h[p])
-
-    scan_chunks(None, range(n_chunks))
-    if n_chunks > 1:
-        entering = torch.empty_like(states[0])
-        order = range(n_chunks - 1, -1, -1) if reverse else range(n_chunks)
-        entering[order[0]].zero_()
-        for previous, current in zip(order[:-1], order[1:]):
-            # the true state leaving `previous` = its local (zero-start) end state + decayed entering state
-            torch.addcmul(
-                states[positions[-1], previous],
-                chunk_decay[previous],
-                entering[previous],
-                out=entering[current],
-            )
-        # the first chunk in scan order already started from the true (zero) state
-        later = range(0, n_chunks - 1) if reverse else range(1, n_chunks)
-        scan_chunks(entering[later.start : later.stop], later)
+    shift = 1 if reverse else 0  # the adjoint applies the decay of the step after
+    for p in positions[1:]:
+        torch.addcmul(states[p], decay[p + shift], states[p + step], out=states[p])
+    if n_chunks == 1:
+        return states
+    entering = torch.empty_like(states[0])
+    order = range(n_chunks - 1, -1, -1) if reverse else range(n_chunks)
+    entering[order[0]].zero_()
+    for previous, current in zip(order[:-1], order[1:]):
+        # the true state leaving `previous` = its local (zero-start) end state + decayed entering state
+        torch.addcmul(
+            states[positions[-1], previous], chunk_decay[previous], entering[previous], out=entering[current]
+        )
+    # the first chunk in scan order already started from the true (zero) state
+    later = slice(0, n_chunks - 1) if reverse else slice(1, n_chunks)
+    carried = entering[later]
+    # chunk c enters through its own first decay; the adjoint's chunk c through chunk c+1's first decay
+    carried.mul_(decay[0, 1:])
+    states[positions[0], later] += carried
+    for p in positions[1:]:
+        carried.mul_(decay[p + shift, later])
+        states[p, later] += carried
     return states
 
 
@@ -289,10 +280,9 @@ class _SelectiveScanChunked(torch.autograd.Function):
         B_cm = _to_chunk_major(B.to(compute), chunk, padded)
         C_cm = _to_chunk_major(C.to(compute), chunk, padded)
         rate = A.to(compute).t().contiguous()
-        drive = (delta_cm * u_cm)[..., None, :] * B_cm[..., None]
+        states = (delta_cm * u_cm)[..., None, :] * B_cm[..., None]
         decay = torch.mul(delta_cm[..., None, :], rate).exp_()
-        states = _chunked_linear_scan(decay, _chunk_decays(delta_cm, rate, False), drive, reverse=False)
-        del drive
+        _chunked_linear_scan_(decay, _chunk_decays(delta_cm, rate, False), states, reverse=False)
         rows = padded * batch
         y = torch.bmm(C_cm.view(rows, 1, -1), states.view(rows, -1, dim))
         y = _from_chunk_major(y.view(chunk, -1, batch, dim), length, compute)
@@ -342,7 +332,7 @@ class _SelectiveScanChunked(torch.autograd.Function):
             last = grad_states[(length - 1) % chunk, (length - 1) // chunk]
             last += grad_last_state.to(compute).transpose(1, 2)
         chunk_decay = _chunk_decays(delta_cm, rate, True)
-        grad_states = _chunked_linear_scan(decay, chunk_decay, grad_states, reverse=True)
+        _chunked_linear_scan_(decay, chunk_decay, grad_states, reverse=True)
 
         rows = padded * batch
         grad_u, grad_delta, grad_rate, grad_B, grad_C = _input_gradients(
