@@ -1,0 +1,255 @@
+"""One self-contained HTML report of an evaluation folder (``python -m medgan evaluate --out DIR``).
+
+Everything is inline (CSS, PNG images as base64 data URIs), so the file can be mailed or attached to a
+paper's supplement: per task the summary table with the baselines and the paired statistics, box plots
+of per-volume PSNR / SSIM / MAE, montages (inputs | synthesized | real | |error|) of the best, median and
+worst subject in axial, sagittal and coronal views (2D synthesis shows through-plane stripes in the
+last two), and how every number was computed.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medgan.evaluation import COPY, METRICS, MODEL, UNET
+
+VIEWS = ("axial", "sagittal", "coronal")
+METRIC_LABELS = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "mae": "MAE ↓"}
+METHOD_LABELS = {MODEL: "MedGAN-SSM", COPY: "best input copied", UNET: "baseline checkpoint"}
+# The error panel's colour scale: |error| of 0.5 (half the [0, 1] range) and above is saturated.
+ERROR_SCALE = 0.5
+
+
+class ReportError(ValueError):
+    """The evaluation folder is missing or incomplete; the one-line message names it."""
+
+
+def _png(figure) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _figure(*args, **kwargs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def _display(plane: np.ndarray, view: str) -> np.ndarray:
+    """A plane as an image with anterior (axial) or superior (sagittal, coronal) up.
+
+    axial planes are [x, y], sagittal [z, y], coronal [z, x] (canonical RAS indices)."""
+    return plane.T if view == "axial" else plane
+
+
+def _aspect(view: str, spacing: np.ndarray) -> float:
+    z, x, y = (float(value) for value in spacing)
+    return {"axial": y / x, "sagittal": z / y, "coronal": z / x}[view]
+
+
+def montage(views: dict[str, np.ndarray], title: str) -> str:
+    """PNG data URI: a row per view, columns inputs | synthesized | real | |synthesized - real|."""
+    names = [str(name) for name in views["input_names"]]
+    columns = [*(name.upper() for name in names), "synthesized", "real", "|error|"]
+    figure, axes = _figure(
+        len(VIEWS), len(columns), figsize=(1.9 * len(columns), 2.0 * len(VIEWS)), squeeze=False
+    )
+    for row, view in enumerate(VIEWS):
+        inputs = views[f"{view}_inputs"].astype(np.float32)
+        synthesized = views[f"{view}_synthesized"].astype(np.float32)
+        real = views[f"{view}_real"].astype(np.float32)
+        panels = [*inputs, synthesized, real, np.abs(synthesized - real)]
+        for column, (panel, label) in enumerate(zip(panels, columns)):
+            axis = axes[row, column]
+            is_error = label == "|error|"
+            axis.imshow(
+                _display(panel, view),
+                cmap="inferno" if is_error else "gray",
+                vmin=0.0,
+                vmax=ERROR_SCALE if is_error else 1.0,
+                origin="lower",
+                aspect=_aspect(view, views["spacing"]),
+                interpolation="nearest",
+            )
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(label, fontsize=9)
+            if column == 0:
+                axis.set_ylabel(view, fontsize=9)
+    figure.suptitle(title, fontsize=10)
+    return _png(figure)
+
+
+def box_plots(rows: list[dict[str, Any]], task: str, methods: list[str]) -> str:
+    """PNG data URI: per-volume brain PSNR, SSIM and MAE of each method, one box per method."""
+    figure, axes = _figure(1, len(METRICS), figsize=(4.0 * len(METRICS), 3.2), squeeze=False)
+    for axis, name in zip(axes[0], METRICS):
+        data = []
+        for method in methods:
+            values = [
+                float(r[name])
+                for r in rows
+                if r["task"] == task and r["method"] == method and r["region"] == "brain" and r[name] != "nan"
+            ]
+            data.append([v for v in values if math.isfinite(v)])
+        axis.boxplot(data, showmeans=True)
+        axis.set_xticks(
+            range(1, len(methods) + 1), [METHOD_LABELS[m] for m in methods], fontsize=8, rotation=15
+        )
+        axis.set_title(METRIC_LABELS[name], fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+    figure.suptitle(f"{task}: per-volume values over the brain mask", fontsize=10)
+    return _png(figure)
+
+
+def _number(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+DIGITS = {"psnr": 2, "ssim": 4, "mae": 4}
+
+
+def _summary_table(task: dict[str, Any]) -> str:
+    header = "".join(f"<th>{METRIC_LABELS[name]}</th>" for name in METRICS)
+    lines = [f"<table><tr><th>method</th><th>region</th><th>n</th>{header}</tr>"]
+    for method, regions in task["methods"].items():
+        label = METHOD_LABELS[method]
+        if method == COPY:
+            label += f" ({task['best_input_copy']['input'].upper()})"
+        for region, levels in regions.items():
+            values = levels["per_volume"]
+            cells = "".join(
+                f"<td>{_number(values[n]['mean'], DIGITS[n])} ± {_number(values[n]['std'], DIGITS[n])}"
+                f"<br><small>median {_number(values[n]['median'], DIGITS[n])}</small></td>"
+                for n in METRICS
+            )
+            lines.append(
+                f"<tr><td>{html.escape(label)}</td><td>{region}</td><td>{values['psnr']['n']}</td>{cells}</tr>"
+            )
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+def _paired_table(task: dict[str, Any]) -> str:
+    header = "".join(f"<th>{METRIC_LABELS[name]}</th>" for name in METRICS)
+    lines = [f"<table><tr><th>MedGAN-SSM minus</th><th>n</th>{header}</tr>"]
+    for method, by_metric in task["paired"].items():
+        cells = "".join(
+            f"<td>{_number(by_metric[n]['mean_difference'], DIGITS[n])} "
+            f"[{_number(by_metric[n]['ci95'][0], DIGITS[n])}, {_number(by_metric[n]['ci95'][1], DIGITS[n])}]"
+            f"<br><small>Wilcoxon p = {_number(by_metric[n]['wilcoxon_p'], 4)}</small></td>"
+            for n in METRICS
+        )
+        lines.append(f"<tr><td>{METHOD_LABELS[method]}</td><td>{by_metric['psnr']['n']}</td>{cells}</tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}
+th{background:#f3f3f3}img{max-width:100%}dt{font-weight:600;margin-top:.5em}code{background:#f3f3f3}"""
+
+
+def write_report(eval_dir: str | Path, out: str | Path) -> Path:
+    """Write the HTML report of ``eval_dir`` to ``out`` and return its path."""
+    eval_dir, out = Path(eval_dir), Path(out)
+    summary_path = eval_dir / "summary.json"
+    if not summary_path.is_file():
+        raise ReportError(
+            f"--eval {eval_dir}: no summary.json (run python -m medgan evaluate --out {eval_dir})"
+        )
+    summary = json.loads(summary_path.read_text())
+    volume_csv = eval_dir / "per_volume.csv"
+    if not volume_csv.is_file():
+        raise ReportError(f"--eval {eval_dir}: no per_volume.csv")
+    with open(volume_csv, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    for row in rows:
+        for name in METRICS:
+            row[name] = float(row[name]) if row[name] not in ("", "nan") else math.nan
+
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>MedGAN-SSM evaluation</title>",
+        f"<style>{STYLE}</style></head><body><h1>MedGAN-SSM evaluation</h1>",
+        "<dl>",
+        f"<dt>checkpoint</dt><dd>{html.escape(str(summary['checkpoint']))}</dd>",
+        f"<dt>data</dt><dd>{html.escape(summary['scope'])}; {summary['subjects_evaluated']} subjects</dd>",
+    ]
+    if summary.get("baseline_checkpoint"):
+        parts.append(f"<dt>baseline checkpoint</dt><dd>{html.escape(summary['baseline_checkpoint'])}</dd>")
+    if summary.get("command"):
+        parts.append(f"<dt>command</dt><dd><code>{html.escape(summary['command'])}</code></dd>")
+    if summary.get("failed_subjects"):
+        failed = "<br>".join(html.escape(line) for line in summary["failed_subjects"])
+        parts.append(f"<dt>subjects left out</dt><dd>{failed}</dd>")
+    parts.append("</dl>")
+
+    for name, task in summary["tasks"].items():
+        methods = list(task["methods"])
+        parts.append(f"<h2>{html.escape(name)}</h2>")
+        parts.append(
+            f"<p>{task['subjects']} subjects; mean ± sample SD and median of per-volume values"
+            + (
+                f"; skipped (missing a contrast): {', '.join(task['skipped_subjects'])}"
+                if task["skipped_subjects"]
+                else ""
+            )
+            + "</p>"
+        )
+        parts.append(_summary_table(task))
+        parts.append("<p>Paired over subjects (per-volume, brain): mean difference [95% CI], Wilcoxon p.</p>")
+        parts.append(_paired_table(task))
+        parts.append(f"<img alt='box plots {html.escape(name)}' src='{box_plots(rows, name, methods)}'>")
+        for rank, subject in task["examples"].items():
+            view_file = eval_dir / "views" / name / f"{subject}.npz"
+            if not view_file.is_file():
+                continue
+            with np.load(view_file) as views:
+                psnr = next(
+                    (r["psnr"] for r in rows if r["task"] == name and r["subject"] == subject
+                     and r["method"] == MODEL and r["region"] == "brain"),
+                    math.nan,
+                )  # fmt: skip
+                title = f"{rank} subject: {subject} (PSNR {_number(psnr, 2)} dB)"
+                parts.append(
+                    f"<h3>{html.escape(title)}</h3>"
+                    f"<img alt='{html.escape(title)}' src='{montage(views, title)}'>"
+                )
+
+    definitions = "".join(
+        f"<dt>{html.escape(key)}</dt><dd>{html.escape(str(value))}</dd>"
+        for key, value in summary["definitions"].items()
+    )
+    methods = "".join(
+        f"<dt>{METHOD_LABELS.get(key, key)}</dt><dd>{html.escape(value)}</dd>"
+        for key, value in summary["methods"].items()
+    )
+    parts.append(
+        f"<h2>How the numbers were computed</h2><dl>{definitions}</dl><h3>Methods</h3><dl>{methods}</dl>"
+    )
+    parts.append(
+        "<p>Per-slice and per-volume values of every subject are in <code>per_slice.csv</code> and "
+        "<code>per_volume.csv</code> beside <code>summary.json</code>.</p></body></html>"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts))
+    return out

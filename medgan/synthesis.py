@@ -1,0 +1,340 @@
+"""Synthesize a missing contrast for a subject given as NIfTI files, on the grid of the subject's own scans.
+
+The forward path is data_prep's (``data_prep.volumes.prepare_subject``: load and validate, reorient to
+RAS, register inputs acquired on another grid onto the reference grid, mask, normalise into ``[0, 1]``,
+crop), so a subject is prepared exactly as the training shards were. The generator runs slice by slice
+on the axial slices data_prep keeps, in batches. The way back is nnU-Net's: ``restore_volume`` pastes the
+slices into the crop box and undoes the reorientation; when the chosen reference is a registered
+contrast (IXI T1), ``resample_from`` maps the volume onto that contrast's own grid. The result has the
+reference file's shape, affine and orientation, float32 values in the normalised ``[0, 1]`` scale inside
+the brain (head for IXI) mask and 0 outside, as its header description says.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from nibabel.filebasedimages import ImageFileError
+from tqdm import tqdm
+
+from data_prep.volumes import (
+    PreparedSubject,
+    VolumeError,
+    from_canonical,
+    load_volume,
+    prepare_subject,
+    resample_from,
+    restore_volume,
+    to_canonical,
+    uncrop,
+)
+from medgan.export import LoadedGenerator
+from medgan.models.conditioning import MODALITIES, canonical_modality
+
+SEGMENTATION = "seg"
+# NIfTI's descrip field holds 80 bytes.
+DESCRIPTION = "MedGAN-SSM synthesized {target}: normalised [0,1] scale, 0 outside the mask"
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class SynthesisError(ValueError):
+    """An input a user gave cannot be synthesized from; the one-line message names it and why."""
+
+
+@dataclass(slots=True)
+class SynthesisResult:
+    """One synthesized subject.
+
+    image: the NIfTI on the reference input's grid (shape, affine, orientation), float32 in [0, 1].
+    prepared: data_prep's prepared subject (model slices [M, Z, H, W], mask [Z, H, W], geometry).
+    synthesized: float32 [Z, H, W] in [0, 1], the model's slices (zero outside the mask).
+    reference: the contrast whose grid `image` is on. inputs: the contrasts the model was given.
+    """
+
+    image: nib.Nifti1Image
+    prepared: PreparedSubject
+    synthesized: np.ndarray
+    reference: str
+    inputs: list[str]
+    target: str
+
+
+def predict_slices(
+    generator: LoadedGenerator,
+    images: np.ndarray,
+    inputs: list[str],
+    target: str,
+    batch_size: int = 8,
+    progress: str | None = None,
+) -> np.ndarray:
+    """Run the generator on a stack of slices.
+
+    images: float32 [Z, M, H, W] in [0, 1], channels in ``generator.modalities`` order (only the
+    ``inputs`` channels are shown to the model). Returns float32 [Z, H, W] in [0, 1].
+    progress: a tqdm description, or None for no bar.
+    """
+    channels = [generator.modalities.index(name) for name in inputs]
+    available = torch.zeros(len(generator.modalities), dtype=torch.bool)
+    available[channels] = True
+    target_index = generator.modalities.index(target)
+    device = next(generator.module.parameters()).device
+    outputs = []
+    starts = range(0, images.shape[0], batch_size)
+    with torch.inference_mode():
+        for start in tqdm(
+            starts, desc=progress, unit="batch", disable=None if progress else True, leave=False
+        ):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+            count = batch.shape[0]
+            predicted = generator.module(
+                batch.float(),
+                available.expand(count, -1).to(device),
+                torch.full((count,), target_index, dtype=torch.long, device=device),
+            )
+            outputs.append(predicted[:, 0].float().cpu().numpy())
+    return np.concatenate(outputs, axis=0).astype(np.float32)
+
+
+def parse_input_flags(values: list[str]) -> dict[str, Path]:
+    """``["t1=a.nii.gz", "T2=b.nii"]`` -> ``{"t1": Path("a.nii.gz"), "t2": Path("b.nii")}`` (checked)."""
+    inputs: dict[str, Path] = {}
+    for value in values:
+        name, equals, path = value.partition("=")
+        if not equals or not name or not path:
+            raise SynthesisError(f"--input {value}: expected MODALITY=FILE, e.g. t1=sub01_t1.nii.gz")
+        modality = canonical_modality(name)
+        if modality not in MODALITIES:
+            raise SynthesisError(
+                f"--input {value}: unknown modality {name!r} (known: {' '.join(MODALITIES)})"
+            )
+        if modality in inputs:
+            raise SynthesisError(f"--input {value}: {modality} is given twice")
+        inputs[modality] = Path(path)
+    return inputs
+
+
+def default_reference(inputs: list[str]) -> str:
+    """The first input that is not T1 (T1 is the contrast IXI acquires on its own grid), else T1."""
+    return next((name for name in inputs if name != "t1"), inputs[0])
+
+
+def _preparation(generator: LoadedGenerator, files: dict[str, Path]) -> str:
+    """data_prep's preparation ("brats": skull-stripped, one grid; "ixi": head mask, registration)."""
+    if generator.dataset:
+        return generator.dataset
+    looks_ixi = "pd" in files or any(path.name.upper().startswith("IXI") for path in files.values())
+    return "ixi" if looks_ixi else "brats"
+
+
+def _in_plane_size(path: Path) -> int:
+    """Largest axis of the reference volume: a square crop of this size never cuts into the mask."""
+    try:
+        return int(max(nib.load(path).shape[:3]))
+    except (ImageFileError, OSError, ValueError, EOFError):
+        load_volume(path)  # raises VolumeError with the one-line reason
+        raise
+
+
+def _registered_grid_image(
+    slices: np.ndarray, prepared: PreparedSubject, modality: str, header: nib.Nifti1Header
+) -> nib.Nifti1Image:
+    """Model slices [Z, H, W] mapped onto the own grid of a registered contrast (inverse registration)."""
+    geometry = prepared.geometry
+    registration, own = geometry.registered[modality]
+    canonical = uncrop(slices, geometry.crop, geometry.canonical_shape)
+    own_canonical, own_canonical_affine, _ = to_canonical(
+        np.zeros(own.original_shape, np.uint8), own.original_affine
+    )
+    own_canonical_shape = own_canonical.shape
+    on_own = resample_from(
+        canonical,
+        geometry.canonical_affine,
+        own_canonical_shape,
+        own_canonical_affine,
+        registration.fixed_to_moving,
+    )
+    data = from_canonical(on_own, own)
+    image = nib.Nifti1Image(data, own.original_affine, header=header)
+    image.set_qform(own.original_affine, code=1)
+    image.set_sform(own.original_affine, code=1)
+    return image
+
+
+def _as_synthesized_image(image: nib.Nifti1Image, target: str) -> nib.Nifti1Image:
+    """Float32 data with no intensity scaling, display range [0, 1] and a description saying so."""
+    data = np.clip(np.asarray(image.dataobj, dtype=np.float32), 0.0, 1.0)
+    result = nib.Nifti1Image(data, image.affine, header=image.header)
+    # The reference's header may say int16 with a slope: writing [0, 1] floats through it would quantise.
+    result.set_data_dtype(np.float32)
+    result.header.set_slope_inter(1.0, 0.0)
+    result.header["cal_min"], result.header["cal_max"] = 0.0, 1.0
+    result.header["descrip"] = DESCRIPTION.format(target=target.upper()).encode()[:80]
+    return result
+
+
+def prepare_nifti_subject(
+    generator: LoadedGenerator, files: dict[str, Path], reference: str, seed: int = 0
+) -> PreparedSubject:
+    """data_prep's preparation of one subject's files (modality or "seg" -> path) for ``generator``:
+    images [M, Z, H, W] in the generator's channel order, in-plane size covering the whole volume."""
+    size = _in_plane_size(files[reference])
+    try:
+        return prepare_subject(
+            files,
+            dataset=_preparation(generator, files),
+            modalities=tuple(generator.modalities),
+            size=size,
+            seed=seed,
+        )
+    except RuntimeError as error:
+        # SimpleITK reports a registration that cannot start or converge as a RuntimeError.
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        raise SynthesisError(
+            f"could not register the inputs onto {reference} ({files[reference]}): {first[:160]}"
+        ) from None
+
+
+def synthesize_volume(
+    generator: LoadedGenerator,
+    inputs: dict[str, Path],
+    target: str,
+    *,
+    reference: str | None = None,
+    batch_size: int = 8,
+    extra_files: dict[str, Path] | None = None,
+    seed: int = 0,
+    progress: str | None = None,
+) -> SynthesisResult:
+    """Synthesize ``target`` for one subject from its NIfTI ``inputs`` (modality -> file).
+
+    reference: the input whose grid the output takes (default `default_reference`). extra_files: more
+    files prepared with the subject but not shown to the model (the real target and ``seg`` for
+    evaluation). Raises SynthesisError or data_prep's VolumeError with a one-line reason.
+    """
+    target = canonical_modality(target)
+    names = [canonical_modality(name) for name in inputs]
+    if not names:
+        raise SynthesisError("no input contrast given (use --input MODALITY=FILE)")
+    if target in names:
+        raise SynthesisError(f"--target {target}: is also an input")
+    reason = generator.serves(names, target)
+    if reason:
+        raise SynthesisError(reason)
+    reference = canonical_modality(reference) if reference else default_reference(names)
+    if reference not in names:
+        raise SynthesisError(f"--reference {reference}: not among the inputs {' '.join(names)}")
+    files = {canonical_modality(name): Path(path) for name, path in inputs.items()}
+    files.update(extra_files or {})
+    prepared = prepare_nifti_subject(generator, files, reference, seed)
+    synthesized = predict_slices(
+        generator, prepared.images.transpose(1, 0, 2, 3), names, target, batch_size, progress
+    )
+    synthesized *= prepared.mask.astype(np.float32)
+    header = nib.load(files[reference]).header.copy()
+    if reference in prepared.geometry.registered:
+        image = _registered_grid_image(synthesized, prepared, reference, header)
+    else:
+        image = restore_volume(synthesized, prepared.geometry, header=header, fill=0.0)
+    return SynthesisResult(
+        image=_as_synthesized_image(image, target),
+        prepared=prepared,
+        synthesized=synthesized,
+        reference=reference,
+        inputs=names,
+        target=target,
+    )
+
+
+@dataclass(slots=True)
+class SubjectFolder:
+    """NIfTI subjects found under a folder: subject -> {modality or "seg": file}, and files left out."""
+
+    subjects: dict[str, dict[str, Path]] = field(default_factory=dict)
+    ignored: list[tuple[Path, str]] = field(default_factory=list)
+
+
+_NAME_TOKEN = re.compile(r"[_\-.]")
+
+
+def find_subjects(folder: str | Path) -> SubjectFolder:
+    """Group the NIfTI files under ``folder`` (recursively) into subjects by name.
+
+    A file's contrast is the last ``_``/``-``-separated word of its name (``BraTS2021_00000_flair``,
+    ``BraTS-GLI-00000-000-t2f``, ``IXI002-Guys-0828-T1``, ``sub01/t1``); the rest of the name is the
+    subject (the parent folder's name when nothing is left). Raises SynthesisError when the folder is
+    missing or holds no usable file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SynthesisError(f"--subjects {folder}: no such folder")
+    found = SubjectFolder()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        suffix = next((s for s in _NIFTI_SUFFIXES if path.name.lower().endswith(s)), None)
+        if suffix is None:
+            continue
+        stem = path.name[: -len(suffix)]
+        words = _NAME_TOKEN.split(stem)
+        modality = canonical_modality(words[-1])
+        if modality not in (*MODALITIES, SEGMENTATION):
+            found.ignored.append((path, f"no contrast name ({' '.join(MODALITIES)} or seg) at the end"))
+            continue
+        subject = stem[: -len(words[-1])].rstrip("_-.") or path.parent.name
+        files = found.subjects.setdefault(subject, {})
+        if modality in files:
+            found.ignored.append((path, f"a second {modality} file for subject {subject}"))
+            continue
+        files[modality] = path
+    if not found.subjects:
+        raise SynthesisError(f"--subjects {folder}: no NIfTI file named like SUBJECT_CONTRAST.nii.gz found")
+    return found
+
+
+def folder_inputs(generator: LoadedGenerator, files: dict[str, Path], target: str) -> dict[str, Path]:
+    """The inputs to use for a subject found by `find_subjects`: the training inputs when the model
+    has fixed ones, else every contrast the subject has except the target."""
+    if generator.trained_inputs:
+        missing = [name for name in generator.trained_inputs if name not in files]
+        if missing:
+            raise SynthesisError(f"has no {' '.join(missing)} file, which the checkpoint needs as input")
+        return {name: files[name] for name in generator.trained_inputs}
+    return {
+        name: path
+        for name, path in files.items()
+        if name not in (target, SEGMENTATION) and name in generator.modalities
+    }
+
+
+def synthesize_folder(
+    generator: LoadedGenerator,
+    folder: Path,
+    target: str,
+    out: Path,
+    *,
+    reference: str | None = None,
+    batch_size: int = 8,
+) -> tuple[list[Path], list[str]]:
+    """Synthesize ``target`` for every subject under ``folder`` into ``out/SUBJECT_TARGET.nii.gz``.
+
+    Returns (files written, one line per subject that failed); a bad subject never stops the others.
+    """
+    target = canonical_modality(target)
+    found = find_subjects(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    written, failures = [], []
+    for subject, files in tqdm(found.subjects.items(), desc="synthesize", unit="subject", disable=None):
+        try:
+            inputs = folder_inputs(generator, files, target)
+            chosen = reference if reference in inputs else None
+            result = synthesize_volume(generator, inputs, target, reference=chosen, batch_size=batch_size)
+        except (SynthesisError, VolumeError) as error:
+            failures.append(f"{subject}: {error}")
+            continue
+        path = out / f"{subject}_{target}.nii.gz"
+        nib.save(result.image, path)
+        written.append(path)
+    return written, failures
