@@ -81,8 +81,8 @@ def selective_scan_ref(
 
     Returns:
         ``out [b, d, L]`` in u's dtype; with ``return_last_state``, ``(out, h_L)`` where ``h_L`` is
-        ``[b, d, n]`` in the compute dtype. Computed in fp32 (fp64 when u is fp64), as mamba-ssm's
-        reference does, and differentiable by autograd with memory linear in L.
+        ``[b, d, n]`` in the compute dtype. Computed in fp32 (fp64 when u is fp64) and cast back, as
+        mamba-ssm's reference does; differentiable by autograd, with memory linear in L.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
@@ -201,8 +201,9 @@ def _row_blocks(rows: int, per_row: int) -> list[slice]:
 
 
 def _input_gradients(states, grad_states, delta, u, B, grad_y, rate):
-    """Gradients of the scan's inputs from the states and their gradients, all time-major.
+    """Gradients of the scan's inputs from the states and their gradients, row by row.
 
+    A row is one (time step, batch element); rows may come in any order, the same in every argument.
     Args: ``states, grad_states [r, n, d]`` (r = L * b rows), ``delta, u, grad_y [r, d]``, ``B [r, n]``,
     ``rate [n, d]`` (A transposed).
     Returns ``grad_u [r, d]``, ``grad_delta [r, d]``, ``grad_rate [n, d]``, ``grad_B [r, n]``,
@@ -239,8 +240,10 @@ def _input_gradients(states, grad_states, delta, u, B, grad_y, rate):
 
 
 def _to_chunk_major(tensor: torch.Tensor, chunk: int, padded: int) -> torch.Tensor:
-    """``[b, c, L]`` -> contiguous ``[chunk, padded // chunk, b, c]`` (time ``i * chunk + p`` at ``[p, i]``),
-    zero-padded at the end of time to ``padded`` steps."""
+    """``[b, c, L]`` -> contiguous chunk-major ``[chunk, padded // chunk, b, c]``, zero-padded in time.
+
+    Time ``i * chunk + p`` lands at ``[p, i]``; steps ``L .. padded - 1`` are zeros.
+    """
     batch, channels, length = tensor.shape
     if padded > length:
         tensor = F.pad(tensor, (0, padded - length))
@@ -390,9 +393,14 @@ def selective_scan_chunked(
 
     Promises: equal to ``selective_scan_ref`` forward and backward within rounding of the compute dtype
     (fp32, or fp64 for fp64 inputs); no inf/NaN for any ``A <= 0`` and ``delta >= 0`` however large,
-    at any chunk size (decays only ever shrink); memory linear in L (about three ``[L, b, d, n]``
-    tensors in the compute dtype; one is kept for the backward). Python-level work is
-    ``O(chunk_size + L / chunk_size)`` vectorised tensor operations per scan, never a step per time step.
+    at any chunk size (only decays ``<= 1`` are multiplied, never divided by); memory linear in L: two
+    ``[L, b, n, d]`` tensors in the compute dtype (states and decays, kept for the backward), a third
+    during the backward. Python-level work is ``O(chunk_size + L / chunk_size)`` tensor operations per
+    scan, each vectorised over all chunks; never one per time step.
+
+    Why not Mamba-2's segment-sum form (a masked ``[chunk, chunk]`` decay matrix per chunk, applied by
+    matmul): with an ``A`` that differs per ``(d, n)`` that matrix differs per ``(d, n)`` too, which
+    costs ``O(L * chunk * d * n)`` exps and products against this scan's ``O(L * d * n)``.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     chunk = default_chunk_size(u.shape[2]) if chunk_size is None else int(chunk_size)
