@@ -6,7 +6,8 @@
 Shapes b=1, d=64, n=16, fp32, with D, delta_bias and delta_softplus (the generator's call). The baseline
 is ``selective_scan_ref``: mamba-ssm's reference recurrence, one Python step per time step, differentiated
 by autograd. "fwd" runs under ``torch.no_grad``; "fwd+bwd" runs the forward with every input requiring
-grad and back-propagates one upstream gradient. Times are the median of the repeats after one warm-up.
+grad and back-propagates one upstream gradient. Times are wall-clock, the best of the repeats after one
+warm-up (as ``timeit`` advises: the other runs measure other processes' load, not the code).
 
 Peak memory is the growth of the peak resident set size (Linux ``VmHWM``, reset just before the call)
 over the resident size before it, in a fresh Python process running one call on inputs already in
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -59,14 +59,14 @@ def run_once(scan, inputs, mode: str, upstream: torch.Tensor, **kwargs) -> torch
     return out
 
 
-def median_ms(scan, inputs, mode, upstream, repeats, **kwargs) -> float:
+def best_ms(scan, inputs, mode, upstream, repeats, **kwargs) -> float:
     run_once(scan, inputs, mode, upstream, **kwargs)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run_once(scan, inputs, mode, upstream, **kwargs)
         times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * min(times)
 
 
 def peak_memory_mib(which: str, length: int, mode: str, threads: int | None) -> float:
@@ -143,7 +143,7 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     print(
         f"selective scan, b={BATCH} d={DIM} n={DSTATE} fp32, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; times in ms (median), memory in MiB (peak RSS growth)"
+        f"{torch.get_num_threads()} threads; times in ms (best of repeats), memory in MiB (peak RSS growth)"
     )
     header = (
         f"{'L':>6} {'chunk':>5} | {'ref fwd':>8} {'fast fwd':>8} {'speedup':>7} | {'ref f+b':>8} "
@@ -160,7 +160,7 @@ def main() -> None:
             for which in implementations:
                 scan = selective_scan_chunked if which == "fast" else selective_scan_ref
                 repeats = args.repeats if which == "fast" else args.ref_repeats
-                times[which, mode] = median_ms(scan, inputs, mode, upstream, repeats)
+                times[which, mode] = best_ms(scan, inputs, mode, upstream, repeats)
                 if not args.no_memory:
                     memory[which, mode] = peak_memory_mib(which, length, mode, args.threads)
         error = float("nan")
@@ -178,7 +178,7 @@ def main() -> None:
             inputs = make_inputs(length)
             upstream = torch.randn(BATCH, DIM, length)
             row = [
-                median_ms(selective_scan_chunked, inputs, "fwd+bwd", upstream, args.repeats, chunk_size=c)
+                best_ms(selective_scan_chunked, inputs, "fwd+bwd", upstream, args.repeats, chunk_size=c)
                 for c in chunks
             ]
             print(f"{length:>6} | " + " ".join(f"{t:7.1f}" for t in row))
