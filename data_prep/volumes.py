@@ -206,31 +206,41 @@ def register_rigid(
     """Rigidly register `moving` [X, Y, Z] onto `fixed` [X', Y', Z'] (affines [4, 4] voxel -> RAS mm).
 
     Mattes mutual information (so T1 onto T2 works), 3-level pyramid, centre-of-mass start; seeded
-    metric sampling and one thread so the same input always gives the same transform.
+    metric sampling and one thread, so the same input always gives the same transform.
     """
     import SimpleITK as sitk
 
-    fixed_image = _to_sitk(fixed, fixed_affine)
-    moving_image = _to_sitk(moving, moving_affine)
-    initial = sitk.CenteredTransformInitializer(
-        fixed_image, moving_image, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
-    )
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    # A fixed sample count keeps the cost flat from phantom to full-size IXI volumes.
-    method.SetMetricSamplingPercentage(min(1.0, _REGISTRATION_SAMPLES / fixed.size), seed)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0, minStep=1e-3, numberOfIterations=100, relaxationFactor=0.5
-    )
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([4, 2, 1])
-    method.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
-    method.SetInitialTransform(initial, inPlace=False)
-    method.SetNumberOfThreads(1)
-    found = sitk.Euler3DTransform(initial)
-    found.SetParameters(method.Execute(fixed_image, moving_image).GetParameters())
+    # One thread, also for the initializer's moment sums: threaded float sums vary with the thread count,
+    # and the shards must not depend on --workers. Restored afterwards: the setting is process-global.
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        fixed_image = _to_sitk(fixed, fixed_affine)
+        moving_image = _to_sitk(moving, moving_affine)
+        initial = sitk.CenteredTransformInitializer(
+            fixed_image,
+            moving_image,
+            sitk.Euler3DTransform(),
+            sitk.CenteredTransformInitializerFilter.MOMENTS,
+        )
+        method = sitk.ImageRegistrationMethod()
+        method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+        method.SetMetricSamplingStrategy(method.RANDOM)
+        # A fixed sample count keeps the cost flat from phantom to full-size IXI volumes.
+        # SimpleITK reads seed 0 as "seed from the wall clock", hence the offset.
+        method.SetMetricSamplingPercentage(min(1.0, _REGISTRATION_SAMPLES / fixed.size), seed + 1)
+        method.SetInterpolator(sitk.sitkLinear)
+        method.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=2.0, minStep=1e-3, numberOfIterations=100, relaxationFactor=0.5
+        )
+        method.SetOptimizerScalesFromPhysicalShift()
+        method.SetShrinkFactorsPerLevel([4, 2, 1])
+        method.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+        method.SetInitialTransform(initial, inPlace=False)
+        found = sitk.Euler3DTransform(initial)
+        found.SetParameters(method.Execute(fixed_image, moving_image).GetParameters())
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     return RigidRegistration(
         fixed_to_moving=_lps_transform_to_ras(found),
         metric=float(method.GetMetricValue()),
