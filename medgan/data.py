@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,7 +189,7 @@ class SliceStream(IterableDataset):
 
         The DataLoader takes batch j from worker ``j % W``. Global batch k of the epoch belongs to logical
         worker ``k % W``; a loader resumed at batch k starts at its worker 0, so worker ids are rotated by k
-        to keep every batch on the logical worker (and reading slot) that produced it in the uninterrupted run.
+        to keep each batch on the logical worker (and reading slot) that made it in the uninterrupted run.
         """
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
@@ -301,12 +302,20 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def _ignore_termination_signals(worker_id: int) -> None:
+    """DeepSpeed's launcher sends SIGTERM to every process under a rank, loader workers first; they must
+    keep serving batches while their rank finishes its step and saves (they exit with the rank)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(stream: SliceStream, num_workers: int) -> DataLoader:
     """A DataLoader over a batched stream (batch_size=None: the stream batches itself)."""
     return DataLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,
+        worker_init_fn=_ignore_termination_signals if num_workers else None,
         persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
         pin_memory=torch.cuda.is_available(),

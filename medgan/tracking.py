@@ -92,30 +92,42 @@ class RankZeroReporter(SilentReporter):
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
         else:
             # batch jobs (slurm logs) get one plain line per logging interval instead of a bar
-            print(f"step {step}/{self.total}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()), flush=True)
+            print(
+                f"step {step}/{self.total}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()),
+                flush=True,
+            )
+
+    def _send(self, action) -> None:
+        """Run one W&B call; tracking must never stop training. If W&B's service process is gone (the
+        DeepSpeed launcher sends SIGTERM to every process under a rank, W&B's service included), say so
+        once and go on without it."""
+        if self.run is None:
+            return
+        try:
+            action()
+        except Exception as error:  # noqa: BLE001 - any W&B failure, whatever its type
+            self.print(f"W&B stopped logging ({type(error).__name__}: {error}); training goes on")
+            self.run = None
 
     def log(self, values: dict[str, Any], step: int) -> None:
-        if self.run is not None:
-            self.run.log(values, step=step)
+        self._send(lambda: self.run.log(values, step=step))
 
     def log_images(self, name: str, grid: np.ndarray, step: int, caption: str = "") -> None:
-        if self.run is not None:
-            import wandb
+        import wandb
 
-            self.run.log({name: wandb.Image(grid, caption=caption)}, step=step)
+        self._send(lambda: self.run.log({name: wandb.Image(grid, caption=caption)}, step=step))
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
-        if self.run is not None:
-            import wandb
+        import wandb
 
-            self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+        self._send(lambda: self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step))
 
     def finish(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.run is not None:
-            self.run.finish()
+        self._send(lambda: self.run.finish())
+        self.run = None
 
 
 def make_reporter(

@@ -1,0 +1,48 @@
+"""Shared fixtures: a small phantom dataset sharded once per test session, through the real command lines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Tests never talk to W&B's servers.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def run_module(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m ...`` as a user would, failing the test with its output when it fails."""
+    result = subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode != 0:
+        pytest.fail(f"python -m {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def phantom_subjects(tmp_path_factory) -> Path:
+    """8 BraTS-layout phantom subjects, 64 x 64 x 24 voxels."""
+    out = tmp_path_factory.mktemp("phantom") / "brats"
+    run_module(
+        "data_prep", "phantom", "--layout", "brats", "--subjects", "8", "--out", str(out),
+        "--seed", "3", "--shape", "64", "64", "24",
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def phantom_shards(phantom_subjects, tmp_path_factory) -> Path:
+    """The phantom sharded at 64 x 64 pixels, split 6 / 1 / 1 subjects."""
+    out = tmp_path_factory.mktemp("shards") / "brats64"
+    run_module(
+        "data_prep", "shard", "--format", "brats", "--src", str(phantom_subjects), "--out", str(out),
+        "--size", "64", "--split", "0.75", "0.125", "0.125", "--seed", "0",
+    )  # fmt: skip
+    return out

@@ -1,0 +1,230 @@
+"""The DeepSpeed GAN engine: schedules, settings, checkpoints, and real runs (1 process and 2 ranks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medgan.checkpointing import CheckpointManager, tag_for_step
+from medgan.config import ConfigError, build_config, load_config
+from medgan.distributed import DistributedContext
+from medgan.models.generator import build_generator
+from medgan.train import deepspeed_settings, lr_factor
+
+REPO = Path(__file__).resolve().parent.parent
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+TINY = [
+    "--config", "configs/demo.yaml",
+    "--model.generator.base_channels", "8", "--model.generator.depth", "2",
+    "--model.generator.ssm_levels", "1", "--model.generator.ssm_state", "4",
+    "--model.generator.condition_dim", "8", "--model.generator.attention_heads", "2",
+    "--model.discriminator.base_channels", "8", "--model.discriminator.layers", "2",
+    "--data.batch_size", "2", "--training.val_max_batches", "2", "--logging.progress_bar", "false",
+    "--logging.log_every_steps", "1", "--logging.image_every_steps", "1000",
+]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train_command(shards: Path, checkpoint_dir: Path, *extra: str, ranks: int = 1) -> list[str]:
+    arguments = [
+        "launch/train.py",
+        *TINY,
+        "--data_path",
+        str(shards),
+        "--checkpoint_dir",
+        str(checkpoint_dir),
+        *extra,
+    ]
+    if ranks == 1:
+        return [sys.executable, *arguments]
+    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), *arguments]
+
+
+def run(command: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (
+        f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    )
+    return result
+
+
+# ------------------------------------------------------------------------------------------- unit tests
+def test_lr_schedules():
+    step = build_config({"training": {"epochs": 10, "lr_decay_epoch": 2, "lr_decay_factor": 0.5}})
+    factor = lr_factor(step, batches_per_epoch=10)
+    assert [factor(s) for s in (0, 19, 20, 39, 40, 60)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.125]
+    linear = build_config({"training": {"epochs": 10, "lr_schedule": "linear", "lr_decay_epoch": 6}})
+    factor = lr_factor(linear, batches_per_epoch=10)
+    assert factor(59) == 1.0
+    assert factor(80) == pytest.approx(0.5)
+    assert factor(100) == 0.0
+    accumulated = build_config(
+        {"training": {"epochs": 10, "lr_decay_epoch": 1}, "deepspeed": {"gradient_accumulation_steps": 2}}
+    )
+    # one optimizer step consumes two batches: 5 optimizer steps make an epoch of 10 batches
+    assert lr_factor(accumulated, batches_per_epoch=10)(5) == 0.5
+
+
+def test_deepspeed_settings_come_from_the_config():
+    config = build_config(
+        {
+            "data": {"batch_size": 3},
+            "deepspeed": {"zero_stage": 3, "precision": "bf16", "gradient_accumulation_steps": 2},
+        }
+    )
+    settings = deepspeed_settings(config, world_size=4)
+    assert settings["train_batch_size"] == 3 * 2 * 4
+    assert settings["zero_optimization"]["stage"] == 3
+    assert settings["bf16"]["enabled"] and not settings["fp16"]["enabled"]
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+            deepspeed_settings(build_config({"deepspeed": {"precision": "fp16"}}), world_size=1)
+
+
+def test_pruning_keeps_the_last_tags_and_the_best(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2, context=DistributedContext(0, 0, 1, 1))
+    for folder in (manager.generator_dir, manager.discriminator_dir):
+        for step in (10, 20, 30, 40, 50):
+            (folder / tag_for_step(step)).mkdir(parents=True)
+        (folder / "latest").write_text(tag_for_step(50))
+    manager.mark_best(tag_for_step(20))
+    manager._prune()
+    for folder in (manager.generator_dir, manager.discriminator_dir):
+        assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == [
+            "step_000020",
+            "step_000040",
+            "step_000050",
+        ]
+
+
+# ----------------------------------------------------------------------------------------- real runs
+def test_single_process_training_writes_the_checkpoint_layout(phantom_shards, tmp_path):
+    checkpoint_dir = tmp_path / "run"
+    result = run(
+        train_command(
+            phantom_shards, checkpoint_dir, "--training.max_steps", "3", "--deepspeed.zero_stage", "0",
+            "--logging.wandb", "disabled", "--input_modalities", "t1", "t2", "--target_modality", "flair",
+        )
+    )  # fmt: skip
+    assert "step 3/3" in result.stdout and "data_wait_%" in result.stdout
+    assert (checkpoint_dir / "generator" / "latest").read_text() == "step_000003"
+    assert (checkpoint_dir / "discriminator" / "latest").read_text() == "step_000003"
+    assert (checkpoint_dir / "best").read_text() == "step_000003"
+    assert (checkpoint_dir / "config.yaml").is_file()
+    weights = load_file(checkpoint_dir / "generator" / "step_000003" / "ema.safetensors")
+    build_generator(load_config(checkpoint_dir / "config.yaml").model.generator).load_state_dict(weights)
+
+
+def test_bad_input_is_one_line_not_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "launch/train.py", "--config", "configs/demo.yaml", "--data_path", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"error: {tmp_path}: no manifest.json" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = subprocess.run(
+        [sys.executable, "launch/train.py", "--deepspeed.zero_stage", "7"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "deepspeed.zero_stage: 7 must be 0, 1, 2 or 3" in result.stderr
+
+
+def _launcher_child(process: subprocess.Popen) -> psutil.Process:
+    """The deepspeed.launcher.launch process under the `deepspeed` runner: the one that signals the ranks."""
+    for _ in range(100):
+        for child in psutil.Process(process.pid).children():
+            if "deepspeed.launcher.launch" in " ".join(child.cmdline()):
+                return child
+        time.sleep(0.1)
+    raise AssertionError("no deepspeed.launcher.launch process found")
+
+
+def _offline_run_ids(checkpoint_dir: Path) -> set[str]:
+    return {p.name.rsplit("-", 1)[-1] for p in (checkpoint_dir / "wandb").glob("offline-run-*")}
+
+
+@pytest.mark.slow
+def test_sigterm_then_the_same_command_reproduces_the_uninterrupted_run(phantom_shards, tmp_path):
+    extra = ("--training.max_steps", "8", "--data.num_workers", "1", "--logging.wandb", "offline")
+    reference_dir, interrupted_dir = tmp_path / "reference", tmp_path / "interrupted"
+    run(train_command(phantom_shards, reference_dir, *extra, ranks=2))
+
+    command = train_command(phantom_shards, interrupted_dir, *extra, ranks=2)
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if line.startswith("step 3/8"):
+            break
+    signalled = time.monotonic()
+    _launcher_child(process).send_signal(signal.SIGTERM)
+    output += process.stdout.readlines()
+    process.wait(timeout=60)
+    elapsed = time.monotonic() - signalled
+    text = "".join(output)
+    assert "SIGTERM: stopping at step" in text, text[-3000:]
+    assert elapsed < 30, f"the ranks took {elapsed:.0f} s to save and exit (the launcher kills at 30 s)"
+    assert "Killing subprocess" in text and "exits with return code" not in text.split("SIGTERM: stopping")[1]
+    stopped_at = (interrupted_dir / "generator" / "latest").read_text()
+    assert stopped_at != "step_000008"
+    first_ids = _offline_run_ids(interrupted_dir)
+
+    resumed = run(command)
+    assert f"resuming from {stopped_at}" in resumed.stdout
+    assert _offline_run_ids(interrupted_dir) == first_ids, "the resumed run continues the same W&B run id"
+
+    final = "step_000008"
+    for name in ("ema.safetensors",):
+        expected = load_file(reference_dir / "generator" / final / name)
+        actual = load_file(interrupted_dir / "generator" / final / name)
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    expected = torch.load(
+        reference_dir / "generator" / final / "mp_rank_00_model_states.pt", weights_only=False
+    )["module"]
+    actual = torch.load(
+        interrupted_dir / "generator" / final / "mp_rank_00_model_states.pt", weights_only=False
+    )["module"]
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_zero3_bf16_on_two_ranks_consolidates_with_zero_to_fp32(phantom_shards, tmp_path):
+    checkpoint_dir = tmp_path / "zero3"
+    run(
+        train_command(
+            phantom_shards, checkpoint_dir, "--training.max_steps", "2", "--deepspeed.zero_stage", "3",
+            "--deepspeed.precision", "bf16", "--logging.wandb", "disabled", ranks=2,
+        )
+    )  # fmt: skip
+    tag_dir = checkpoint_dir / "generator" / "step_000002"
+    assert len(list(tag_dir.glob("zero_pp_rank_*_model_states.pt"))) == 2, "one shard per rank"
+    out = tmp_path / "consolidated"
+    generator_dir = checkpoint_dir / "generator"
+    subprocess.run(
+        [sys.executable, str(generator_dir / "zero_to_fp32.py"), str(generator_dir), str(out)],
+        check=True, capture_output=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    state = torch.load(out / "pytorch_model.bin", weights_only=False)
+    build_generator(load_config(checkpoint_dir / "config.yaml").model.generator).load_state_dict(state)
+    assert all(t.dtype == torch.float32 for t in state.values())
