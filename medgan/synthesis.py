@@ -193,10 +193,10 @@ def prepare_nifti_subject(
         )
     except RuntimeError as error:
         # SimpleITK reports a registration that cannot start or converge as a RuntimeError.
-        first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-        raise SynthesisError(
-            f"could not register the inputs onto {reference} ({files[reference]}): {first[:160]}"
-        ) from None
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        others = " ".join(str(path) for name, path in files.items() if name not in (reference, SEGMENTATION))
+        detail = lines[-1][:200] if lines else "ITK error"
+        raise SynthesisError(f"could not register {others} onto {files[reference]}: {detail}") from None
 
 
 def synthesize_volume(
