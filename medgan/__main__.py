@@ -1,0 +1,322 @@
+"""``python -m medgan``: the seed project's front door and the evaluate / synthesize / export / report tools.
+
+```
+python -m medgan --mode {train,test,both} --data_path DIR [seed flags, --config X.yaml, --section.key value]
+python -m medgan evaluate   --checkpoint C (--data_path SHARDS [--split test] | --subjects DIR) --out DIR
+python -m medgan synthesize --checkpoint C --input t1=a.nii.gz --input t2=b.nii.gz --target flair --out y.nii
+python -m medgan export     --checkpoint CKPT_DIR --out G.safetensors
+python -m medgan report     --eval DIR --out report.html
+```
+Problems a user can fix (a missing file, a bad NIfTI, a wrong flag or value) print one line on stderr and
+exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from data_prep.errors import InputError
+from medgan.config import ConfigError
+from medgan.data import DataError
+from medgan.evaluation import EvaluationError
+from medgan.export import CheckpointError
+from medgan.report import ReportError
+from medgan.synthesis import SynthesisError
+
+EXIT_INPUT_ERROR = 2
+EXIT_SOME_SUBJECTS_FAILED = 1
+EXIT_INTERRUPTED = 130
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    EvaluationError,
+    SynthesisError,
+    ReportError,
+    InputError,
+)
+SUBCOMMANDS = ("evaluate", "synthesize", "export", "report")
+MODES = ("train", "test", "both")
+# How long a non-zero rank waits for rank 0 to shard a raw folder before giving up.
+SHARD_WAIT_SECONDS = 6 * 3600
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _run_evaluate(args, argv: list[str]) -> int:
+    from medgan.evaluation import NiftiSubjects, ShardSubjects, evaluate, tasks_to_evaluate
+    from medgan.export import load_generator
+    from medgan.report import write_report
+
+    started = time.perf_counter()
+    generator = load_generator(args.checkpoint, args.tag, _device(args.device))
+    baseline = (
+        load_generator(args.baseline_checkpoint, None, _device(args.device))
+        if args.baseline_checkpoint
+        else None
+    )
+    selection = None
+    if args.subjects:
+        subjects = NiftiSubjects(args.subjects, generator)
+    else:
+        subjects = ShardSubjects(args.data_path, args.split, generator.modalities)
+        if args.split != "val":
+            try:
+                selection = ShardSubjects(args.data_path, "val", generator.modalities)
+            except DataError:
+                selection = None
+    tasks = tasks_to_evaluate(
+        generator, subjects.available_modalities, args.input_modalities, args.target_modality
+    )
+    summary = evaluate(
+        generator,
+        subjects,
+        tasks,
+        Path(args.out),
+        baseline=baseline,
+        selection_subjects=selection,
+        batch_size=args.batch_size,
+        description={"command": "python -m medgan " + shlex.join(argv)},
+    )
+    for name, task in summary["tasks"].items():
+        brain = task["methods"]["model"]["brain"]["per_volume"]
+        copy = task["methods"]["best_input_copy"]["brain"]["per_volume"]
+        _say(
+            f"{name}: {task['subjects']} subjects, PSNR {brain['psnr']['mean']:.2f} dB, SSIM "
+            f"{brain['ssim']['mean']:.4f}, MAE {brain['mae']['mean']:.4f} "
+            f"(copied {task['best_input_copy']['input']}: PSNR {copy['psnr']['mean']:.2f} dB)"
+        )
+    for line in summary["failed_subjects"]:
+        print(f"medgan evaluate: left out {line}", file=sys.stderr)
+    if args.report:
+        write_report(args.out, args.report)
+        _say(f"report: {args.report}")
+    _say(
+        f"wrote summary.json, per_volume.csv, per_slice.csv to {args.out} in "
+        f"{time.perf_counter() - started:.0f} s"
+    )
+    return 0
+
+
+def _run_synthesize(args, argv: list[str]) -> int:
+    import nibabel as nib
+
+    from medgan.export import load_generator
+    from medgan.synthesis import parse_input_flags, synthesize_folder, synthesize_volume
+
+    if bool(args.subjects) == bool(args.input):
+        raise SynthesisError("give either --input MODALITY=FILE (one subject) or --subjects DIR (a folder)")
+    generator = load_generator(args.checkpoint, args.tag, _device(args.device))
+    started = time.perf_counter()
+    if args.subjects:
+        written, failures = synthesize_folder(
+            generator,
+            Path(args.subjects),
+            args.target,
+            Path(args.out),
+            reference=args.reference,
+            batch_size=args.batch_size,
+        )
+        for line in failures:
+            print(f"medgan synthesize: {line}", file=sys.stderr)
+        _say(
+            f"wrote {len(written)} synthesized volumes to {args.out} in {time.perf_counter() - started:.0f} s"
+        )
+        if not written:
+            return EXIT_INPUT_ERROR
+        return EXIT_SOME_SUBJECTS_FAILED if failures else 0
+    inputs = parse_input_flags(args.input)
+    result = synthesize_volume(
+        generator,
+        inputs,
+        args.target,
+        reference=args.reference,
+        batch_size=args.batch_size,
+        progress="synthesize",
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(result.image, out)
+    _say(
+        f"wrote {out}: {result.target} from {' '.join(result.inputs)}, shape {result.image.shape} on the "
+        f"{result.reference} grid, {result.synthesized.shape[0]} slices in "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+    return 0
+
+
+def _run_export(args, argv: list[str]) -> int:
+    from medgan.export import export_generator
+
+    weights, description, loaded = export_generator(args.checkpoint, args.out, args.tag)
+    _say(f"wrote {weights} and {description}: {loaded.source}")
+    return 0
+
+
+def _run_report(args, argv: list[str]) -> int:
+    from medgan.report import write_report
+
+    _say(f"wrote {write_report(args.eval, args.out)}")
+    return 0
+
+
+def _add_common(parser: argparse.ArgumentParser, checkpoint_help: str) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="C", help=checkpoint_help)
+    parser.add_argument(
+        "--tag", metavar="T", help="checkpoint tag (default: best validation PSNR, else latest)"
+    )
+    parser.add_argument("--batch_size", type=int, default=8, metavar="N", help="slices per forward pass")
+    parser.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+
+def build_tool_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m medgan", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    either = "a checkpoint folder or an exported .safetensors file"
+
+    evaluate = commands.add_parser("evaluate", help="PSNR/SSIM/MAE with baselines and paired statistics")
+    _add_common(evaluate, either)
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data_path", metavar="SHARDS", help="a shard folder (python -m data_prep shard)")
+    source.add_argument("--subjects", metavar="DIR", help="a folder of NIfTI subjects that have the target")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--out", required=True, metavar="DIR")
+    evaluate.add_argument("--baseline-checkpoint", metavar="C2", help="another generator (e.g. the U-Net)")
+    evaluate.add_argument("--input_modalities", nargs="+", metavar="MOD")
+    evaluate.add_argument("--target_modality", metavar="M")
+    evaluate.add_argument("--report", metavar="HTML", help="also write the HTML report here")
+    evaluate.set_defaults(run=_run_evaluate)
+
+    synthesize = commands.add_parser("synthesize", help="NIfTI inputs -> synthesized NIfTI on their grid")
+    _add_common(synthesize, either)
+    synthesize.add_argument("--input", action="append", default=[], metavar="MOD=FILE")
+    synthesize.add_argument("--subjects", metavar="DIR", help="synthesize every subject in a folder")
+    synthesize.add_argument("--target", required=True, metavar="M")
+    synthesize.add_argument(
+        "--out", required=True, metavar="FILE|DIR", help="a .nii.gz, or a folder with --subjects"
+    )
+    synthesize.add_argument("--reference", metavar="MOD", help="input whose grid the output takes")
+    synthesize.set_defaults(run=_run_synthesize)
+
+    export = commands.add_parser("export", help="checkpoint folder -> .safetensors + .json")
+    export.add_argument("--checkpoint", required=True, metavar="CKPT_DIR")
+    export.add_argument(
+        "--tag", metavar="T", help="checkpoint tag (default: best validation PSNR, else latest)"
+    )
+    export.add_argument("--out", required=True, metavar="G.safetensors")
+    export.set_defaults(run=_run_export)
+
+    report = commands.add_parser("report", help="evaluation folder -> one self-contained HTML file")
+    report.add_argument("--eval", required=True, metavar="DIR")
+    report.add_argument("--out", required=True, metavar="report.html")
+    report.set_defaults(run=_run_report)
+    return parser
+
+
+def _raw_format(folder: Path) -> str:
+    """``ixi`` when the folder holds IXI-named files, else ``brats``."""
+    return "ixi" if any(path.name.upper().startswith("IXI") for path in folder.rglob("*.nii*")) else "brats"
+
+
+def shards_for(data_path: str, checkpoint_dir: Path, is_main: bool) -> Path:
+    """A shard folder for ``data_path``: itself when it has a manifest, else a raw BraTS/IXI folder
+    sharded (by rank 0, once) into ``checkpoint_dir/shards`` with ``python -m data_prep shard``."""
+    source = Path(data_path)
+    if not data_path or not source.is_dir():
+        raise DataError(f"--data_path {data_path or '(empty)'}: no such folder")
+    if (source / "manifest.json").is_file():
+        return source
+    shards = checkpoint_dir / "shards"
+    if (shards / "manifest.json").is_file():
+        _say(f"reusing the shards of {source} in {shards}")
+        return shards
+    if not is_main:
+        waited = 0
+        while not (shards / "manifest.json").is_file():
+            if waited > SHARD_WAIT_SECONDS:
+                raise DataError(f"{shards}: rank 0 did not finish sharding {source}")
+            time.sleep(5)
+            waited += 5
+        return shards
+    command = [
+        sys.executable, "-m", "data_prep", "shard", "--format", _raw_format(source),
+        "--src", str(source), "--out", str(shards),
+    ]  # fmt: skip
+    _say(f"{source} is a raw folder: {shlex.join(command)}")
+    if subprocess.run(command).returncode != 0:
+        raise DataError(f"--data_path {source}: python -m data_prep shard failed (see above)")
+    return shards
+
+
+def run_front_door(argv: list[str]) -> int:
+    """The seed's ``--mode train|test|both``: train with medgan.train, then evaluate and report."""
+    from medgan.config import config_from_cli
+    from medgan.distributed import read_context
+
+    mode_parser = argparse.ArgumentParser(prog="python -m medgan", add_help=False)
+    mode_parser.add_argument("--mode", choices=MODES, required=True)
+    known, rest = mode_parser.parse_known_args(argv)
+    config = config_from_cli(rest)
+    checkpoint_dir = Path(config.checkpoint.dir)
+    is_main = read_context().rank == 0
+    shards = shards_for(config.data.data_path, checkpoint_dir, is_main)
+    if known.mode in ("train", "both"):
+        from medgan.train import main as train
+
+        status = train([*rest, "--data_path", str(shards)])
+        if status:
+            return status
+    if known.mode == "train" or not is_main:
+        return 0
+    evaluation = checkpoint_dir / "eval"
+    test_argv = [
+        "evaluate", "--checkpoint", config.checkpoint.file or str(checkpoint_dir), "--data_path", str(shards),
+        "--split", "test", "--out", str(evaluation), "--batch_size", str(config.data.batch_size),
+        "--report", str(evaluation / "report.html"),
+    ]  # fmt: skip
+    if config.data.target_modality != "any":
+        test_argv += ["--target_modality", config.data.target_modality]
+    if config.data.input_modalities:
+        test_argv += ["--input_modalities", *config.data.input_modalities]
+    args = build_tool_parser().parse_args(test_argv)
+    return args.run(args, test_argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else "--mode"
+    try:
+        if command == "--mode":
+            if not any(token == "--mode" or token.startswith("--mode=") for token in argv):
+                commands = ", ".join(SUBCOMMANDS)
+                print(
+                    f"python -m medgan: error: give a command ({commands}) or --mode train|test|both",
+                    file=sys.stderr,
+                )
+                return EXIT_INPUT_ERROR
+            return run_front_door(argv)
+        args = build_tool_parser().parse_args(argv)
+        return args.run(args, argv)
+    except USER_ERRORS as error:
+        print(f"medgan {command.lstrip('-')}: error: {error}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        print(f"medgan {command.lstrip('-')}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
