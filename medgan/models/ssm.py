@@ -114,9 +114,10 @@ def selective_scan_ref(
 def default_chunk_size(length: int) -> int:
     """The chunk size the fast path uses for a sequence of ``length`` steps.
 
-    The Python-level work of one scan is ``chunk + length / chunk`` small tensor operations, smallest at
-    ``chunk ~ sqrt(length)``; measured on 2 CPU cores (docs/performance.md), 32 to 64 is flat and fastest
-    for L in 1k..16k, so the square root is rounded to a power of two and clamped to [16, 128].
+    One scan issues about ``chunk + length / chunk`` tensor operations, fewest at ``chunk ~ sqrt(length)``.
+    Measured on 2 CPU cores (docs/performance.md), chunks of 16 to 128 lie within about 10% of each other
+    for L = 1k..16k and 16 is best at L = 256; the square root, rounded to a power of two and clamped to
+    [16, 128], stays in that flat region. Lengths up to 16 are one chunk.
     """
     if length <= 16:
         return max(length, 1)
