@@ -1,13 +1,17 @@
 """Time the fast selective scan against its sequential reference on the CPU.
 
-    python bench/scan.py [--lengths 256,1024,4096,16384] [--threads N] [--ref-max-L 16384]
-                         [--repeats 7] [--ref-repeats 3] [--chunk-sizes 16,32,64,128] [--no-memory]
+    python bench/scan.py [--lengths 256,1024,4096,16384] [--threads N] [--clock {wall,cpu}]
+                         [--ref-max-L 16384] [--repeats 7] [--ref-repeats 3]
+                         [--chunk-sizes 16,32,64,128] [--no-memory]
 
 Shapes b=1, d=64, n=16, fp32, with D, delta_bias and delta_softplus (the generator's call). The baseline
 is ``selective_scan_ref``: mamba-ssm's reference recurrence, one Python step per time step, differentiated
 by autograd. "fwd" runs under ``torch.no_grad``; "fwd+bwd" runs the forward with every input requiring
-grad and back-propagates one upstream gradient. Times are wall-clock, the best of the repeats after one
-warm-up (as ``timeit`` advises: the other runs measure other processes' load, not the code).
+grad and back-propagates one upstream gradient. Times are the best of the repeats after one warm-up (as
+``timeit`` advises: the other runs measure other processes' load, not the code), wall-clock by default;
+``--clock cpu`` measures this process's CPU time (user + system, all threads) instead, which stays
+meaningful on a shared, loaded machine, best with ``--threads 1`` (no thread waits for a descheduled
+sibling).
 
 Peak memory is the growth of the peak resident set size (Linux ``VmHWM``, reset just before the call)
 over the resident size before it, in a fresh Python process running one call on inputs already in
@@ -59,13 +63,16 @@ def run_once(scan, inputs, mode: str, upstream: torch.Tensor, **kwargs) -> torch
     return out
 
 
-def best_ms(scan, inputs, mode, upstream, repeats, **kwargs) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def best_ms(scan, inputs, mode, upstream, repeats, clock, **kwargs) -> float:
     run_once(scan, inputs, mode, upstream, **kwargs)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         run_once(scan, inputs, mode, upstream, **kwargs)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return 1e3 * min(times)
 
 
@@ -126,6 +133,7 @@ def main() -> None:
     )
     parser.add_argument("--lengths", default="256,1024,4096,16384", help="comma-separated sequence lengths")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall or process CPU time")
     parser.add_argument("--ref-max-L", type=int, default=16384, help="skip the reference above this length")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats of the fast path")
     parser.add_argument("--ref-repeats", type=int, default=3, help="timed repeats of the reference")
@@ -135,6 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
     if args.measure_memory:
         which, length, mode = args.measure_memory
         measure_memory_here(which, int(length), mode)
@@ -143,7 +152,8 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     print(
         f"selective scan, b={BATCH} d={DIM} n={DSTATE} fp32, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; times in ms (best of repeats), memory in MiB (peak RSS growth)"
+        f"{torch.get_num_threads()} threads; {args.clock} time in ms (best of {args.repeats}, ref best of "
+        f"{args.ref_repeats}), memory in MiB (peak RSS growth)"
     )
     header = (
         f"{'L':>6} {'chunk':>5} | {'ref fwd':>8} {'fast fwd':>8} {'speedup':>7} | {'ref f+b':>8} "
@@ -160,7 +170,7 @@ def main() -> None:
             for which in implementations:
                 scan = selective_scan_chunked if which == "fast" else selective_scan_ref
                 repeats = args.repeats if which == "fast" else args.ref_repeats
-                times[which, mode] = best_ms(scan, inputs, mode, upstream, repeats)
+                times[which, mode] = best_ms(scan, inputs, mode, upstream, repeats, clock)
                 if not args.no_memory:
                     memory[which, mode] = peak_memory_mib(which, length, mode, args.threads)
         error = float("nan")
@@ -178,7 +188,9 @@ def main() -> None:
             inputs = make_inputs(length)
             upstream = torch.randn(BATCH, DIM, length)
             row = [
-                best_ms(selective_scan_chunked, inputs, "fwd+bwd", upstream, args.repeats, chunk_size=c)
+                best_ms(
+                    selective_scan_chunked, inputs, "fwd+bwd", upstream, args.repeats, clock, chunk_size=c
+                )
                 for c in chunks
             ]
             print(f"{length:>6} | " + " ".join(f"{t:7.1f}" for t in row))
