@@ -70,6 +70,11 @@ class Task:
     def name(self) -> str:
         return f"{'+'.join(self.inputs)}->{self.target}"
 
+    @property
+    def folder_name(self) -> str:
+        """The name without characters some file systems refuse (``>``)."""
+        return f"{'+'.join(self.inputs)}_to_{self.target}"
+
 
 @dataclass(slots=True)
 class SubjectSlices:
@@ -517,7 +522,7 @@ def evaluate(
                 subject.mask,
                 subject.seg,
             )
-            view_dir = out / "views" / task.name
+            view_dir = out / "views" / task.folder_name
             view_dir.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(
                 view_dir / f"{subject.subject}.npz",
@@ -593,6 +598,7 @@ def evaluate(
             "methods": by_method,
             "paired": paired,
             "examples": _examples(task_volumes),
+            "views": f"views/{task.folder_name}",
         }
     summary = {
         **(description or {}),

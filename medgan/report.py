@@ -220,7 +220,7 @@ def write_report(eval_dir: str | Path, out: str | Path) -> Path:
         parts.append(_paired_table(task))
         parts.append(f"<img alt='box plots {html.escape(name)}' src='{box_plots(rows, name, methods)}'>")
         for rank, subject in task["examples"].items():
-            view_file = eval_dir / "views" / name / f"{subject}.npz"
+            view_file = eval_dir / task["views"] / f"{subject}.npz"
             if not view_file.is_file():
                 continue
             with np.load(view_file) as views:

@@ -77,7 +77,7 @@ def test_mode_both_shards_a_raw_folder_trains_evaluates_and_reports(phantom_subj
         "--training.max_steps", "2", "--training.val_max_batches", "1", "--logging.wandb", "disabled",
         "--logging.progress_bar", "false", "--deepspeed.zero_stage", "0",
         "--model.generator.arch", "unet", "--model.generator.base_channels", "8",
-        "--model.generator.depth", "2",
+        "--model.generator.depth", "2", "--model.generator.ssm_levels", "1",
         "--model.discriminator.base_channels", "8",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200)

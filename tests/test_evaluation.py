@@ -117,7 +117,7 @@ def test_evaluate_writes_tables_whose_copy_baseline_equals_a_direct_computation(
     with open(shard_evaluation / "per_slice.csv", newline="") as stream:
         slice_rows = [r for r in csv.DictReader(stream) if r["method"] == "model" and r["region"] == "brain"]
     assert len(slice_rows) == manifest["splits"]["test"]["samples"]
-    assert sorted((shard_evaluation / "views" / "t1+t1ce+t2->flair").glob("*.npz"))
+    assert sorted((shard_evaluation / "views" / "t1+t1ce+t2_to_flair").glob("*.npz"))
 
 
 def test_evaluate_a_folder_of_nifti_subjects(phantom_subjects, tmp_path):
