@@ -30,9 +30,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from medgan.models.ssm import default_chunk_size, selective_scan_chunked, selective_scan_ref  # noqa: E402
+from medgan.models.ssm import default_chunk_size, selective_scan_chunked, selective_scan_ref
 
 BATCH, DIM, DSTATE = 1, 64, 16
 MODES = ("fwd", "fwd+bwd")
