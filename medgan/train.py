@@ -4,6 +4,7 @@ crash-safe checkpoints, SIGTERM handling and rank-0 reporting. ``launch/train.py
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import sys
@@ -109,6 +110,32 @@ def _cast_floating_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
             buffer.data = buffer.data.to(dtype)
 
 
+class PhaseTimer:
+    """Wall time per phase of a training step, summed until :meth:`pop` (``perf/`` in W&B, bench/train.py).
+
+    ``synchronize``: wait for the GPU at each phase boundary so times are the phase's own (slower; the
+    benchmark turns it on, training leaves it off).
+    """
+
+    def __init__(self, synchronize: bool = False) -> None:
+        self.synchronize = synchronize and torch.cuda.is_available()
+        self.totals: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if self.synchronize:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        yield
+        if self.synchronize:
+            torch.cuda.synchronize()
+        self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - started
+
+    def pop(self) -> dict[str, float]:
+        totals, self.totals = self.totals, {}
+        return totals
+
+
 class GANTrainer:
     """Builds both DeepSpeed engines from the config and runs the training loop on every rank."""
 
@@ -175,6 +202,7 @@ class GANTrainer:
         self.best_psnr = float("-inf")
         self.stop_requested = False
         self.reporter: SilentReporter = SilentReporter()
+        self.timer = PhaseTimer()
 
     # ----------------------------------------------------------------------------------------- state
     def _client_state(self) -> dict[str, Any]:
@@ -232,29 +260,38 @@ class GANTrainer:
             batch["target_index"],
             batch["target"],
         )
+        timer = self.timer
         condition = condition_stack(images, available, target_index)
-        fake = self.g_engine(images, available, target_index)
+        with timer("g_forward"):
+            fake = self.g_engine(images, available, target_index)
 
-        d_loss = discriminator_loss(
-            kind, self.d_engine(condition, real), self.d_engine(condition, fake.detach())
-        )
-        self.d_engine.backward(d_loss)
-        self.d_engine.step()
+        with timer("d_forward"):
+            d_loss = discriminator_loss(
+                kind, self.d_engine(condition, real), self.d_engine(condition, fake.detach())
+            )
+        with timer("d_backward"):
+            self.d_engine.backward(d_loss)
+        with timer("d_optimizer"):
+            self.d_engine.step()
 
         # The adversarial term goes through D's module, not its engine, with D frozen: a second engine
         # forward would make ZeRO 2 reduce D's gradients twice ("already been reduced") and ZeRO 0 refuse.
         discriminator = self.d_engine.module
         for parameter in discriminator.parameters():
             parameter.requires_grad_(False)
-        adversarial = generator_adversarial_loss(kind, discriminator(condition, fake))
-        l1 = (fake.float() - real.float()).abs().mean()
-        g_loss = adversarial + self.config.training.l1_weight * l1
-        self.g_engine.backward(g_loss)
-        self.g_engine.step()
+        with timer("g_adversarial_forward"):
+            adversarial = generator_adversarial_loss(kind, discriminator(condition, fake))
+            l1 = (fake.float() - real.float()).abs().mean()
+            g_loss = adversarial + self.config.training.l1_weight * l1
+        with timer("g_backward"):
+            self.g_engine.backward(g_loss)
+        with timer("g_optimizer"):
+            self.g_engine.step()
         for parameter in discriminator.parameters():
             parameter.requires_grad_(True)
-        if self.ema is not None and self.g_engine.is_gradient_accumulation_boundary():
-            self.ema.update(self.g_engine.module)
+        with timer("ema"):
+            if self.ema is not None and self.g_engine.is_gradient_accumulation_boundary():
+                self.ema.update(self.g_engine.module)
         self._last_images = (batch, fake.detach())
         return {
             "loss_d": d_loss.item(),
@@ -416,6 +453,7 @@ class GANTrainer:
                         "perf/images_per_s": images_per_second,
                         "perf/data_wait_pct": 100.0 * window["data"] / window["total"],
                         "perf/step_s": window["total"] / window["steps"],
+                        **{f"perf/{phase}_s": t / window["steps"] for phase, t in self.timer.pop().items()},
                     }
                     for name, engine in (("g", self.g_engine), ("d", self.d_engine)):
                         norm = engine.get_global_grad_norm()
