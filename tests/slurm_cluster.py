@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel")
+SLURM_COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 PID_FILE = "daemons.pid"
 
@@ -34,12 +34,14 @@ class SlurmClusterError(RuntimeError):
 
 def unavailable_reason() -> str | None:
     """Why a local cluster cannot be started here, or None when it can."""
-    missing = [name for name in DAEMONS if shutil.which(name) is None]
+    missing = [name for name in SLURM_COMMANDS if shutil.which(name) is None]
     if missing:
         return (
             f"slurm is not installed (missing {', '.join(missing)}; "
             "apt-get install slurmd slurmctld slurm-client munge)"
         )
+    if shutil.which("pgrep") is None:
+        return "pgrep is not installed (train.sbatch uses it to find the ranks; apt-get install procps)"
     if os.geteuid() != 0:
         return "starting slurmctld/slurmd/munged needs root"
     return None
