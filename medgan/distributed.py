@@ -40,11 +40,13 @@ def _launched_by_a_launcher() -> bool:
 def read_context() -> DistributedContext:
     """The launcher's variables (deepspeed, torchrun, srun-started launchers), or a 1-rank job."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # torchrun sets LOCAL_WORLD_SIZE; DeepSpeed's launcher sets LOCAL_SIZE
+    local_world_size = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", str(world_size)))
     return DistributedContext(
         rank=int(os.environ.get("RANK", "0")),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         world_size=world_size,
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))),
+        local_world_size=int(local_world_size),
     )
 
 
