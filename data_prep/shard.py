@@ -133,7 +133,7 @@ def _prepare_in_worker(task):
     subject, dataset, modalities, size, seed = task
     try:
         prepared = prepare_subject(
-            subject.files, dataset=dataset, modalities=modalities, size=size, seed=seed
+            subject.files, dataset=dataset, modalities=modalities, size=size, seed=seed, dtype=np.float16
         )
     except VolumeError as error:
         return None, {"reason": str(error)}
@@ -143,7 +143,7 @@ def _prepare_in_worker(task):
             "traceback": traceback.format_exc(),
         }
     arrays = {
-        "images": prepared.images.astype(np.float16),
+        "images": prepared.images,
         "mask": prepared.mask,
         "seg": prepared.seg,
     }
