@@ -245,11 +245,11 @@ class SliceStream(IterableDataset):
         available = np.zeros(len(self.canonical), dtype=bool)
         available[inputs] = True
         return {
-            "images": torch.from_numpy(images),
-            "available": torch.from_numpy(available),
-            "target_index": torch.tensor(target, dtype=torch.long),
-            "target": torch.from_numpy(images[target : target + 1].copy()),
-            "mask": torch.from_numpy(mask),
+            "images": images,
+            "available": available,
+            "target_index": np.int64(target),
+            "target": images[target : target + 1].copy(),
+            "mask": mask,
             "key": raw["__key__"],
             "subject": str(info.get("subject", raw["__key__"])),
         }
@@ -293,9 +293,13 @@ class SliceStream(IterableDataset):
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack numpy samples into torch tensors. numpy stacks: torch.stack on a busy machine waits on its
+    intra-op thread pool (measured 57 ms against 1 ms a batch under load)."""
     names = ("key", "subject")
     batch: dict[str, Any] = {
-        name: torch.stack([s[name] for s in samples]) for name in samples[0] if name not in names
+        name: torch.from_numpy(np.stack([sample[name] for sample in samples]))
+        for name in samples[0]
+        if name not in names
     }
     for name in names:
         batch[name] = [s[name] for s in samples]
