@@ -22,7 +22,8 @@ def run_module(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess
         [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
     if result.returncode != 0:
-        pytest.fail(f"python -m {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        command = " ".join(args)
+        pytest.fail(f"python -m {command} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
 
 

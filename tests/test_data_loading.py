@@ -1,4 +1,4 @@
-"""The shard loader: canonical channels, tasks, a deterministic order, exact resume, rank and worker splits."""
+"""The shard loader: canonical channels, tasks, a deterministic order, exact resume, rank/worker splits."""
 
 import json
 
@@ -37,7 +37,10 @@ def take(loader, count):
 
 
 def signature(batches):
-    return [(tuple(b["key"]), tuple(b["target_index"].tolist()), b["available"].int().sum().item()) for b in batches]
+    return [
+        (tuple(b["key"]), tuple(b["target_index"].tolist()), b["available"].int().sum().item())
+        for b in batches
+    ]
 
 
 def test_batches_hold_canonical_channels_and_a_valid_task(phantom_shards):
@@ -45,7 +48,7 @@ def test_batches_hold_canonical_channels_and_a_valid_task(phantom_shards):
     batch = take(make_loader(stream(split), 0), 1)[0]
     assert batch["images"].shape == (4, len(CANONICAL), 64, 64)
     assert batch["images"].dtype == torch.float32
-    assert 0 <= batch["images"].min() and batch["images"].max() <= 1
+    assert batch["images"].min() >= 0 and batch["images"].max() <= 1
     pd = CANONICAL.index("pd")
     assert not batch["images"][:, pd].any(), "BraTS has no PD: its canonical channel stays zero"
     for i in range(4):
