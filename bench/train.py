@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument(
         "--archs", default="ssm,unet", help="comma-separated; the first is measured against the rest"
     )
+    parser.add_argument("--threads", type=int, help="torch threads (default: this rank's share of the cores)")
     parser.add_argument("--mfu", action="store_true", help="count FLOPs (one extra step) and report MFU")
     parser.add_argument(
         "--peak-tflops", type=float, default=989.0, help="accelerator peak (H100 SXM bf16 dense)"
@@ -148,6 +149,9 @@ def main() -> None:
 
     context = init_distributed()
     threads = set_thread_share(context)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        threads = args.threads
     if args.data_path is None:
         args.data_path = make_phantom_shards(Path(tempfile.mkdtemp(prefix="bench_train_data_")), args.size)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {threads} thread(s)"
