@@ -5,9 +5,11 @@ Everything else asks :class:`DistributedContext` (``context.is_main``) instead o
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -59,6 +61,19 @@ def set_thread_share(context: DistributedContext) -> int:
     return threads
 
 
+def _shared_memory_buffer() -> Path:
+    """The /dev/shm segment DeepSpeed's CPU all-reduce makes for this rank (66 MB, named after the
+    master's address and port; see deepspeed/ops/csrc/cpu/comm/shm.cpp). DeepSpeed never removes it."""
+    name = "_".join(
+        ["deepspeed_allreduce_buffer", str(os.getuid()), os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]]
+    )
+    return Path("/dev/shm") / f"{name}_{os.environ['RANK']}"
+
+
+def _remove_shared_memory_buffer(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
 def init_distributed() -> DistributedContext:
     """Initialise the default process group once: NCCL on GPUs, gloo on the CPU.
 
@@ -75,6 +90,13 @@ def init_distributed() -> DistributedContext:
     context = read_context()
     if torch.cuda.is_available():
         torch.cuda.set_device(context.local_rank)
+    if not torch.cuda.is_available():
+        # A stale buffer from an earlier run on the same port would be opened by the other ranks as if it
+        # were this run's, before this rank rewrites it; every rank removes its own before the rendezvous,
+        # and again at exit (mapped segments stay valid for processes that have them open).
+        buffer = _shared_memory_buffer()
+        _remove_shared_memory_buffer(buffer)
+        atexit.register(_remove_shared_memory_buffer, buffer)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)

@@ -270,12 +270,14 @@ def test_sigterm_in_a_single_process_saves_and_exits_0(phantom_shards, tmp_path)
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (3, "bf16")])
 def test_two_ranks_train_and_checkpoint(phantom_shards, tmp_path, stage, precision):
     checkpoint_dir = tmp_path / f"zero{stage}"
-    run(
-        train_command(
-            phantom_shards, checkpoint_dir, "--training.max_steps", "2", "--deepspeed.zero_stage", str(stage),
-            "--deepspeed.precision", precision, "--logging.wandb", "disabled", ranks=2,
-        )
+    command = train_command(
+        phantom_shards, checkpoint_dir, "--training.max_steps", "2", "--deepspeed.zero_stage", str(stage),
+        "--deepspeed.precision", precision, "--logging.wandb", "disabled", ranks=2,
     )  # fmt: skip
+    run(command)
+    port = command[command.index("--master_port") + 1]
+    leftovers = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leftovers, "DeepSpeed's shared-memory buffers must not outlive the run"
     generator_dir = checkpoint_dir / "generator"
     tag_dir = generator_dir / "step_000002"
     model = build_generator(load_config(checkpoint_dir / "config.yaml").model.generator)
