@@ -325,8 +325,8 @@ def write_results(args: argparse.Namespace, shards: Path, invocation: str) -> No
         f"the engine's images/s lines. Mean over a run: SSM {ssm_rate:.2f} s/step, U-Net {unet_rate:.2f} "
         f"s/step (means over seeds), moved by other jobs' load. Fastest 5-step window (median over seeds): "
         f"SSM {fastest['ssm']:.3f} s/step, U-Net {fastest['unet']:.3f} s/step, a ratio of "
-        f"{fastest['ssm'] / fastest['unet']:.2f}. The equal-wall-clock U-Net runs {args.steps} steps times "
-        "that ratio: "
+        f"{fastest['ssm'] / fastest['unet']:.2f}, so this script allots the equal-wall-clock U-Net "
+        f"{round(args.steps * fastest['ssm'] / fastest['unet'])} steps; the runs in the table had "
         + ", ".join(f"{r['steps']} steps" for r in wall_runs)
         + " (their loops took "
         + ", ".join(f"{r['train_seconds']:.0f} s" for r in wall_runs)
