@@ -32,13 +32,20 @@ class ExponentialMovingAverage:
         with _gathered(module), torch.no_grad():
             self.shadow = {name: t.detach().float().clone() for name, t in module.state_dict().items()}
 
+    def decay_at(self, optimizer_step: int) -> float:
+        """The decay used after optimizer step ``optimizer_step`` (1-based): warmed up as
+        ``min(decay, (1 + step) / (10 + step))`` so the average forgets the random initial weights within
+        the first steps instead of keeping ``decay ** step`` of them (60% after 50 steps at 0.99)."""
+        return min(self.decay, (1 + optimizer_step) / (10 + optimizer_step))
+
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module, optimizer_step: int) -> None:
+        weight = 1.0 - self.decay_at(optimizer_step)
         with _gathered(module):
             for name, tensor in module.state_dict().items():
                 shadow = self.shadow[name]
                 if tensor.is_floating_point():
-                    shadow.lerp_(tensor.detach().to(shadow.device, torch.float32), 1.0 - self.decay)
+                    shadow.lerp_(tensor.detach().to(shadow.device, torch.float32), weight)
                 else:
                     shadow.copy_(tensor)
 

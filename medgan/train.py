@@ -291,7 +291,7 @@ class GANTrainer:
             parameter.requires_grad_(True)
         with timer("ema"):
             if self.ema is not None and self.g_engine.is_gradient_accumulation_boundary():
-                self.ema.update(self.g_engine.module)
+                self.ema.update(self.g_engine.module, self.g_engine.global_steps)
         self._last_images = (batch, fake.detach())
         return {
             "loss_d": d_loss.item(),

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from medgan.checkpointing import CheckpointManager, tag_for_step
 from medgan.config import ConfigError, build_config, load_config
 from medgan.distributed import DistributedContext
+from medgan.ema import ExponentialMovingAverage
 from medgan.models.generator import build_generator
 from medgan.train import deepspeed_settings, lr_factor
 
@@ -296,3 +297,23 @@ def test_two_ranks_train_and_checkpoint(phantom_shards, tmp_path, stage, precisi
     state = torch.load(out / "pytorch_model.bin", weights_only=False)
     model.load_state_dict(state)
     assert all(t.dtype == torch.float32 for t in state.values())
+
+
+def test_ema_warms_up_and_then_averages():
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    ema = ExponentialMovingAverage(model, decay=0.99)
+    assert ema.decay_at(1) == pytest.approx(2 / 11)
+    assert ema.decay_at(10_000) == 0.99
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for step in range(1, 51):
+        ema.update(model, step)
+    # without warm-up 0.99 ** 50 = 60% of the initial zeros would remain; with it, under 1%
+    remaining = 1.0 - ema.shadow["weight"]
+    assert torch.all(remaining < 0.01)
+    expected = 1.0
+    for step in range(1, 51):
+        expected *= ema.decay_at(step)
+    torch.testing.assert_close(remaining, torch.full((2, 2), expected))
