@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from medgan.config import load_config
-from medgan.data import SliceStream, make_loader
+from medgan.data import make_loader
 from medgan.distributed import init_distributed, set_thread_share
 from medgan.train import GANTrainer, PhaseTimer
 
@@ -88,19 +88,7 @@ def measure(arch: str, args: argparse.Namespace, context) -> dict:
     config = load_config(args.config, overrides)
     trainer = GANTrainer(config, context)
     trainer.timer = PhaseTimer(synchronize=True)
-    stream = SliceStream(
-        trainer.train_split,
-        trainer.canonical,
-        trainer.task,
-        config.data.batch_size,
-        seed=0,
-        rank=context.rank,
-        world_size=context.world_size,
-        train=True,
-        random_flips=True,
-        shuffle_buffer=config.data.shuffle_buffer,
-    )
-    batches = iter(make_loader(stream, config.data.num_workers))
+    batches = iter(make_loader(trainer.slice_stream(train=True), config.data.num_workers))
     flops = None
     for step in range(args.warmup + args.steps):
         if step == args.warmup:

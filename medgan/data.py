@@ -9,6 +9,7 @@ A resumed run asks for the same epoch with ``skip_batches`` and gets exactly the
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -44,8 +45,6 @@ class ShardSplit:
 
 def read_split(data_path: str | Path, split: str) -> ShardSplit:
     """Read ``manifest.json`` of a shard folder and describe ``split``; errors name the folder or split."""
-    import hashlib
-
     directory = Path(data_path)
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():

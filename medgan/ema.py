@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 
-def _gathered(module: nn.Module):
+def gathered_parameters(module: nn.Module):
     """Full parameters under ZeRO-3 (partitioned otherwise); a no-op for stages 0-2."""
     params = list(module.parameters())
     if any(hasattr(p, "ds_id") for p in params):
@@ -29,7 +29,7 @@ class ExponentialMovingAverage:
 
     def __init__(self, module: nn.Module, decay: float) -> None:
         self.decay = decay
-        with _gathered(module), torch.no_grad():
+        with gathered_parameters(module), torch.no_grad():
             self.shadow = {name: t.detach().float().clone() for name, t in module.state_dict().items()}
 
     def decay_at(self, optimizer_step: int) -> float:
@@ -41,7 +41,7 @@ class ExponentialMovingAverage:
     @torch.no_grad()
     def update(self, module: nn.Module, optimizer_step: int) -> None:
         weight = 1.0 - self.decay_at(optimizer_step)
-        with _gathered(module):
+        with gathered_parameters(module):
             for name, tensor in module.state_dict().items():
                 shadow = self.shadow[name]
                 if tensor.is_floating_point():

@@ -28,7 +28,7 @@ from medgan.distributed import (
     init_distributed,
     set_thread_share,
 )
-from medgan.ema import ExponentialMovingAverage
+from medgan.ema import ExponentialMovingAverage, gathered_parameters
 from medgan.models.conditioning import condition_stack
 from medgan.models.discriminator import PatchDiscriminator
 from medgan.models.generator import build_generator, count_parameters
@@ -241,6 +241,25 @@ class GANTrainer:
         self.reporter.print(f"saved checkpoint {Path(self.config.checkpoint.dir) / 'generator' / tag}")
         return tag
 
+    def slice_stream(self, train: bool, epoch: int = 0, skip_batches: int = 0) -> SliceStream:
+        """This rank's batches of the train split (shuffled, from ``skip_batches`` of ``epoch``) or of the
+        val split (one pass, deterministic tasks), as the config describes them."""
+        data = self.config.data
+        return SliceStream(
+            self.train_split if train else self.val_split,
+            self.canonical,
+            self.task,
+            data.batch_size,
+            seed=self.config.training.seed,
+            rank=self.context.rank,
+            world_size=self.context.world_size,
+            train=train,
+            random_flips=train and data.random_flips,
+            shuffle_buffer=data.shuffle_buffer,
+            epoch=epoch,
+            skip_batches=skip_batches,
+        )
+
     # ------------------------------------------------------------------------------------------ step
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         moved = {}
@@ -306,9 +325,7 @@ class GANTrainer:
         if self.ema is not None:
             self.ema.copy_to(model)
         else:
-            from medgan.ema import _gathered
-
-            with _gathered(self.g_engine.module):
+            with gathered_parameters(self.g_engine.module):
                 model.load_state_dict({k: v.float() for k, v in self.g_engine.module.state_dict().items()})
         return model.eval()
 
@@ -316,16 +333,7 @@ class GANTrainer:
     def validate(self) -> dict[str, float]:
         """Masked PSNR/SSIM/MAE of the EMA generator on the val split (each rank a share), per subject."""
         model = self._evaluation_generator()
-        stream = SliceStream(
-            self.val_split,
-            self.canonical,
-            self.task,
-            self.config.data.batch_size,
-            seed=self.config.training.seed,
-            rank=self.context.rank,
-            world_size=self.context.world_size,
-            train=False,
-        )
+        stream = self.slice_stream(train=False)
         rows = []
         for index, batch in enumerate(make_loader(stream, 0)):
             if self.config.training.val_max_batches and index >= self.config.training.val_max_batches:
@@ -415,20 +423,7 @@ class GANTrainer:
         window = {"data": 0.0, "total": 0.0, "steps": 0}
         last_saved = self.step if state is not None else -1
         while self.step < self.total_steps:
-            stream = SliceStream(
-                self.train_split,
-                self.canonical,
-                self.task,
-                config.data.batch_size,
-                seed=config.training.seed,
-                rank=self.context.rank,
-                world_size=self.context.world_size,
-                train=True,
-                random_flips=config.data.random_flips,
-                shuffle_buffer=config.data.shuffle_buffer,
-                epoch=self.epoch,
-                skip_batches=self.batch_in_epoch,
-            )
+            stream = self.slice_stream(train=True, epoch=self.epoch, skip_batches=self.batch_in_epoch)
             batches = iter(make_loader(stream, config.data.num_workers))
             while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
                 started = time.perf_counter()
