@@ -7,3 +7,7 @@ it. Internal errors (bugs) are deliberately *not* this type, so they still surfa
 
 class InputError(Exception):
     """A problem with the user's input; the message names the file or value and what is wrong."""
+
+
+class VolumeError(InputError):
+    """A volume that cannot be used; the message names the file (or modality) and what is wrong."""

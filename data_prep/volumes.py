@@ -33,12 +33,53 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from scipy import ndimage
 
-from data_prep.errors import InputError
+from data_prep.errors import VolumeError
+from data_prep.intensity import (
+    HIGH_PERCENTILE,
+    LOW_PERCENTILE,
+    IntensityScaling,
+    denormalise,
+    fit_scaling,
+    normalisation_lookup,
+    normalise,
+    normalise_by_lookup,
+    normalise_in_place,
+    uses_lookup,
+)
+
+__all__ = [
+    "HIGH_PERCENTILE",
+    "LOW_PERCENTILE",
+    "SEG_LABELS",
+    "CropBox",
+    "IntensityScaling",
+    "LoadedVolume",
+    "PreparedSubject",
+    "Reorientation",
+    "RigidRegistration",
+    "SubjectGeometry",
+    "VolumeError",
+    "brain_mask",
+    "choose_crop",
+    "crop",
+    "denormalise",
+    "fit_scaling",
+    "from_canonical",
+    "head_mask",
+    "load_volume",
+    "normalise",
+    "prepare_subject",
+    "register_rigid",
+    "resample_from",
+    "resample_onto",
+    "restore_volume",
+    "to_canonical",
+    "uncrop",
+]
 
 SEG_LABELS = {1: "necrotic tumour core", 2: "peritumoural oedema", 4: "enhancing tumour"}
 # BraTS 2023+ renumbered enhancing tumour from 4 to 3; shards always carry the BraTS 2021 labels.
 _BRATS_2023_ENHANCING = 3
-LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5
 # An axial slice is kept when its mask covers at least this share of the largest axial cross-section.
 MIN_SLICE_BRAIN_SHARE = 0.1
 _AFFINE_TOLERANCE_MM = 1e-3
@@ -47,13 +88,10 @@ _REGISTRATION_SAMPLES = 20_000
 _SLICES_PER_BLOCK = 4
 
 
-class VolumeError(InputError):
-    """A volume that cannot be used; the message names the file (or modality) and what is wrong."""
-
-
 @dataclass(slots=True)
 class LoadedVolume:
-    """A validated 3D volume. data: float32 [X, Y, Z] in the file's voxel order and intensity units;
+    """A validated 3D volume. data: [X, Y, Z] in the file's voxel order and intensity units, float32
+    (or the stored integer dtype, see `load_volume`'s keep_integers);
     affine: [4, 4] voxel -> RAS mm; header: the file's header (reused when writing back);
     repairs: one line per fix applied while loading (e.g. NaN voxels set to 0)."""
 
@@ -64,12 +102,14 @@ class LoadedVolume:
     repairs: list[str] = field(default_factory=list)
 
 
-def load_volume(path: Path, *, is_label: bool = False) -> LoadedVolume:
+def load_volume(path: Path, *, is_label: bool = False, keep_integers: bool = False) -> LoadedVolume:
     """Read and validate one NIfTI volume; raises VolumeError naming the file on any problem.
 
     A trailing length-1 fourth axis is dropped and NaN/Inf voxels are set to 0 (both reported in
     `repairs`); a truly 4D volume, an empty, truncated or non-NIfTI file, a singular affine and an
     all-zero image volume (not label map) are rejected.
+    keep_integers: a file that stores integers without scaling (slope 1, intercept 0: BraTS, IXI) keeps
+    its integer dtype instead of becoming float32; the values are the same, the cast and its memory saved.
     """
     path = Path(path)
     try:
@@ -80,8 +120,9 @@ def load_volume(path: Path, *, is_label: bool = False) -> LoadedVolume:
         raise VolumeError(f"{path}: file not found") from None
     except (ImageFileError, gzip.BadGzipFile, zlib.error, EOFError, ValueError) as error:
         raise VolumeError(f"{path}: not a readable NIfTI file ({_first_line(error)})") from None
+    keep = keep_integers and _stores_unscaled_integers(image)
     try:
-        data = np.asarray(image.dataobj, dtype=np.float32)
+        data = np.asarray(image.dataobj) if keep else np.asarray(image.dataobj, dtype=np.float32)
     except (gzip.BadGzipFile, zlib.error, EOFError, OSError, ValueError) as error:
         raise VolumeError(f"{path}: truncated or corrupt image data ({_first_line(error)})") from None
     repairs = []
@@ -101,6 +142,13 @@ def load_volume(path: Path, *, is_label: bool = False) -> LoadedVolume:
     if not is_label and not np.any(data):
         raise VolumeError(f"{path}: all-zero volume")
     return LoadedVolume(path=path, data=data, affine=affine, header=image.header.copy(), repairs=repairs)
+
+
+def _stores_unscaled_integers(image) -> bool:
+    """Whether the file holds integers that nibabel returns as they are (no slope or intercept)."""
+    stored = image.get_data_dtype()
+    slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
+    return np.issubdtype(stored, np.integer) and slope == 1.0 and inter == 0.0
 
 
 def _always_finite(image) -> bool:
@@ -345,56 +393,6 @@ def head_mask(volume: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, slots=True)
-class IntensityScaling:
-    """Linear map of original intensities onto [0, 1]: `low` -> 0, `high` -> 1 (original units)."""
-
-    low: float
-    high: float
-
-    def to_dict(self) -> dict:
-        return {"low": self.low, "high": self.high}
-
-    @classmethod
-    def from_dict(cls, record: dict) -> IntensityScaling:
-        return cls(low=float(record["low"]), high=float(record["high"]))
-
-
-def fit_scaling(volume: np.ndarray, mask: np.ndarray) -> IntensityScaling:
-    """Percentiles (LOW_PERCENTILE, HIGH_PERCENTILE) of the volume within the mask."""
-    inside = volume[mask]
-    if inside.size == 0:
-        raise VolumeError("empty mask: no voxel to normalise within")
-    # `inside` is already a copy: percentile may partition it in place instead of copying it again.
-    low, high = np.percentile(inside, [LOW_PERCENTILE, HIGH_PERCENTILE], overwrite_input=True)
-    if high <= low:
-        raise VolumeError(f"constant intensity {low:g} within the mask")
-    return IntensityScaling(low=float(low), high=float(high))
-
-
-def normalise(volume: np.ndarray, scaling: IntensityScaling, mask: np.ndarray) -> np.ndarray:
-    """float32 like `volume`, in [0, 1]: scaled, clipped, and zero outside the mask."""
-    # In place on one float32 copy: this runs on every full-size volume, temporaries cost more than maths.
-    scaled = volume.astype(np.float32, copy=True)
-    _normalise_in_place(scaled, scaling, mask)
-    return scaled
-
-
-def _normalise_in_place(scaled: np.ndarray, scaling: IntensityScaling, mask: np.ndarray) -> None:
-    """`normalise` on a float32 array that may be overwritten (the same operations, in the same order)."""
-    scaled -= np.float32(scaling.low)
-    scaled *= np.float32(1.0 / (scaling.high - scaling.low))
-    np.clip(scaled, 0.0, 1.0, out=scaled)
-    np.multiply(scaled, mask, out=scaled)
-
-
-def denormalise(normalised: np.ndarray, scaling: IntensityScaling) -> np.ndarray:
-    """float32 in original intensity units: inverse of `normalise` (within [low, high])."""
-    return (
-        normalised.astype(np.float32) * np.float32(scaling.high - scaling.low) + np.float32(scaling.low)
-    ).astype(np.float32)
-
-
-@dataclass(frozen=True, slots=True)
 class CropBox:
     """Where the model's slices sit in the canonical (RAS) volume, in voxels, half-open [start, stop).
 
@@ -449,8 +447,14 @@ def crop(volume: np.ndarray, box: CropBox) -> np.ndarray:
 
 def _crop_into(slices: np.ndarray, volume: np.ndarray, box: CropBox, first_slice: int) -> None:
     """`crop` into zeroed `slices` [N, H, W]: canonical axial slices first_slice .. first_slice + N."""
+    window, inside = _crop_view(volume, box, first_slice, len(slices))
+    slices[window] = inside
+
+
+def _crop_view(volume: np.ndarray, box: CropBox, first_slice: int, count: int):
+    """(index of the window's part that lies inside the volume, a [count, h, w] view of those voxels)."""
     (vx, wx), (vy, wy) = _overlap(box.x, volume.shape[0]), _overlap(box.y, volume.shape[1])
-    slices[:, wx, wy] = volume[vx, vy, first_slice : first_slice + len(slices)].transpose(2, 0, 1)
+    return (slice(None), wx, wy), volume[vx, vy, first_slice : first_slice + count].transpose(2, 0, 1)
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
@@ -601,7 +605,7 @@ def prepare_subject(
     present = [modality for modality in modalities if modality in files]
     if not present:
         raise VolumeError(f"none of the modalities {' '.join(modalities)} is present")
-    loaded = {modality: load_volume(files[modality]) for modality in present}
+    loaded = {modality: load_volume(files[modality], keep_integers=True) for modality in present}
     repairs = [line for volume in loaded.values() for line in volume.repairs]
     reference = next(m for m in (*settings.reference_order, *present) if m in loaded)
     fixed = loaded[reference]
@@ -642,23 +646,24 @@ def prepare_subject(
     # Percentiles over the mask's bounding box only: the same voxels, a fraction of the volume to scan.
     within = _bounding_box(mask) if mask.any() else (slice(None),) * 3
     images = np.zeros((len(modalities), box.z[1] - box.z[0], size, size), dtype=dtype)
-    # Crop, normalise and cast a few slices at a time into a scratch that stays in the CPU cache, instead of
-    # making full-size float32 intermediates: the same operations per voxel, a fraction of memory traffic.
-    # Zeroed once: padding pixels stay zero, as `_normalise_in_place` multiplies them by the mask's zeros.
-    scratch = np.zeros((_SLICES_PER_BLOCK, size, size), dtype=np.float32)
+    outside = None
     for channel, modality in enumerate(modalities):
-        if modality in on_reference:
-            volume = on_reference[modality]
-            try:
-                scaling[modality] = fit_scaling(volume[within], mask[within])
-            except VolumeError as error:
-                raise VolumeError(f"{files[modality]}: {error}") from None
-            for start in range(0, len(cropped_mask), _SLICES_PER_BLOCK):
-                stop = min(start + _SLICES_PER_BLOCK, len(cropped_mask))
-                block = scratch[: stop - start]
-                _crop_into(block, volume, box, box.z[0] + start)
-                _normalise_in_place(block, scaling[modality], cropped_mask[start:stop])
-                images[channel, start:stop] = block
+        if modality not in on_reference:
+            continue
+        volume = on_reference[modality]
+        try:
+            scaling[modality] = fit_scaling(volume[within], mask[within])
+        except VolumeError as error:
+            raise VolumeError(f"{files[modality]}: {error}") from None
+        if uses_lookup(volume.dtype):
+            # 8/16-bit integers (BraTS, IXI files): one gather through a table of every value's result.
+            lookup = normalisation_lookup(volume.dtype, scaling[modality], dtype)
+            window, inside = _crop_view(volume, box, box.z[0], len(cropped_mask))
+            normalise_by_lookup(inside, lookup, out=images[channel][window])
+            outside = ~cropped_mask if outside is None else outside
+            np.copyto(images[channel], 0, where=outside)
+        else:
+            _normalise_into(images[channel], volume, box, scaling[modality], cropped_mask)
 
     seg = None
     if "seg" in files:
@@ -683,15 +688,33 @@ def prepare_subject(
     )
 
 
+def _normalise_into(
+    slices: np.ndarray, volume: np.ndarray, box: CropBox, scaling: IntensityScaling, cropped_mask: np.ndarray
+) -> None:
+    """Crop, normalise and cast `volume` into zeroed `slices` [Z, H, W] (any dtype, the reference path).
+
+    A few slices at a time through a scratch that stays in the CPU cache instead of full-size float32
+    intermediates: the same operations per voxel, a fraction of the memory traffic. Padding pixels stay
+    zero: the scratch starts zeroed and the mask's zeros multiply them.
+    """
+    scratch = np.zeros((_SLICES_PER_BLOCK, *slices.shape[1:]), dtype=np.float32)
+    for start in range(0, len(slices), _SLICES_PER_BLOCK):
+        stop = min(start + _SLICES_PER_BLOCK, len(slices))
+        block = scratch[: stop - start]
+        _crop_into(block, volume, box, box.z[0] + start)
+        normalise_in_place(block, scaling, cropped_mask[start:stop])
+        slices[start:stop] = block
+
+
 def _load_segmentation(path: Path, reference: LoadedVolume) -> np.ndarray:
     """uint8 label map on the reference grid, in BraTS 2021 labels (2023+ label 3 becomes 4)."""
-    volume = load_volume(path, is_label=True)
+    volume = load_volume(path, is_label=True, keep_integers=True)
     if not _same_grid(volume, reference):
         raise VolumeError(
             f"{path}: seg {volume.data.shape} is not on the grid of the images {reference.data.shape}"
         )
     # In place: the loaded float32 copy is ours, and a full-size label map is mostly passes over memory.
-    rounded = np.rint(volume.data, out=volume.data)
+    rounded = volume.data if volume.data.dtype.kind in "iu" else np.rint(volume.data, out=volume.data)
     # min/max first: np.unique on a full-size volume is slow, and only needed to name bad labels.
     if rounded.min() < 0 or rounded.max() > 4:
         unexpected = sorted(
