@@ -1,10 +1,10 @@
 """`python -m data_prep shard`: a BraTS or IXI folder into webdataset shards, manifest.json, report.json.
 
 Subjects are prepared by `data_prep.volumes.prepare_subject` (in `--workers` processes) and written in
-subject order by the main process with webdataset's `ShardWriter`, so the output does not depend on
-the worker count. Everything goes into a hidden temporary folder beside `--out`; `manifest.json` is
-written last and the folder is renamed into place only when complete, so an interrupted run never
-leaves something that looks finished.
+subject order by the main process (`data_prep.tar_shards`: webdataset ShardWriter's bytes, hashed as
+they are written), so the output does not depend on the worker count. Everything goes into a hidden
+temporary folder beside `--out`; `manifest.json` is written last and the folder is renamed into place
+only when complete, so an interrupted run never leaves something that looks finished.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from data_prep.manifest import (
     SAMPLES_PER_SHARD,
     SHARD_PATTERN,
     sample_key,
-    sha256_file,
     write_json,
 )
 from data_prep.splits import (
@@ -42,6 +41,7 @@ from data_prep.splits import (
     split_by_patient,
     write_split_file,
 )
+from data_prep.tar_shards import ShardSeries
 from data_prep.volumes import (
     HIGH_PERCENTILE,
     LOW_PERCENTILE,
@@ -157,43 +157,30 @@ def _prepare_in_worker(task):
 
 
 class _SplitWriters:
-    """One webdataset ShardWriter per split, opened on first use; tracks each shard's sample count."""
+    """One shard series per split, opened on first use (no empty shard for an empty split)."""
 
     def __init__(self, folder: Path):
-        import webdataset as wds
-
-        self._wds = wds
         self.folder = folder
-        self.writers = {}
-        self.samples: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
+        self.series: dict[str, ShardSeries] = {}
 
     def write(self, split: str, sample: dict) -> None:
-        if split not in self.writers:
+        if split not in self.series:
             pattern = str(self.folder / SHARD_PATTERN.format(split=split))
-            # mtime fixed: the same input gives byte-identical shards (and sha256s).
-            self.writers[split] = self._wds.ShardWriter(
-                pattern, maxcount=SAMPLES_PER_SHARD, maxsize=MAX_SHARD_BYTES, verbose=0, mtime=0.0
+            self.series[split] = ShardSeries(
+                pattern, max_samples=SAMPLES_PER_SHARD, max_bytes=MAX_SHARD_BYTES
             )
-        writer = self.writers[split]
-        writer.write(sample)
-        name = Path(writer.fname).name
-        self.samples[split][name] = self.samples[split].get(name, 0) + 1
+        self.series[split].write(sample)
 
     def close(self) -> dict:
-        for writer in self.writers.values():
-            writer.close()
+        """Finish every shard; per split, the manifest's list of shards (file, samples, sha256, bytes)."""
         return {
-            split: [
-                {
-                    "file": name,
-                    "samples": count,
-                    "sha256": sha256_file(self.folder / name),
-                    "bytes": (self.folder / name).stat().st_size,
-                }
-                for name, count in sorted(shards.items())
-            ]
-            for split, shards in self.samples.items()
+            split: [shard.to_dict() for shard in self.series[split].close()] if split in self.series else []
+            for split in SPLITS
         }
+
+    def abandon(self) -> None:
+        for series in self.series.values():
+            series.abandon()
 
 
 def _check_output_folder(config: ShardConfig) -> None:
@@ -407,8 +394,8 @@ def shard_dataset(config: ShardConfig) -> int:
     staging = out.with_name(f".{out.name}.incomplete-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    writers = _SplitWriters(staging)
     try:
-        writers = _SplitWriters(staging)
         bar = tqdm(total=len(outcomes), desc="shard", unit="subject", disable=None)
         bar.update(len(outcomes) - len(runnable))
         for outcome, (arrays, fields) in zip(runnable, _prepared_results(config, tasks)):
@@ -459,6 +446,7 @@ def shard_dataset(config: ShardConfig) -> int:
         write_json(staging / MANIFEST_NAME, manifest)
         _move_into_place(staging, out)
     finally:
+        writers.abandon()
         shutil.rmtree(staging, ignore_errors=True)
 
     counts = ", ".join(f"{split} {manifest['splits'][split]['samples']}" for split in SPLITS)
