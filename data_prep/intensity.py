@@ -152,11 +152,17 @@ def normalisation_lookup(dtype, scaling: IntensityScaling, out_dtype=np.float32)
 
 def normalise_by_lookup(volume: np.ndarray, lookup: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Every voxel of an 8- or 16-bit integer `volume` (any strides) through `normalisation_lookup`'s
-    table: scaled and clipped, not yet masked. Writes into `out` (same shape) when given."""
+    table: scaled and clipped, not yet masked. Writes into `out` (same shape, any strides) when given."""
     indices = _unsigned(volume)
+    # mode="clip" never clips (the table has an entry for every bit pattern); unlike the default it lets
+    # numpy write straight into a strided `out`, one plane at a time while the plane is in the cache.
     if out is None:
-        return lookup[indices]
-    out[...] = lookup[indices]
+        return np.take(lookup, indices, mode="clip")
+    if out.shape != indices.shape:
+        raise ValueError(f"out of shape {out.shape} for a volume of shape {indices.shape}")
+    planes = zip(indices, out) if indices.ndim == 3 else [(indices, out)]
+    for plane, out_plane in planes:
+        np.take(lookup, plane, out=out_plane, mode="clip")
     return out
 
 

@@ -1,7 +1,7 @@
 """Webdataset tar shards written byte for byte as webdataset's ShardWriter writes them, hashed on the way.
 
 `ShardSeries(pattern, max_samples=N, max_bytes=B)` gives the same files as
-``webdataset.ShardWriter(pattern, maxcount=N, maxsize=B, mtime=0.0)`` (same members, order, headers,
+``webdataset.ShardWriter(pattern, maxcount=N, maxsize=B, mtime=0)`` (same members, order, headers,
 padding and rotation; tests/test_data_prep_shard.py holds them equal), at a fraction of the cost on
 full-size MRI slices: ShardWriter streams each member through tarfile's 10 KiB stream buffer (several
 copies of every byte in Python), and the manifest's sha256 then had to read every shard back. Here each
@@ -16,10 +16,11 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-# What ShardWriter's TarWriter puts in every member header (with mtime fixed for reproducible shards).
+# What ShardWriter's TarWriter puts in every member header, with mtime fixed for reproducible shards (an
+# integer: a float mtime costs every member an extra PAX header block).
 _MEMBER_MODE = 0o444
 _MEMBER_OWNER = "bigdata"
-_MEMBER_MTIME = 0.0
+_MEMBER_MTIME = 0
 
 
 @dataclass(frozen=True, slots=True)

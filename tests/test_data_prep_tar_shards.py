@@ -40,7 +40,7 @@ def test_shard_series_writes_what_shard_writer_writes(tmp_path, max_samples, max
         maxcount=max_samples,
         maxsize=max_bytes,
         verbose=0,
-        mtime=0.0,
+        mtime=0,
     )
     for sample in samples:
         reference.write(sample)
