@@ -43,12 +43,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import webdataset as wds  # noqa: E402 - imported before timing: its torch import is start-up, not sharding
-
 import data_prep.volumes  # noqa: E402
 from data_prep.discovery import discover  # noqa: E402
 from data_prep.shard import ShardConfig, shard_dataset  # noqa: E402
-from medgan.data import SliceStream, TaskSpec, read_split  # noqa: E402
 
 BRATS_SHAPE = (240, 240, 155)
 SHARD_TARGET_RATIO = 2.0
@@ -186,6 +183,8 @@ def _all_shards(shards: Path) -> list[str]:
 
 def read_webdataset(shards: Path) -> int:
     """Every sample of every shard through a plain webdataset pipeline, `img.npy` decoded to float32."""
+    import webdataset as wds
+
     pipeline = wds.WebDataset(_all_shards(shards), shardshuffle=False, empty_check=False).map(
         lambda sample: np.load(io.BytesIO(sample["img.npy"]), allow_pickle=False).astype(np.float32)
     )
@@ -194,6 +193,8 @@ def read_webdataset(shards: Path) -> int:
 
 def read_slice_stream(shards: Path) -> int:
     """Every sample of every split through medgan's training loader (validation-style pass, batches of 16)."""
+    from medgan.data import SliceStream, TaskSpec, read_split
+
     count = 0
     splits = json.loads((shards / "manifest.json").read_text())["splits"]
     for split in (name for name, entry in splits.items() if entry["samples"]):
@@ -247,6 +248,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.subjects, args.shape, args.ixi_subjects = 2, (120, 120, 78), 1
         args.baseline_slices, args.repeats = 8, 1
+    # Imported here, before any timing (torch's import is start-up, not sharding or reading), and not at
+    # the top: `--workers` pool processes are spawned and import this module, which should stay light.
+    import webdataset  # noqa: F401
+
+    import medgan.data  # noqa: F401
+
     args.data.mkdir(parents=True, exist_ok=True)
     brats = ensure_phantom(args.data, "brats", args.subjects, tuple(args.shape))
     ixi = ensure_phantom(args.data, "ixi", args.ixi_subjects, None) if args.ixi_subjects else None

@@ -9,7 +9,6 @@ only when complete, so an interrupted run never leaves something that looks fini
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import sys
@@ -32,6 +31,7 @@ from data_prep.manifest import (
     sample_key,
     write_json,
 )
+from data_prep.parallel import ordered_map
 from data_prep.splits import (
     SPLIT_FILE_NAME,
     SPLITS,
@@ -342,15 +342,9 @@ def _print_ignored(ignored) -> None:
 
 
 def _prepared_results(config: ShardConfig, tasks):
-    """Yield worker results in task order (a pool when --workers > 1)."""
-    if config.workers == 1:
-        for task in tasks:
-            yield _prepare_in_worker(task)
-        return
-    # spawn, not fork: the caller (e.g. medgan's front door) may hold threads that fork would copy.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(min(config.workers, max(len(tasks), 1))) as pool:
-        yield from pool.imap(_prepare_in_worker, tasks, chunksize=1)
+    """Yield worker results in task order (`--workers` processes, at most 2 subjects each in flight)."""
+    workers = min(config.workers, max(len(tasks), 1))
+    yield from ordered_map(_prepare_in_worker, tasks, workers, describe=lambda task: task[0].subject)
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
