@@ -15,6 +15,7 @@ that fork would copy in a locked state.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -44,24 +45,23 @@ def ordered_map(function: Callable, tasks: Iterable, workers: int, describe: Cal
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     pending: deque = deque()
     try:
-        for task in queue:
+        for task in itertools.islice(queue, IN_FLIGHT_PER_WORKER * workers):
             pending.append((task, pool.submit(function, task)))
-            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
-                break
         while pending:
-            task, future = pending.popleft()
-            try:
-                result = future.result()
-            except BrokenProcessPool:
-                raise WorkerDied(
-                    f"a worker process died while preparing {describe(task)} (or another of the "
-                    f"{len(pending) + 1} in flight): killed by the system, most often for lack of memory; "
-                    f"try fewer --workers"
-                ) from None
-            for task in queue:
+            result = pending[0][1].result()
+            pending.popleft()
+            for task in itertools.islice(queue, 1):
                 pending.append((task, pool.submit(function, task)))
-                break
             yield result
+    except BrokenProcessPool:
+        # Raised by result() or, when the pool broke in between, by submit(). Every unfinished task fails
+        # with it; the first of them in order is named.
+        lost = [task for task, future in pending if not future.done() or future.exception() is not None]
+        raise WorkerDied(
+            f"a worker process died while preparing {describe(lost[0]) if lost else 'a task'} "
+            f"(or another of the {max(len(lost), 1)} in flight): killed by the system, most often for "
+            f"lack of memory; try fewer --workers"
+        ) from None
     finally:
         # Cancel what has not started; what is running (at most `workers` tasks) is waited for.
         pool.shutdown(wait=True, cancel_futures=True)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -324,7 +325,11 @@ def test_user_errors_are_one_line_naming_the_value(brats_source, tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_ixi_workers_give_the_same_shards_as_one_process(tmp_path):
+def test_ixi_workers_give_the_same_shards_as_one_process(tmp_path, monkeypatch):
+    """Worker processes hand their arrays over through temporary files: same shards, nothing left behind."""
+    handoff_root = tmp_path / "tmp"
+    handoff_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(handoff_root))
     source = tmp_path / "ixi"
     make_phantom(
         PhantomConfig(layout="ixi", subjects=3, seed=2, shape=(64, 64, 32), missing_rate=0.3), source
@@ -337,8 +342,20 @@ def test_ixi_workers_give_the_same_shards_as_one_process(tmp_path):
         assert main(["verify", str(out)]) == 0
         outputs[workers] = _manifest(out)
     assert outputs["1"]["splits"] == outputs["2"]["splits"]
+    assert list(handoff_root.iterdir()) == []
     registration = next(iter(outputs["1"]["subjects"].values()))["geometry"]["registration"]
     assert list(registration) in ([], ["t1"])
+
+
+def test_arrays_a_worker_cannot_hand_off_through_a_file_go_through_the_pipe(tmp_path):
+    arrays = {"images": np.ones((2, 3, 4, 4), np.float16), "mask": np.ones((3, 4, 4), np.uint8), "seg": None}
+    handed = shard_module._hand_off(arrays, tmp_path / "0001")
+    assert handed["seg"] is None and all(isinstance(handed[name], Path) for name in ("images", "mask"))
+    taken = shard_module._take_over(handed)
+    assert np.array_equal(taken["images"], arrays["images"]) and taken["images"].dtype == np.float16
+    assert list(tmp_path.iterdir()) == []  # the reader removes the files (its memory map stays valid)
+    unwritable = shard_module._hand_off(arrays, tmp_path / "no such folder" / "0001")
+    assert unwritable is arrays
 
 
 def test_absent_modalities_in_sample_json(brats_shards):
