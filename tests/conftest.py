@@ -47,3 +47,14 @@ def phantom_shards(phantom_subjects, tmp_path_factory) -> Path:
         "--size", "64", "--split", "0.75", "0.125", "0.125", "--seed", "0",
     )  # fmt: skip
     return out
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops_built() -> None:
+    """DeepSpeed's CPU all-reduce op, JIT-built once (about 80 s on a fresh machine) in a process nobody
+    kills. Tests that signal or kill launched ranks use it: a rank killed while building leaves torch's
+    build lock behind, and every later launch then waits on it forever."""
+    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        pytest.fail(f"building DeepSpeed's CPU communication op failed:\n{result.stdout}\n{result.stderr}")

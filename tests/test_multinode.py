@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from tiny_run import REPO, TINY_RUN_FLAGS, free_master_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_ops_built")]
 
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 NODE_TIMEOUT_S = 400

@@ -16,6 +16,8 @@ import pytest
 from slurm_cluster import LocalSlurmCluster, unavailable_reason
 from tiny_run import REPO, TINY_RUN_FLAGS, free_master_port
 
+pytestmark = pytest.mark.usefixtures("deepspeed_ops_built")
+
 JOB_TIMEOUT_S = 300
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 

@@ -23,6 +23,8 @@ from medgan.ema import ExponentialMovingAverage
 from medgan.models.generator import build_generator
 from medgan.train import deepspeed_settings, lr_factor
 
+pytestmark = pytest.mark.usefixtures("deepspeed_ops_built")
+
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 TINY = [
