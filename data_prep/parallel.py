@@ -3,7 +3,7 @@
 `ordered_map(function, tasks, workers)` is what `shard --workers N` uses. Two things a plain
 ``multiprocessing.Pool.imap`` gets wrong for it:
 
-- Memory: a prepared full-size BraTS subject is about 70 MB. ``imap`` lets the workers run ahead of
+- Memory: a prepared full-size BraTS subject is about 85 MB. ``imap`` lets the workers run ahead of
   the consumer without limit, so with many workers and one writer the results pile up until the machine
   runs out of memory. Here at most ``2 x workers`` tasks are in flight.
 - A worker that dies (the kernel's out-of-memory killer, a crash in a C library) leaves ``Pool`` waiting

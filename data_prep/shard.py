@@ -179,7 +179,7 @@ def _prepare_in_worker(task: _SubjectTask):
 def _hand_off(arrays: dict, stem: Path) -> dict:
     """Save a worker's arrays as .npy files beside `stem` and return their paths in place of the arrays.
 
-    A full-size subject is about 70 MB: pickled through the pool's pipe it cost about 0.3 s of CPU on
+    A full-size subject is about 85 MB: pickled through the pool's pipe it cost about 0.3 s of CPU on
     each side, and the writing process is the one that cannot be parallelised. A file in a local
     temporary folder is written once and memory-mapped by the reader. If it cannot be written (a full
     disk), the arrays go through the pipe as before.
