@@ -66,7 +66,8 @@ def _lerp(below: float, above: float, fraction: float) -> float:
 
 
 def histogram_percentiles(values: np.ndarray, percentiles) -> list[float]:
-    """``np.percentile(values, percentiles)`` (its default, linear method) for 8- or 16-bit integers.
+    """``np.percentile(values.astype(np.float64), percentiles)`` (the default, linear method) for 8- or
+    16-bit integers. (On the integers themselves numpy interpolates in their dtype, which can overflow.)
 
     Counts the values instead of sorting them: the k-th smallest is where the cumulative count passes k.
     """
@@ -74,6 +75,8 @@ def histogram_percentiles(values: np.ndarray, percentiles) -> list[float]:
         raise TypeError(f"histogram_percentiles needs 8- or 16-bit integers, got {values.dtype}")
     if values.size == 0:
         raise ValueError("histogram_percentiles of no values")
+    if not all(0.0 <= percentile <= 100.0 for percentile in percentiles):
+        raise ValueError(f"percentiles must be within [0, 100], got {list(percentiles)}")
     table = _representable(values.dtype)
     in_value_order = np.argsort(table, kind="stable")
     counts = np.bincount(_unsigned(values).ravel(), minlength=table.size)

@@ -57,10 +57,10 @@ def ordered_map(function: Callable, tasks: Iterable, workers: int, describe: Cal
         # Raised by result() or, when the pool broke in between, by submit(). Every unfinished task fails
         # with it; the first of them in order is named.
         lost = [task for task, future in pending if not future.done() or future.exception() is not None]
+        others = f" (or another of the {len(lost)} in flight)" if len(lost) > 1 else ""
         raise WorkerDied(
-            f"a worker process died while preparing {describe(lost[0]) if lost else 'a task'} "
-            f"(or another of the {max(len(lost), 1)} in flight): killed by the system, most often for "
-            f"lack of memory; try fewer --workers"
+            f"a worker process died while preparing {describe(lost[0]) if lost else 'a task'}{others}: "
+            f"killed by the system, most often for lack of memory; try fewer --workers"
         ) from None
     finally:
         # Cancel what has not started; what is running (at most `workers` tasks) is waited for.

@@ -218,7 +218,8 @@ class _SplitWriters:
 
     def write(self, split: str, sample: dict) -> None:
         if split not in self.series:
-            pattern = str(self.folder / SHARD_PATTERN.format(split=split))
+            # The folder's own "%" (a user's --out name) must not be read as the shard number's format.
+            pattern = str(self.folder).replace("%", "%%") + os.sep + SHARD_PATTERN.format(split=split)
             self.series[split] = ShardSeries(
                 pattern, max_samples=SAMPLES_PER_SHARD, max_bytes=MAX_SHARD_BYTES
             )
@@ -463,30 +464,33 @@ def shard_dataset(config: ShardConfig) -> int:
     try:
         bar = tqdm(total=len(outcomes), desc="shard", unit="subject", disable=None)
         bar.update(len(outcomes) - len(runnable))
-        results = _prepared_results(config, [outcome.subject for outcome in runnable])
-        for outcome, (arrays, fields) in zip(runnable, results):
-            bar.update(1)
-            if arrays is None:
-                outcome.reason = fields["reason"]
-                outcome.traceback = fields.get("traceback")
-                continue
-            outcome.repairs = fields["repairs"]
-            for sample in _samples(config, outcome.subject, outcome.split, arrays, fields):
-                writers.write(outcome.split, sample)
-            geometry = fields["geometry"]
-            outcome.manifest_entry = {
-                "patient": outcome.subject.patient,
-                "split": outcome.split,
-                "modalities_present": fields["present"],
-                "has_seg": arrays["seg"] is not None,
-                "slice_range": geometry["crop_box"]["z"],
-                "samples": int(arrays["images"].shape[1]),
-                "original_shape": geometry["reorientation"]["original_shape"],
-                "affine": geometry["reorientation"]["original_affine"],
-                "geometry": geometry,
-                "normalisation": fields["scaling"],
-                "files": {m: str(p) for m, p in outcome.subject.files.items()},
-            }
+        # closing(): the worker pool and its hand-off folder go as soon as the last subject is written
+        # (or the run fails), not whenever the generator happens to be collected.
+        subjects = [outcome.subject for outcome in runnable]
+        with contextlib.closing(_prepared_results(config, subjects)) as results:
+            for outcome, (arrays, fields) in zip(runnable, results):
+                bar.update(1)
+                if arrays is None:
+                    outcome.reason = fields["reason"]
+                    outcome.traceback = fields.get("traceback")
+                    continue
+                outcome.repairs = fields["repairs"]
+                for sample in _samples(config, outcome.subject, outcome.split, arrays, fields):
+                    writers.write(outcome.split, sample)
+                geometry = fields["geometry"]
+                outcome.manifest_entry = {
+                    "patient": outcome.subject.patient,
+                    "split": outcome.split,
+                    "modalities_present": fields["present"],
+                    "has_seg": arrays["seg"] is not None,
+                    "slice_range": geometry["crop_box"]["z"],
+                    "samples": int(arrays["images"].shape[1]),
+                    "original_shape": geometry["reorientation"]["original_shape"],
+                    "affine": geometry["reorientation"]["original_affine"],
+                    "geometry": geometry,
+                    "normalisation": fields["scaling"],
+                    "files": {m: str(p) for m, p in outcome.subject.files.items()},
+                }
         bar.close()
         shards = writers.close()
 

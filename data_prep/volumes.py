@@ -108,8 +108,9 @@ def load_volume(path: Path, *, is_label: bool = False, keep_integers: bool = Fal
     A trailing length-1 fourth axis is dropped and NaN/Inf voxels are set to 0 (both reported in
     `repairs`); a truly 4D volume, an empty, truncated or non-NIfTI file, a singular affine and an
     all-zero image volume (not label map) are rejected.
-    keep_integers: a file that stores integers without scaling (slope 1, intercept 0: BraTS, IXI) keeps
-    its integer dtype instead of becoming float32; the values are the same, the cast and its memory saved.
+    keep_integers: a file that stores 8- or 16-bit integers without scaling (slope 1, intercept 0: BraTS,
+    IXI) keeps its integer dtype instead of becoming float32; the values are the same, the cast and its
+    memory saved, and `data_prep.intensity`'s fast path applies.
     """
     path = Path(path)
     try:
@@ -120,7 +121,7 @@ def load_volume(path: Path, *, is_label: bool = False, keep_integers: bool = Fal
         raise VolumeError(f"{path}: file not found") from None
     except (ImageFileError, gzip.BadGzipFile, zlib.error, EOFError, ValueError) as error:
         raise VolumeError(f"{path}: not a readable NIfTI file ({_first_line(error)})") from None
-    keep = keep_integers and _stores_unscaled_integers(image)
+    keep = keep_integers and _stores_unscaled_small_integers(image)
     try:
         data = np.asarray(image.dataobj) if keep else np.asarray(image.dataobj, dtype=np.float32)
     except (gzip.BadGzipFile, zlib.error, EOFError, OSError, ValueError) as error:
@@ -144,11 +145,13 @@ def load_volume(path: Path, *, is_label: bool = False, keep_integers: bool = Fal
     return LoadedVolume(path=path, data=data, affine=affine, header=image.header.copy(), repairs=repairs)
 
 
-def _stores_unscaled_integers(image) -> bool:
-    """Whether the file holds integers that nibabel returns as they are (no slope or intercept)."""
+def _stores_unscaled_small_integers(image) -> bool:
+    """Whether the file holds 8- or 16-bit integers that nibabel returns as they are (no slope or
+    intercept). Wider integers become float32 as before: they gain nothing from staying integers, and
+    numpy's percentile interpolates integers in their own dtype, where a wide range overflows."""
     stored = image.get_data_dtype()
     slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
-    return np.issubdtype(stored, np.integer) and slope == 1.0 and inter == 0.0
+    return uses_lookup(stored) and slope == 1.0 and inter == 0.0
 
 
 def _always_finite(image) -> bool:
@@ -637,6 +640,8 @@ def prepare_subject(
         mask = brain_mask(list(on_reference.values()))
     else:
         mask = head_mask(on_reference[reference])
+    if not mask.any():
+        raise VolumeError(f"{files[reference]}: the {settings.mask} mask is empty (no voxel to keep)")
     box, cut = choose_crop(mask, size)
     if cut:
         repairs.append(f"mask wider than --size {size}: the in-plane crop cuts into it")

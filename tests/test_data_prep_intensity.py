@@ -43,6 +43,13 @@ def test_histogram_percentiles_with_many_repeats_and_narrow_range():
     assert histogram_percentiles(values, PERCENTILES) == expected.tolist()
 
 
+def test_histogram_percentiles_refuse_percentiles_outside_0_100():
+    with pytest.raises(ValueError, match=r"within \[0, 100\]"):
+        histogram_percentiles(np.arange(10, dtype=np.int16), [-1.0])
+    with pytest.raises(ValueError, match=r"within \[0, 100\]"):
+        histogram_percentiles(np.arange(10, dtype=np.int16), [50.0, 101.0])
+
+
 def test_histogram_percentiles_refuse_other_dtypes():
     with pytest.raises(TypeError, match="int32"):
         histogram_percentiles(np.arange(10, dtype=np.int32), [50.0])
@@ -150,6 +157,17 @@ def test_integer_and_float_files_prepare_to_identical_shards(tmp_path):
     assert np.array_equal(fast.images.view(np.uint16), reference.images.view(np.uint16))
     assert np.array_equal(fast.mask, reference.mask) and np.array_equal(fast.seg, reference.seg)
     assert fast.images[:, fast.mask == 0].max() == 0 and fast.images[2].max() > 0
+
+
+def test_wide_integer_files_are_loaded_as_float(tmp_path):
+    """int32 gains nothing from staying integer, and numpy interpolates integers in their own dtype."""
+    data = np.array([-2_000_000_000, 5, 2_000_000_000, 7], dtype=np.int32).reshape(1, 2, 2)
+    path = tmp_path / "wide.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    loaded = load_volume(path, keep_integers=True)
+    assert loaded.data.dtype == np.float32
+    scaling = fit_scaling(loaded.data, np.ones(data.shape, bool))
+    assert -2.1e9 < scaling.low < scaling.high < 2.1e9
 
 
 def test_scaled_integer_files_are_loaded_as_float(tmp_path):

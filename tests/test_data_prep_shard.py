@@ -334,6 +334,14 @@ def test_ixi_workers_give_the_same_shards_as_one_process(tmp_path, monkeypatch):
     make_phantom(
         PhantomConfig(layout="ixi", subjects=3, seed=2, shape=(64, 64, 32), missing_rate=0.3), source
     )
+    handed_over = []
+    take_over = shard_module._take_over
+
+    def counting_take_over(arrays):
+        handed_over.extend(name for name, value in arrays.items() if isinstance(value, Path))
+        return take_over(arrays)
+
+    monkeypatch.setattr(shard_module, "_take_over", counting_take_over)
     outputs = {}
     for workers in ("1", "2"):
         out = tmp_path / f"shards{workers}"
@@ -343,8 +351,16 @@ def test_ixi_workers_give_the_same_shards_as_one_process(tmp_path, monkeypatch):
         outputs[workers] = _manifest(out)
     assert outputs["1"]["splits"] == outputs["2"]["splits"]
     assert list(handoff_root.iterdir()) == []
+    assert handed_over.count("images") == len(outputs["2"]["subjects"])  # through files, not the pipe
     registration = next(iter(outputs["1"]["subjects"].values()))["geometry"]["registration"]
     assert list(registration) in ([], ["t1"])
+
+
+def test_a_percent_sign_in_the_output_name_is_just_a_character(brats_source, tmp_path):
+    out = tmp_path / "shards 100%d%s"
+    assert _shard(brats_source, out) == 0
+    assert main(["verify", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.tar"))[0] == "test-000000.tar"
 
 
 def test_arrays_a_worker_cannot_hand_off_through_a_file_go_through_the_pipe(tmp_path):

@@ -202,6 +202,13 @@ def test_bad_volumes_give_one_line_naming_the_file(tmp_path):
         assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
+def test_an_empty_head_mask_is_a_clear_failure(tmp_path):
+    """A constant, non-zero IXI image has no foreground for Otsu: one line naming the file."""
+    path = _save(tmp_path, "IXI002-Guys-0828-T2.nii.gz", np.full((20, 20, 12), 100, dtype=np.int16))
+    with pytest.raises(VolumeError, match=r"IXI002-Guys-0828-T2.nii.gz: the head mask is empty"):
+        prepare_subject({"t2": path}, dataset="ixi", modalities=("t1", "t2", "pd"), size=32)
+
+
 def test_nan_voxels_and_singleton_fourth_axis_are_repaired_and_reported(tmp_path):
     data = _blob_volume((16, 16, 8), np.random.default_rng(4))
     data[1, 1, 1] = np.nan
