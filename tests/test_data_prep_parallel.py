@@ -43,10 +43,10 @@ def test_workers_never_run_more_than_a_bounded_number_of_tasks_ahead():
 
 
 def test_a_worker_that_dies_is_an_error_naming_the_task():
-    """The pool fails every task in flight at once: the first of them in order is named."""
+    """The pool fails every task in flight at once: the first of them in order is named, and the others
+    are counted when there are any (tasks 0-2 may or may not have finished before task 3's worker died)."""
     started = time.monotonic()
-    with pytest.raises(
-        WorkerDied, match=r"died while preparing subject-[0-3] \(or another .*try fewer --workers"
-    ):
+    named = r"died while preparing subject-[0-3]( \(or another of the [2-9] in flight\))?"
+    with pytest.raises(WorkerDied, match=named + r": killed by the system.*try fewer --workers"):
         list(ordered_map(_exit_on_three, range(8), workers=2, describe=lambda value: f"subject-{value}"))
     assert time.monotonic() - started < 60
