@@ -651,7 +651,7 @@ def prepare_subject(
     # Percentiles over the mask's bounding box only: the same voxels, a fraction of the volume to scan.
     within = _bounding_box(mask) if mask.any() else (slice(None),) * 3
     images = np.zeros((len(modalities), box.z[1] - box.z[0], size, size), dtype=dtype)
-    outside = None
+    outside = ~cropped_mask
     for channel, modality in enumerate(modalities):
         if modality not in on_reference:
             continue
@@ -665,7 +665,6 @@ def prepare_subject(
             lookup = normalisation_lookup(volume.dtype, scaling[modality], dtype)
             window, inside = _crop_view(volume, box, box.z[0], len(cropped_mask))
             normalise_by_lookup(inside, lookup, out=images[channel][window])
-            outside = ~cropped_mask if outside is None else outside
             np.copyto(images[channel], 0, where=outside)
         else:
             _normalise_into(images[channel], volume, box, scaling[modality], cropped_mask)
