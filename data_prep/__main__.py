@@ -1,6 +1,6 @@
 """`python -m data_prep {phantom,shard,verify}`: the command lines of DESIGN.md.
 
-Problems the user can fix arrive here as `InputError` and leave as one line on stderr with exit status 2;
+Problems the user can fix arrive here as `UserError` and leave as one line on stderr with exit status 2;
 anything else is a bug and keeps its traceback.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep.errors import InputError
+from data_prep.errors import UserError
 
 EXIT_INPUT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except InputError as error:
+    except UserError as error:
         print(f"data_prep {args.command}: error: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.errors import InputError
+from data_prep.errors import UserError
 
 MODALITIES = ("t1", "t1ce", "t2", "flair", "pd")
 SEGMENTATION = "seg"
@@ -105,14 +105,14 @@ def parse_name(path: Path) -> NameMatch | None:
 def discover(source: Path, dataset: str) -> Discovery:
     """All `dataset` ("brats" or "ixi") subjects under `source`, searched recursively.
 
-    Raises InputError when the folder is missing, holds no NIfTI file, or no file is named like a
+    Raises UserError when the folder is missing, holds no NIfTI file, or no file is named like a
     `dataset` subject. Subjects with two files for one modality come back with `problem` set.
     """
     source = Path(source)
     if not source.exists():
-        raise InputError(f"--src {source}: no such folder")
+        raise UserError(f"--src {source}: no such folder")
     if not source.is_dir():
-        raise InputError(f"--src {source}: not a folder")
+        raise UserError(f"--src {source}: not a folder")
     found = Discovery()
     by_subject: dict[str, dict[str, list[Path]]] = {}
     names: dict[str, tuple[str, str]] = {}
@@ -135,12 +135,10 @@ def discover(source: Path, dataset: str) -> Discovery:
             names.setdefault(key, (match.subject, match.patient))
             by_subject.setdefault(key, {}).setdefault(match.modality, []).append(path)
     if nifti_count == 0:
-        raise InputError(
-            f"--src {source}: no NIfTI files (.nii or .nii.gz) found ({other_count} other files)"
-        )
+        raise UserError(f"--src {source}: no NIfTI files (.nii or .nii.gz) found ({other_count} other files)")
     if not by_subject:
         example = found.ignored[0][0]
-        raise InputError(
+        raise UserError(
             f"--src {source}: none of the {nifti_count} NIfTI files is named like a {dataset} subject "
             f"(first: {example.relative_to(source)}; see docs/data.md for the names we recognise)"
         )
@@ -159,9 +157,9 @@ def discover(source: Path, dataset: str) -> Discovery:
 
 
 def normalise_modality(name: str) -> str:
-    """Lower-case modality name (t1n->t1, t1c->t1ce, t2w->t2, t2f->flair); InputError if unknown."""
+    """Lower-case modality name (t1n->t1, t1c->t1ce, t2w->t2, t2f->flair); UserError if unknown."""
     lower = name.lower()
     lower = MODALITY_ALIASES.get(lower, lower)
     if lower not in MODALITIES:
-        raise InputError(f"unknown modality {name!r}: expected one of {' '.join(MODALITIES)}")
+        raise UserError(f"unknown modality {name!r}: expected one of {' '.join(MODALITIES)}")
     return lower

@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from data_prep.errors import InputError
+from data_prep.errors import UserError
 
 IN_FLIGHT_PER_WORKER = 2
 
 
-class WorkerDied(InputError):
+class WorkerDied(UserError):
     """A worker process ended without returning its result (killed by the system, or crashed)."""
 
 

@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from data_prep.errors import InputError
+from data_prep.errors import UserError
 from data_prep.mr_signal import signal_table
 
 LAYOUT_MODALITIES: dict[str, tuple[str, ...]] = {
@@ -66,15 +66,15 @@ class PhantomConfig:
 
     def __post_init__(self):
         if self.layout not in LAYOUT_MODALITIES:
-            raise InputError(f"--layout {self.layout!r}: expected one of {', '.join(LAYOUT_MODALITIES)}")
+            raise UserError(f"--layout {self.layout!r}: expected one of {', '.join(LAYOUT_MODALITIES)}")
         if self.subjects < 1:
-            raise InputError(f"--subjects {self.subjects}: expected at least 1")
+            raise UserError(f"--subjects {self.subjects}: expected at least 1")
         if len(self.shape) != 3 or min(self.shape) < 16:
-            raise InputError(f"--shape {' '.join(map(str, self.shape))}: expected three sizes, each >= 16")
+            raise UserError(f"--shape {' '.join(map(str, self.shape))}: expected three sizes, each >= 16")
         for name in ("missing_rate", "tumour_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise InputError(f"--{name.replace('_', '-')} {value}: expected a probability in [0, 1]")
+                raise UserError(f"--{name.replace('_', '-')} {value}: expected a probability in [0, 1]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +99,13 @@ def template_folder() -> Path:
     """Where nilearn's wheel keeps the MNI152 maps (found without importing nilearn, which is slow)."""
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
-        raise InputError(
+        raise UserError(
             "nilearn is not installed; the phantom reads its packaged MNI152 maps (pip install nilearn)"
         )
     folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
     missing = [name for name in _TEMPLATE_FILES.values() if not (folder / name).is_file()]
     if missing:
-        raise InputError(
+        raise UserError(
             f"{folder}: nilearn's packaged MNI152 map {missing[0]} is missing (reinstall nilearn)"
         )
     return folder
@@ -421,7 +421,7 @@ def make_phantom(config: PhantomConfig, out: Path, progress=None) -> list[Phanto
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InputError(f"--out {out}: cannot create the folder ({error.strerror})") from None
+        raise UserError(f"--out {out}: cannot create the folder ({error.strerror})") from None
     make = make_brats_subject if config.layout == "brats" else make_ixi_subject
     indices = range(config.subjects)
     if progress is not None:

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.discovery import DATASET_MODALITIES, SubjectFiles, discover, normalise_modality
-from data_prep.errors import InputError
+from data_prep.errors import UserError
 from data_prep.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -59,7 +59,7 @@ _CONSOLE_LINES_PER_KIND = 20
 
 @dataclass(kw_only=True, slots=True)
 class ShardConfig:
-    """What `python -m data_prep shard` does; checked on creation (InputError names the bad value).
+    """What `python -m data_prep shard` does; checked on creation (UserError names the bad value).
 
     dataset: "brats" or "ixi". size: in-plane pixels of every slice (crop or pad), >= 16.
     split_fractions: (train, val, test) summing to 1, used unless split_file is given.
@@ -80,26 +80,26 @@ class ShardConfig:
 
     def __post_init__(self):
         if self.dataset not in DATASET_MODALITIES:
-            raise InputError(f"--format {self.dataset!r}: expected one of {', '.join(DATASET_MODALITIES)}")
+            raise UserError(f"--format {self.dataset!r}: expected one of {', '.join(DATASET_MODALITIES)}")
         available = DATASET_MODALITIES[self.dataset]
         self.source, self.out = Path(self.source), Path(self.out)
         if self.size < 16:
-            raise InputError(f"--size {self.size}: expected at least 16 pixels")
+            raise UserError(f"--size {self.size}: expected at least 16 pixels")
         if self.workers < 1:
-            raise InputError(f"--workers {self.workers}: expected at least 1")
+            raise UserError(f"--workers {self.workers}: expected at least 1")
         if self.split_file is None:
             self.split_fractions = check_fractions(self.split_fractions)
         modalities = tuple(normalise_modality(m) for m in (self.modalities or available))
         for modality in modalities:
             if modality not in available:
-                raise InputError(f"--modalities {modality}: {self.dataset} has only {' '.join(available)}")
+                raise UserError(f"--modalities {modality}: {self.dataset} has only {' '.join(available)}")
         if len(set(modalities)) != len(modalities):
-            raise InputError(f"--modalities {' '.join(modalities)}: a modality is listed twice")
+            raise UserError(f"--modalities {' '.join(modalities)}: a modality is listed twice")
         self.modalities = modalities
         self.required = tuple(normalise_modality(m) for m in self.required)
         for modality in self.required:
             if modality not in modalities:
-                raise InputError(f"--require {modality}: not among --modalities {' '.join(modalities)}")
+                raise UserError(f"--require {modality}: not among --modalities {' '.join(modalities)}")
 
 
 @dataclass(slots=True)
@@ -240,28 +240,28 @@ class _SplitWriters:
 def _check_output_folder(config: ShardConfig) -> None:
     source, out = config.source.resolve(), config.out.resolve()
     if out == source:
-        raise InputError(f"--out {config.out}: is the source folder; choose a new folder for the shards")
+        raise UserError(f"--out {config.out}: is the source folder; choose a new folder for the shards")
     if source.is_relative_to(out):
-        raise InputError(
+        raise UserError(
             f"--out {config.out}: contains the source folder {config.source}; choose another folder"
         )
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {config.out}: exists and is not a folder")
+        raise UserError(f"--out {config.out}: exists and is not a folder")
     if (
         out.is_dir()
         and any(out.iterdir())
         and not (out / MANIFEST_NAME).exists()
         and not (out / REPORT_NAME).exists()
     ):
-        raise InputError(
+        raise UserError(
             f"--out {config.out}: exists, is not empty and is not a data_prep output; choose a new folder"
         )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InputError(f"--out {config.out}: cannot create its parent folder ({error.strerror})") from None
+        raise UserError(f"--out {config.out}: cannot create its parent folder ({error.strerror})") from None
     if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise InputError(f"--out {config.out}: not writable")
+        raise UserError(f"--out {config.out}: not writable")
 
 
 def _say(line: str) -> None:
@@ -442,7 +442,7 @@ def _write_report_only(config: ShardConfig, report: dict) -> None:
 def shard_dataset(config: ShardConfig) -> int:
     """Run the whole shard command; returns the exit status (0, or 1 when --strict and a subject failed).
 
-    Raises InputError for problems that stop the run before any subject is prepared.
+    Raises UserError for problems that stop the run before any subject is prepared.
     """
     _check_output_folder(config)
     found = discover(config.source, config.dataset)
@@ -502,7 +502,7 @@ def shard_dataset(config: ShardConfig) -> int:
         report = _report(config, outcomes, found.ignored, not_found)
         if len(failed) == len(outcomes):
             _write_report_only(config, report)
-            raise InputError(
+            raise UserError(
                 f"no subject could be prepared ({len(failed)} failed; reasons in {config.out / REPORT_NAME})"
             )
         if failed and config.strict:

@@ -12,24 +12,24 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import InputError
+from data_prep.errors import UserError
 
 SPLITS = ("train", "val", "test")
 SPLIT_FILE_NAME = "splits_final.json"
 
 
 def check_fractions(fractions) -> tuple[float, float, float]:
-    """(train, val, test) fractions, each in [0, 1], summing to 1 (within 1e-6); InputError otherwise."""
+    """(train, val, test) fractions, each in [0, 1], summing to 1 (within 1e-6); UserError otherwise."""
     values = tuple(float(value) for value in fractions)
     shown = " ".join(f"{value:g}" for value in values)
     if len(values) != len(SPLITS):
-        raise InputError(f"--split {shown}: expected three fractions (train val test)")
+        raise UserError(f"--split {shown}: expected three fractions (train val test)")
     if any(not 0.0 <= value <= 1.0 for value in values):
-        raise InputError(f"--split {shown}: each fraction must be in [0, 1]")
+        raise UserError(f"--split {shown}: each fraction must be in [0, 1]")
     if abs(sum(values) - 1.0) > 1e-6:
-        raise InputError(f"--split {shown}: fractions must sum to 1 (they sum to {sum(values):g})")
+        raise UserError(f"--split {shown}: fractions must sum to 1 (they sum to {sum(values):g})")
     if values[0] == 0.0:
-        raise InputError(f"--split {shown}: the train fraction must be > 0")
+        raise UserError(f"--split {shown}: the train fraction must be > 0")
     return values
 
 
@@ -62,14 +62,14 @@ def split_by_patient(patients: dict[str, str], fractions, seed: int) -> dict[str
 
 
 def check_patients_disjoint(assignment: dict[str, str], patients: dict[str, str]) -> None:
-    """InputError naming the first patient whose subjects sit in more than one split."""
+    """UserError naming the first patient whose subjects sit in more than one split."""
     seen: dict[str, tuple[str, str]] = {}
     for subject in sorted(assignment):
         patient = patients.get(subject, subject)
         split = assignment[subject]
         if patient in seen and seen[patient][1] != split:
             other, other_split = seen[patient]
-            raise InputError(
+            raise UserError(
                 f"patient {patient} is in two splits: {other} in {other_split}, {subject} in {split} "
                 "(timepoints of one patient must stay together)"
             )
@@ -88,26 +88,24 @@ def read_split_file(path: Path) -> dict[str, str]:
     try:
         content = json.loads(path.read_text())
     except FileNotFoundError:
-        raise InputError(f"--split-file {path}: no such file") from None
+        raise UserError(f"--split-file {path}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"--split-file {path}: not a readable JSON file ({error})") from None
+        raise UserError(f"--split-file {path}: not a readable JSON file ({error})") from None
     fold = content[0] if isinstance(content, list) and content else content
     if not isinstance(fold, dict) or not fold:
-        raise InputError(
-            f"--split-file {path}: expected a list of folds, each a dict of split -> subject ids"
-        )
+        raise UserError(f"--split-file {path}: expected a list of folds, each a dict of split -> subject ids")
     unknown = set(fold) - set(SPLITS)
     if unknown:
-        raise InputError(
+        raise UserError(
             f"--split-file {path}: unknown split {sorted(unknown)[0]!r} (expected train, val, test)"
         )
     assignment: dict[str, str] = {}
     for split, subjects in fold.items():
         if not isinstance(subjects, list) or not all(isinstance(s, str) for s in subjects):
-            raise InputError(f"--split-file {path}: {split!r} must be a list of subject ids")
+            raise UserError(f"--split-file {path}: {split!r} must be a list of subject ids")
         for subject in subjects:
             if subject in assignment and assignment[subject] != split:
-                raise InputError(
+                raise UserError(
                     f"--split-file {path}: {subject} is in both {assignment[subject]} and {split}"
                 )
             assignment[subject] = split

@@ -3,7 +3,7 @@
 Checks every shard's sha256 and sample count, and decodes every sample: the fields present, dtypes
 and shapes, values in [0, 1], absent modalities all zero, mask and seg labels, and that each sample's
 subject belongs to its shard's split. Splits must be subject- and patient-disjoint. The first problem
-stops the check with an InputError whose one line names the shard, sample or field.
+stops the check with an UserError whose one line names the shard, sample or field.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import InputError
+from data_prep.errors import UserError
 from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, SAMPLE_FIELDS, SEG_FIELD, sha256_file
 from data_prep.splits import SPLITS
 from data_prep.volumes import SEG_LABELS
 
 
-class VerificationError(InputError):
+class VerificationError(UserError):
     """A shard folder that does not match its manifest (one line: where and what)."""
 
 

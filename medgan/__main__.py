@@ -20,26 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from data_prep.errors import InputError
-from medgan.config import ConfigError
+from data_prep.errors import UserError
 from medgan.data import DataError
-from medgan.evaluation import EvaluationError
-from medgan.export import CheckpointError
-from medgan.report import ReportError
 from medgan.synthesis import SynthesisError
 
 EXIT_INPUT_ERROR = 2
 EXIT_SOME_SUBJECTS_FAILED = 1
 EXIT_INTERRUPTED = 130
-USER_ERRORS = (
-    ConfigError,
-    DataError,
-    CheckpointError,
-    EvaluationError,
-    SynthesisError,
-    ReportError,
-    InputError,
-)
 SUBCOMMANDS = ("evaluate", "synthesize", "export", "report")
 MODES = ("train", "test", "both")
 # How long a non-zero rank waits for rank 0 to shard a raw folder before giving up.
@@ -310,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_front_door(argv)
         args = build_tool_parser().parse_args(argv)
         return args.run(args, argv)
-    except USER_ERRORS as error:
+    except UserError as error:
         print(f"medgan {command.lstrip('-')}: error: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:

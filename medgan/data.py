@@ -24,10 +24,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from data_prep.errors import UserError
 from medgan.models.conditioning import canonical_modality
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The shard folder a user pointed at is missing, incomplete or inconsistent (one line, names it)."""
 
 

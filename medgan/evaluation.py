@@ -36,6 +36,7 @@ import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
+from data_prep.errors import UserError
 from medgan import metrics
 from medgan.data import read_split
 from medgan.export import LoadedGenerator
@@ -55,7 +56,7 @@ REGIONS = ("brain", "tumour", "non_tumour")
 CONFIDENCE = 0.95
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError):
     """The data or flags a user gave cannot be evaluated; the one-line message names them."""
 
 

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from data_prep.errors import UserError
 from medgan.config import Config, ConfigError, build_config, load_config
 from medgan.models.generator import GeneratorConfig, build_generator
 
@@ -33,7 +34,7 @@ EXPORT_FORMAT_VERSION = "1"
 EMA_FILE = "ema.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint path a user gave cannot be used; the one-line message names the path and why."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from data_prep.errors import UserError
 from medgan.evaluation import COPY, METRICS, MODEL, UNET
 
 VIEWS = ("axial", "sagittal", "coronal")
@@ -29,7 +30,7 @@ METHOD_LABELS = {MODEL: "MedGAN-SSM", COPY: "best input copied", UNET: "baseline
 ERROR_SCALE = 0.5
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """The evaluation folder is missing or incomplete; the one-line message names it."""
 
 

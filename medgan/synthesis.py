@@ -22,6 +22,7 @@ import torch
 from nibabel.filebasedimages import ImageFileError
 from tqdm import tqdm
 
+from data_prep.errors import UserError
 from data_prep.volumes import (
     PreparedSubject,
     VolumeError,
@@ -42,7 +43,7 @@ DESCRIPTION = "MedGAN-SSM synthesized {target}: normalised [0,1] scale, 0 outsid
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-class SynthesisError(ValueError):
+class SynthesisError(UserError):
     """An input a user gave cannot be synthesized from; the one-line message names it and why."""
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_prep.errors import UserError
 from medgan import metrics
 from medgan.checkpointing import CheckpointManager, provenance, tag_for_step
 from medgan.config import Config, ConfigError, config_from_cli, load_config
@@ -518,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         context = init_distributed()
         set_thread_share(context)
         trainer = GANTrainer(config, context)
-    except (ConfigError, DataError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if context.is_main:

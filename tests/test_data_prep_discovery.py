@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.discovery import discover, normalise_modality, parse_name
-from data_prep.errors import InputError
+from data_prep.errors import UserError
 
 
 def _touch(root: Path, *relative: str) -> None:
@@ -104,13 +104,13 @@ def test_duplicate_subject_is_flagged_with_both_files(tmp_path):
 
 
 def test_missing_empty_and_unnamed_sources_give_one_clear_line(tmp_path):
-    with pytest.raises(InputError, match="no such folder"):
+    with pytest.raises(UserError, match="no such folder"):
         discover(tmp_path / "absent", "brats")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match=r"no NIfTI files \(.nii or .nii.gz\) found \(0 other files\)"):
+    with pytest.raises(UserError, match=r"no NIfTI files \(.nii or .nii.gz\) found \(0 other files\)"):
         discover(tmp_path / "empty", "brats")
     _touch(tmp_path, "odd/scan.nii.gz")
-    with pytest.raises(InputError, match="none of the 1 NIfTI files is named like a brats subject"):
+    with pytest.raises(UserError, match="none of the 1 NIfTI files is named like a brats subject"):
         discover(tmp_path / "odd", "brats")
 
 
@@ -124,5 +124,5 @@ def test_modality_names_normalise_to_lower_case_and_reject_unknown():
         "pd",
         "flair",
     ]
-    with pytest.raises(InputError, match="unknown modality 'dwi'"):
+    with pytest.raises(UserError, match="unknown modality 'dwi'"):
         normalise_modality("dwi")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_prep.__main__ import main
-from data_prep.errors import InputError
+from data_prep.errors import UserError
 from data_prep.mr_signal import signal_table
 from data_prep.phantom import LAYOUT_MODALITIES, TISSUE_NAMES, PhantomConfig, make_phantom
 
@@ -126,7 +126,7 @@ def test_missing_rate_drops_one_contrast(tmp_path):
 )
 def test_bad_phantom_values_name_the_value(changes, message):
     arguments = {"layout": "brats", "subjects": 1} | changes
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(UserError, match=message):
         PhantomConfig(**arguments)
 
 

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from medgan.config import ConfigError
 from medgan.models.conditioning import condition_stack
+from medgan.models.config_checks import ConfigError
 from medgan.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from medgan.models.generator import (
     GeneratorConfig,
