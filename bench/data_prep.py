@@ -204,7 +204,8 @@ def read_webdataset(shards: Path) -> int:
 
 def read_slice_stream(shards: Path) -> int:
     """Every sample of every split through medgan's training loader (validation-style pass, batches of 16)."""
-    from medgan.data import SliceStream, TaskSpec, read_split
+    from medgan.data import SliceStream, TaskSpec
+    from medgan.shards import read_split
 
     count = 0
     splits = json.loads((shards / "manifest.json").read_text())["splits"]

@@ -39,7 +39,7 @@ import numpy as np
 # bench/data_prep.py would shadow the data_prep package that medgan imports: drop this script's folder.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from medgan.evaluation import paired_statistics  # noqa: E402
+from medgan.scoring import paired_statistics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo.yaml"
@@ -357,7 +357,7 @@ def write_results(args: argparse.Namespace, shards: Path, invocation: str) -> No
         "",
         f"Paired over the {len(subjects)} test subjects (each subject's value averaged over the seeds "
         "first): SSM minus baseline, mean difference [95% t interval], two-sided Wilcoxon signed-rank p "
-        f"(`medgan.evaluation.paired_statistics`). Positive favours the SSM for PSNR and SSIM, negative for "
+        f"(`medgan.scoring.paired_statistics`). Positive favours the SSM for PSNR and SSIM, negative for "
         f"MAE. With {len(subjects)} pairs the smallest possible Wilcoxon p is "
         f"{2 / 2 ** len(subjects):.3g}.",
         "",

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from data_prep.errors import UserError
-from medgan.data import DataError
+from medgan.shards import DataError
 from medgan.synthesis import SynthesisError
 
 EXIT_INPUT_ERROR = 2
@@ -45,7 +45,7 @@ def _say(line: str) -> None:
 
 def _run_evaluate(args, argv: list[str]) -> int:
     from medgan.evaluation import NiftiSubjects, ShardSubjects, evaluate, tasks_to_evaluate
-    from medgan.export import load_generator
+    from medgan.inference import load_generator
     from medgan.report import write_report
 
     started = time.perf_counter()
@@ -101,7 +101,7 @@ def _run_evaluate(args, argv: list[str]) -> int:
 def _run_synthesize(args, argv: list[str]) -> int:
     import nibabel as nib
 
-    from medgan.export import load_generator
+    from medgan.inference import load_generator
     from medgan.synthesis import parse_input_flags, synthesize_folder, synthesize_volume
 
     if bool(args.subjects) == bool(args.input):

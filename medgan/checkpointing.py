@@ -6,7 +6,11 @@ CKPT_DIR/generator/latest         the newest complete tag
 CKPT_DIR/discriminator/...        the same for D
 CKPT_DIR/best                     the tag with the best validation PSNR (never pruned)
 CKPT_DIR/config.yaml              the run's full config
+CKPT_DIR/training_data.json       what the run trained on: dataset kind, modality order, normalisation
 ```
+This module is the only one that knows these names: it writes them during training, and
+:class:`CheckpointLayout`, :func:`resolve_tag`, :func:`read_generator_weights` and :func:`read_run` are
+how inference, export and the tests read them.
 DeepSpeed would write ``latest`` from rank 0 before the other ranks finish their shards; here it is turned
 off and written after a barrier by atomic rename, so a crash mid-save leaves ``latest`` on the last
 complete tag.
@@ -14,17 +18,68 @@ complete tag.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from data_prep.errors import UserError
+from medgan.config import Config, ConfigError, load_config
 from medgan.distributed import DistributedContext, barrier
 
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
+EMA_FILE = "ema.safetensors"
+# DeepSpeed's own file name for the (unpartitioned) module state under ZeRO 0-2.
+MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
+
+
+class CheckpointError(UserError):
+    """A checkpoint path a user gave cannot be used; the one-line message names the path and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointLayout:
+    """The paths of DESIGN.md's checkpoint layout under ``directory``."""
+
+    directory: Path
+
+    @property
+    def generator_dir(self) -> Path:
+        return self.directory / "generator"
+
+    @property
+    def discriminator_dir(self) -> Path:
+        return self.directory / "discriminator"
+
+    @property
+    def best_file(self) -> Path:
+        return self.directory / "best"
+
+    @property
+    def config_file(self) -> Path:
+        return self.directory / "config.yaml"
+
+    @property
+    def training_data_file(self) -> Path:
+        return self.directory / "training_data.json"
+
+    def latest_file(self, network: str = "generator") -> Path:
+        return self.directory / network / "latest"
+
+    def tag_dir(self, tag: str, network: str = "generator") -> Path:
+        return self.directory / network / tag
+
+    def ema_file(self, tag: str) -> Path:
+        return self.tag_dir(tag) / EMA_FILE
 
 
 def tag_for_step(step: int) -> str:
@@ -72,17 +127,25 @@ class CheckpointManager:
     """Save and resume both engines and the EMA; prune all but the last ``keep_last`` tags and the best."""
 
     def __init__(self, directory: str | Path, keep_last: int, context: DistributedContext) -> None:
-        self.directory = Path(directory)
-        self.generator_dir = self.directory / "generator"
-        self.discriminator_dir = self.directory / "discriminator"
+        self.layout = CheckpointLayout(Path(directory))
+        self.directory = self.layout.directory
+        self.generator_dir = self.layout.generator_dir
+        self.discriminator_dir = self.layout.discriminator_dir
         self.keep_last = keep_last
         self.context = context
 
     def latest_tag(self) -> str | None:
-        return read_tag(self.generator_dir / "latest")
+        return read_tag(self.layout.latest_file())
 
     def best_tag(self) -> str | None:
-        return read_tag(self.directory / "best")
+        return read_tag(self.layout.best_file)
+
+    def write_run(self, config: Config, training_data: dict[str, Any]) -> None:
+        """Rank 0: the run's config and what it trains on, beside the tags (rewritten on every start)."""
+        if self.context.is_main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.layout.config_file, config.to_yaml())
+            write_atomically(self.layout.training_data_file, json.dumps(training_data, indent=2) + "\n")
 
     def save(self, step: int, g_engine, d_engine, ema, client_state: dict[str, Any]) -> str:
         """Write tag ``step_NNNNNN`` on every rank, then point ``latest`` at it. Collective."""
@@ -92,18 +155,18 @@ class CheckpointManager:
         )
         d_engine.save_checkpoint(str(self.discriminator_dir), tag=tag, save_latest=False)
         if self.context.is_main and ema is not None:
-            ema.save(self.generator_dir / tag / "ema.safetensors")
+            ema.save(self.layout.ema_file(tag))
         barrier()
         if self.context.is_main:
-            write_atomically(self.generator_dir / "latest", tag)
-            write_atomically(self.discriminator_dir / "latest", tag)
+            write_atomically(self.layout.latest_file("generator"), tag)
+            write_atomically(self.layout.latest_file("discriminator"), tag)
             self._prune()
         barrier()
         return tag
 
     def mark_best(self, tag: str) -> None:
         if self.context.is_main:
-            write_atomically(self.directory / "best", tag)
+            write_atomically(self.layout.best_file, tag)
 
     def load(self, g_engine, d_engine, ema) -> dict[str, Any] | None:
         """Restore the latest complete tag into both engines and the EMA; None when there is none."""
@@ -116,7 +179,7 @@ class CheckpointManager:
         d_path, _ = d_engine.load_checkpoint(str(self.discriminator_dir), tag=tag)
         if d_path is None:
             raise RuntimeError(f"{self.discriminator_dir / tag}: DeepSpeed could not load this checkpoint")
-        ema_path = self.generator_dir / tag / "ema.safetensors"
+        ema_path = self.layout.ema_file(tag)
         if ema is not None and ema_path.is_file():
             ema.load(ema_path)
         return {**client_state, "tag": tag}
@@ -132,3 +195,75 @@ class CheckpointManager:
             for _, name in tags[: max(0, len(tags) - self.keep_last)]:
                 if name not in keep:
                     shutil.rmtree(folder / name, ignore_errors=True)
+
+
+def resolve_tag(checkpoint_dir: Path, tag: str | None = None) -> tuple[str, str]:
+    """(tag, why this one): the given tag, else ``best`` (best validation PSNR), else ``latest``."""
+    layout = CheckpointLayout(Path(checkpoint_dir))
+    if tag:
+        if not layout.tag_dir(tag).is_dir():
+            raise CheckpointError(f"{layout.tag_dir(tag)}: no such checkpoint tag")
+        return tag, "as requested"
+    for pointer, why in ((layout.best_file, "best validation PSNR"), (layout.latest_file(), "latest")):
+        named = read_tag(pointer)
+        if named and layout.tag_dir(named).is_dir():
+            return named, why
+    raise CheckpointError(
+        f"{checkpoint_dir}: not a checkpoint folder (no generator/latest; expected the layout of DESIGN.md)"
+    )
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; an unreadable file is a CheckpointError naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def read_generator_weights(checkpoint_dir: Path, tag: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The generator's full fp32 state_dict at ``tag`` and which weights they are (``ema`` or ``raw``):
+    the EMA file when there is one, else DeepSpeed's shards (consolidated by ``zero_to_fp32`` under ZeRO)."""
+    layout = CheckpointLayout(Path(checkpoint_dir))
+    tag_dir = layout.tag_dir(tag)
+    if layout.ema_file(tag).is_file():
+        return read_safetensors(layout.ema_file(tag)), "ema"
+    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(layout.generator_dir), tag=tag)
+        return {name: tensor.float() for name, tensor in state.items()}, "raw"
+    model_states = tag_dir / MODEL_STATES_FILE
+    if not model_states.is_file():
+        raise CheckpointError(f"{tag_dir}: holds neither {EMA_FILE} nor DeepSpeed model states")
+    # DeepSpeed's own file: it pickles optimizer and RNG state, so weights_only loading cannot read it.
+    state = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+    return {name: tensor.float() for name, tensor in state.items()}, "raw"
+
+
+def read_run(checkpoint_dir: Path) -> tuple[Config, dict[str, Any]]:
+    """The run's config and its training-data record (``{}`` for checkpoints written before the record
+    existed, when the training shards' manifest is no longer where the run read it)."""
+    layout = CheckpointLayout(Path(checkpoint_dir))
+    if not layout.config_file.is_file():
+        raise CheckpointError(f"{checkpoint_dir}: no config.yaml (not a checkpoint folder written by medgan)")
+    try:
+        config = load_config(layout.config_file)
+    except ConfigError as error:
+        raise CheckpointError(f"{layout.config_file}: {error}") from None
+    if layout.training_data_file.is_file():
+        try:
+            return config, json.loads(layout.training_data_file.read_text())
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{layout.training_data_file}: not valid JSON ({error.msg})") from None
+    return config, _training_data_from_old_run(config)
+
+
+def _training_data_from_old_run(config: Config) -> dict[str, Any]:
+    """Checkpoints from before training_data.json: the manifest the run read, if it is still there."""
+    from medgan.shards import DataError, ShardFolder
+
+    try:
+        return ShardFolder.open(config.data.data_path).training_data()
+    except (DataError, OSError, KeyError):
+        return {}

@@ -9,10 +9,7 @@ A resumed run asks for the same epoch with ``skip_batches`` and gets exactly the
 
 from __future__ import annotations
 
-import hashlib
-import io
 import itertools
-import json
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,65 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
 
-from data_prep.errors import UserError
-from medgan.models.conditioning import canonical_modality
-
-
-class DataError(UserError):
-    """The shard folder a user pointed at is missing, incomplete or inconsistent (one line, names it)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ShardSplit:
-    """One split of a shard folder, as ``manifest.json`` describes it."""
-
-    directory: Path
-    name: str
-    modalities: tuple[str, ...]
-    shards: tuple[Path, ...]
-    samples: int
-    manifest_sha256: str
-
-
-def read_split(data_path: str | Path, split: str) -> ShardSplit:
-    """Read ``manifest.json`` of a shard folder and describe ``split``; errors name the folder or split."""
-    directory = Path(data_path)
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(
-            f"{directory}: no manifest.json (not a finished shard folder; run python -m data_prep shard)"
-        )
-    raw = manifest_path.read_bytes()
-    try:
-        manifest = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{manifest_path}: not valid JSON ({error.msg} at line {error.lineno})") from None
-    splits = manifest.get("splits", {})
-    if split not in splits:
-        raise DataError(f"{manifest_path}: no split {split!r} (has {', '.join(sorted(splits)) or 'none'})")
-    entry = splits[split]
-    shards = tuple(directory / _shard_name(shard) for shard in entry["shards"])
-    missing = [str(path) for path in shards if not path.is_file()]
-    if missing:
-        raise DataError(f"{manifest_path}: shard {missing[0]} is listed but missing")
-    samples = int(entry["samples"])
-    if samples == 0 or not shards:
-        raise DataError(f"{manifest_path}: split {split!r} holds no samples")
-    return ShardSplit(
-        directory=directory,
-        name=split,
-        modalities=tuple(canonical_modality(m) for m in manifest["modalities"]),
-        shards=shards,
-        samples=samples,
-        manifest_sha256=hashlib.sha256(raw).hexdigest(),
-    )
-
-
-def _shard_name(shard: Any) -> str:
-    """A manifest lists each shard as ``{"file": name, "samples": n, "sha256": ...}`` (or a bare name)."""
-    return shard if isinstance(shard, str) else shard["file"]
+from medgan.shards import ChannelMap, DataError, ShardSplit, raw_samples
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,19 +35,6 @@ class TaskSpec:
         if target == "any":
             return TaskSpec()
         return TaskSpec(inputs=tuple(canonical.index(m) for m in inputs), target=canonical.index(target))
-
-
-def _decode_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def _present_modalities(info: dict[str, Any], manifest_order: tuple[str, ...]) -> list[str]:
-    present = info.get("present", info.get("modalities"))
-    if isinstance(present, dict):
-        return [canonical_modality(name) for name, flag in present.items() if flag]
-    if present and isinstance(present[0], bool | int) and len(present) == len(manifest_order):
-        return [name for name, flag in zip(manifest_order, present) if flag]
-    return [canonical_modality(name) for name in present]
 
 
 def _choose_task(
@@ -165,11 +92,6 @@ class SliceStream(IterableDataset):
         skip_batches: int = 0,
     ) -> None:
         super().__init__()
-        unknown = [m for m in split.modalities if m not in canonical]
-        if unknown:
-            raise DataError(
-                f"{split.directory}: modalities {unknown} are not in the model's list {canonical}"
-            )
         self.split = split
         self.canonical = list(canonical)
         self.task = task
@@ -182,7 +104,7 @@ class SliceStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.epoch = epoch
         self.skip_batches = skip_batches
-        self.channel_of = [self.canonical.index(m) for m in split.modalities]
+        self.channels = ChannelMap(split.modalities, self.canonical, split.directory)
 
     def _slot(self) -> tuple[int, int, int, int]:
         """(reading slot, slot count, logical worker, workers of this rank).
@@ -197,8 +119,7 @@ class SliceStream(IterableDataset):
         return self.rank * workers + logical, self.world_size * workers, logical, workers
 
     def _raw_samples(self, shards: list[Path], keep: tuple[int, int] | None) -> Iterator[dict[str, Any]]:
-        urls = [{"url": str(path)} for path in shards]
-        for index, sample in enumerate(tarfile_samples(urls)):
+        for index, sample in enumerate(raw_samples(shards)):
             if keep is None or index % keep[1] == keep[0]:
                 yield sample
 
@@ -224,21 +145,16 @@ class SliceStream(IterableDataset):
             yield buffer.pop(int(rng.integers(len(buffer))))
 
     def _convert(self, raw: dict[str, Any], rng: np.random.Generator, index: int) -> dict[str, Any] | None:
-        info = json.loads(raw["json"])
-        stored = _decode_npy(raw["img.npy"])
-        present = sorted(self.canonical.index(m) for m in _present_modalities(info, self.split.modalities))
+        sample = self.channels.decode(raw)
         choice = (
-            _choose_task(present, self.task, rng)
+            _choose_task(sample.present, self.task, rng)
             if self.train
-            else _validation_task(present, self.task, index)
+            else _validation_task(sample.present, self.task, index)
         )
         if choice is None:
             return None
         inputs, target = choice
-        height, width = stored.shape[-2:]
-        images = np.zeros((len(self.canonical), height, width), dtype=np.float32)
-        images[self.channel_of] = stored.astype(np.float32)
-        mask = _decode_npy(raw["mask.npy"]).astype(np.float32)[None]
+        images, mask = sample.images, sample.mask.astype(np.float32)[None]
         if self.train and self.random_flips and rng.random() < 0.5:
             # left-right flips keep anatomy plausible (the brain is roughly symmetric); up-down would not
             images, mask = images[..., ::-1].copy(), mask[..., ::-1].copy()
@@ -250,8 +166,8 @@ class SliceStream(IterableDataset):
             "target_index": np.int64(target),
             "target": images[target : target + 1].copy(),
             "mask": mask,
-            "key": raw["__key__"],
-            "subject": str(info.get("subject", raw["__key__"])),
+            "key": sample.key,
+            "subject": sample.subject,
         }
 
     def _samples(self) -> Iterator[dict[str, Any]]:

@@ -23,7 +23,6 @@ by data_prep, whole in-plane extent). Outputs in ``--out``: ``per_slice.csv``, `
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import time
@@ -33,27 +32,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 from tqdm import tqdm
 
 from data_prep.errors import UserError
 from medgan import metrics
-from medgan.data import read_split
-from medgan.export import LoadedGenerator
+from medgan.inference import LoadedGenerator
 from medgan.models.conditioning import canonical_modality
+from medgan.report import method_descriptions, metric_definitions
+from medgan.scoring import (
+    COPY,
+    METRICS,
+    MODEL,
+    REGIONS,
+    UNET,
+    SliceScore,
+    VolumeScore,
+    paired_statistics,
+    score_subject,
+)
+from medgan.shards import ChannelMap, ShardFolder, raw_samples
 from medgan.synthesis import (
     SEGMENTATION,
     SynthesisError,
     default_reference,
     find_subjects,
-    predict_slices,
     prepare_nifti_subject,
 )
-
-METRICS = ("psnr", "ssim", "mae")
-MODEL, COPY, UNET = "model", "best_input_copy", "baseline_checkpoint"
-REGIONS = ("brain", "tumour", "non_tumour")
-CONFIDENCE = 0.95
 
 
 class EvaluationError(UserError):
@@ -96,10 +100,6 @@ class SubjectSlices:
     spacing: tuple[float, float, float]
 
 
-def _decode_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
 def _spacing(geometry: dict[str, Any] | None) -> tuple[float, float, float]:
     """(z, x, y) mm of the canonical grid; slices are [Z, H = x, W = y]."""
     if not geometry:
@@ -113,17 +113,10 @@ class ShardSubjects:
     contiguous), in the generator's channel order."""
 
     def __init__(self, data_path: str | Path, split: str, modalities: list[str]) -> None:
-        self.split = read_split(data_path, split)
-        manifest = json.loads((Path(data_path) / "manifest.json").read_text())
-        self.records = manifest.get("subjects", {})
-        self.subjects = manifest["splits"][split].get("subjects", [])
-        self.modalities = list(modalities)
-        unknown = [m for m in self.split.modalities if m not in self.modalities]
-        if unknown:
-            raise EvaluationError(
-                f"{data_path}: contrasts {' '.join(unknown)} are not among the checkpoint's "
-                f"{' '.join(self.modalities)}"
-            )
+        self.folder = ShardFolder.open(data_path)
+        self.split = self.folder.split(split)
+        self.channels = ChannelMap(self.split.modalities, list(modalities), self.folder.directory)
+        self.subjects = list(self.split.subjects)
         self.scope = f"the axial slices in the {split!r} shards of {data_path}"
 
     @property
@@ -134,38 +127,28 @@ class ShardSubjects:
         return len(self.subjects)
 
     def __iter__(self) -> Iterator[SubjectSlices]:
-        from webdataset.tariterators import tarfile_samples
+        current: list = []
+        for raw in raw_samples(self.split.shards):
+            sample = self.channels.decode(raw, with_seg=True)
+            if current and sample.subject != current[0].subject:
+                yield self._subject(current)
+                current = []
+            current.append(sample)
+        if current:
+            yield self._subject(current)
 
-        channels = [self.modalities.index(m) for m in self.split.modalities]
-        current: str | None = None
-        parts: list[dict[str, Any]] = []
-        for raw in tarfile_samples([{"url": str(path)} for path in self.split.shards]):
-            info = json.loads(raw["json"])
-            if info["subject"] != current and parts:
-                yield self._subject(current, parts, channels)
-                parts = []
-            current = info["subject"]
-            parts.append(
-                {"info": info, **{k: raw[k] for k in ("img.npy", "mask.npy", "seg.npy") if k in raw}}
-            )
-        if parts:
-            yield self._subject(current, parts, channels)
-
-    def _subject(self, subject: str, parts: list[dict[str, Any]], channels: list[int]) -> SubjectSlices:
-        parts.sort(key=lambda part: part["info"]["slice"])
-        stored = np.stack([_decode_npy(part["img.npy"]) for part in parts]).astype(np.float32)
-        images = np.zeros((stored.shape[0], len(self.modalities), *stored.shape[2:]), dtype=np.float32)
-        images[:, channels] = stored
-        has_seg = all("seg.npy" in part for part in parts)
-        record = self.records.get(subject, {})
+    def _subject(self, samples: list) -> SubjectSlices:
+        samples.sort(key=lambda sample: sample.info["slice"])
+        has_seg = all(sample.seg is not None for sample in samples)
+        subject = samples[0].subject
         return SubjectSlices(
             subject=subject,
-            images=images,
-            present=[canonical_modality(m) for m in parts[0]["info"]["present"]],
-            mask=np.stack([_decode_npy(part["mask.npy"]) for part in parts]).astype(bool),
-            seg=np.stack([_decode_npy(part["seg.npy"]) for part in parts]) if has_seg else None,
-            slices=np.array([part["info"]["slice"] for part in parts]),
-            spacing=_spacing(record.get("geometry")),
+            images=np.stack([sample.images for sample in samples]),
+            present=[self.channels.canonical[i] for i in samples[0].present],
+            mask=np.stack([sample.mask for sample in samples]).astype(bool),
+            seg=np.stack([sample.seg for sample in samples]) if has_seg else None,
+            slices=np.array([sample.info["slice"] for sample in samples]),
+            spacing=_spacing(self.folder.records.get(subject, {}).get("geometry")),
         )
 
 
@@ -254,58 +237,6 @@ def tasks_to_evaluate(
     return tasks
 
 
-def region_masks(mask: np.ndarray, seg: np.ndarray | None) -> dict[str, np.ndarray]:
-    """bool [Z, H, W] per region: brain; tumour (any label, within the brain) and the rest, with a seg."""
-    regions = {"brain": mask}
-    if seg is not None:
-        regions["tumour"] = mask & (seg > 0)
-        regions["non_tumour"] = mask & (seg == 0)
-    return regions
-
-
-def score_volume(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> tuple[dict, dict]:
-    """(per-slice, per-volume) metrics of ``pred`` vs ``target`` [Z, H, W] in [0, 1] over ``mask``.
-
-    per-slice: metric -> float64 [Z] (NaN where the slice's mask is empty); per-volume: metric ->
-    float over every masked voxel of the stack (3D SSIM; NaN when Z < 11, the 3D window's length).
-    """
-    per_slice = {name: getattr(metrics, name)(pred, target, mask=mask) for name in METRICS}
-    per_volume = {}
-    for name in METRICS:
-        if name == "ssim" and min(pred.shape) < metrics.SSIM_WIN_SIZE:
-            per_volume[name] = math.nan
-            continue
-        per_volume[name] = float(getattr(metrics, name)(pred, target, mask=mask, spatial_dims=3))
-    return per_slice, per_volume
-
-
-def paired_statistics(
-    model: np.ndarray, baseline: np.ndarray, confidence: float = CONFIDENCE
-) -> dict[str, Any]:
-    """Paired comparison over subjects of per-volume values (pairs with a NaN are dropped).
-
-    Returns n, mean_difference (model - baseline), the ``confidence`` t interval of the mean difference
-    (as ``scipy.stats.ttest_rel(...).confidence_interval``) and the two-sided Wilcoxon signed-rank p
-    (``scipy.stats.wilcoxon``); NaN where too few pairs (n < 2 for the interval, all differences zero
-    or n < 1 for the test).
-    """
-    model, baseline = np.asarray(model, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
-    keep = np.isfinite(model) & np.isfinite(baseline)
-    differences = model[keep] - baseline[keep]
-    n = int(differences.size)
-    result: dict[str, Any] = {"n": n, "mean_difference": float(differences.mean()) if n else math.nan}
-    if n >= 2:
-        spread = stats.t.ppf(0.5 + confidence / 2, n - 1) * differences.std(ddof=1) / math.sqrt(n)
-        result["ci95"] = [result["mean_difference"] - spread, result["mean_difference"] + spread]
-    else:
-        result["ci95"] = [math.nan, math.nan]
-    if n >= 1 and np.any(differences != 0):
-        result["wilcoxon_p"] = float(stats.wilcoxon(model[keep], baseline[keep]).pvalue)
-    else:
-        result["wilcoxon_p"] = math.nan
-    return result
-
-
 def _plane_indices(mask: np.ndarray, seg: np.ndarray | None) -> tuple[int, int, int]:
     """(z, x, y) planes to show: through the tumour's centre when there is one, else the brain's."""
     focus = seg > 0 if seg is not None and np.any(seg > 0) else mask
@@ -328,11 +259,31 @@ def orthogonal_views(volumes: dict[str, np.ndarray], mask: np.ndarray, seg: np.n
 
 
 @dataclass(slots=True)
-class _Collected:
-    """Rows gathered during the pass; the copy baseline's rows are filtered once its input is chosen."""
+class Scores:
+    """Rows scored by :func:`score_subjects`: every input's copy is scored (``best_input_copy:NAME``)
+    until :func:`keep_chosen_copies` keeps the one chosen per task."""
 
-    slice_rows: list[dict[str, Any]] = field(default_factory=list)
-    volume_rows: list[dict[str, Any]] = field(default_factory=list)
+    slices: list[SliceScore] = field(default_factory=list)
+    volumes: list[VolumeScore] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=lambda: {MODEL: 0.0, UNET: 0.0})
+    evaluated: int = 0
+
+    def add(self, method: str, task: Task, subject: SubjectSlices, pred: np.ndarray, target: np.ndarray):
+        slices, volumes = score_subject(
+            method, task.name, subject.subject, subject.slices, pred, target, subject.mask, subject.seg
+        )
+        self.slices.extend(slices)
+        self.volumes.extend(volumes)
+
+    def predict(
+        self, method: str, generator: LoadedGenerator, images, inputs, target, batch_size
+    ) -> np.ndarray:
+        """``generator.predict``, its time added to ``seconds[method]``."""
+        started = time.perf_counter()
+        result = generator.predict(images, inputs, target, batch_size)
+        self.seconds[method] += time.perf_counter() - started
+        return result
 
 
 def _channels(generator: LoadedGenerator, images: np.ndarray, modalities: list[str]) -> np.ndarray:
@@ -346,45 +297,69 @@ def _channels(generator: LoadedGenerator, images: np.ndarray, modalities: list[s
     return mapped
 
 
-def _score_rows(
-    collected: _Collected,
-    method: str,
-    task: Task,
-    subject: SubjectSlices,
-    pred: np.ndarray,
-    target: np.ndarray,
-) -> None:
-    for region, mask in region_masks(subject.mask, subject.seg).items():
-        per_slice, per_volume = score_volume(pred, target, mask)
-        voxels = mask.sum(axis=(1, 2))
-        for index, slice_index in enumerate(subject.slices):
-            collected.slice_rows.append(
-                {
-                    "method": method,
-                    "task": task.name,
-                    "subject": subject.subject,
-                    "slice": int(slice_index),
-                    "region": region,
-                    **{name: float(per_slice[name][index]) for name in METRICS},
-                    "voxels": int(voxels[index]),
-                }
-            )
-        collected.volume_rows.append(
-            {
-                "method": method,
-                "task": task.name,
-                "subject": subject.subject,
-                "region": region,
-                **per_volume,
-                "voxels": int(mask.sum()),
-                "slices": int(mask.shape[0]),
-            }
-        )
+def _serves(subject: SubjectSlices, task: Task) -> bool:
+    return task.target in subject.present and all(m in subject.present for m in task.inputs)
 
 
-def _copy_choice_on(subjects, tasks: list[Task], modalities: list[str]) -> dict[str, str]:
-    """Per task, the input whose copy has the highest mean per-volume brain PSNR on ``subjects``."""
-    scores: dict[str, dict[str, list[float]]] = {task.name: {m: [] for m in task.inputs} for task in tasks}
+def _write_views(out: Path, task: Task, subject: SubjectSlices, modalities, pred, target, mask) -> None:
+    """Three orthogonal planes of inputs, synthesized, real and mask, for the report's montages."""
+    views = orthogonal_views(
+        {
+            "inputs": subject.images[:, [modalities.index(m) for m in task.inputs]].transpose(1, 0, 2, 3),
+            "synthesized": pred,
+            "real": target,
+            "mask": mask,
+        },
+        subject.mask,
+        subject.seg,
+    )
+    view_dir = out / "views" / task.folder_name
+    view_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        view_dir / f"{subject.subject}.npz",
+        **{key: value.astype(np.float16) for key, value in views.items()},
+        input_names=np.array(task.inputs),
+        spacing=np.array(subject.spacing),
+    )
+
+
+def score_subjects(
+    generator: LoadedGenerator,
+    subjects: ShardSubjects | NiftiSubjects,
+    tasks: list[Task],
+    out: Path,
+    baseline: LoadedGenerator | None,
+    batch_size: int,
+) -> Scores:
+    """Step 1: synthesize every task for every subject that serves it, score the model, every input's
+    copy and the baseline, and save the views."""
+    modalities = generator.modalities
+    scores = Scores(skipped={task.name: [] for task in tasks})
+    for subject in tqdm(subjects, total=len(subjects), desc="evaluate", unit="subject", disable=None):
+        scores.evaluated += 1
+        for task in tasks:
+            if not _serves(subject, task):
+                scores.skipped[task.name].append(subject.subject)
+                continue
+            target = subject.images[:, modalities.index(task.target)]
+            mask = subject.mask.astype(np.float32)
+            inputs = list(task.inputs)
+            pred = mask * scores.predict(MODEL, generator, subject.images, inputs, task.target, batch_size)
+            scores.add(MODEL, task, subject, pred, target)
+            for name in task.inputs:
+                scores.add(f"{COPY}:{name}", task, subject, subject.images[:, modalities.index(name)], target)
+            if baseline is not None:
+                images = _channels(baseline, subject.images, modalities)
+                baseline_pred = scores.predict(UNET, baseline, images, inputs, task.target, batch_size)
+                scores.add(UNET, task, subject, baseline_pred * mask, target)
+            _write_views(out, task, subject, modalities, pred, target, mask)
+    return scores
+
+
+def choose_copied_inputs_on(subjects, tasks: list[Task], modalities: list[str]) -> dict[str, str]:
+    """Step 2 (with a validation split): per task, the input whose copy has the highest mean per-volume
+    brain PSNR on ``subjects``."""
+    psnrs: dict[str, dict[str, list[float]]] = {task.name: {m: [] for m in task.inputs} for task in tasks}
     for subject in tqdm(subjects, desc="choose copied input", unit="subject", disable=None):
         for task in tasks:
             if not _serves(subject, task):
@@ -393,52 +368,52 @@ def _copy_choice_on(subjects, tasks: list[Task], modalities: list[str]) -> dict[
             for name in task.inputs:
                 copy = subject.images[:, modalities.index(name)]
                 value = metrics.psnr(copy, target, mask=subject.mask, spatial_dims=3)
-                scores[task.name][name].append(float(value))
+                psnrs[task.name][name].append(float(value))
     return {
-        task: max(by_input, key=lambda m: np.nanmean(by_input[m]) if by_input[m] else -math.inf)
-        for task, by_input in scores.items()
+        task: _best_input({m: v or [math.nan] for m, v in by_input.items()})
+        for task, by_input in psnrs.items()
     }
 
 
-def _copy_choice_from_rows(volume_rows: list[dict[str, Any]], tasks: list[Task]) -> dict[str, str]:
-    """Per task, the input whose copy has the highest mean per-volume brain PSNR in the rows scored."""
-    choice = {}
-    for task in tasks:
-        means = {
-            name: np.nanmean(
-                [
-                    r["psnr"]
-                    for r in volume_rows
-                    if r["task"] == task.name and r["region"] == "brain" and r["method"] == f"{COPY}:{name}"
+def choose_copied_inputs_from(volumes: list[VolumeScore], tasks: list[Task]) -> dict[str, str]:
+    """Step 2 (without one): the same choice, on the evaluated subjects' own scores."""
+    return {
+        task.name: _best_input(
+            {
+                name: [
+                    row.psnr
+                    for row in volumes
+                    if row.task == task.name and row.region == "brain" and row.method == f"{COPY}:{name}"
                 ]
                 or [math.nan]
-            )
-            for name in task.inputs
-        }
-        choice[task.name] = max(means, key=lambda name: -math.inf if math.isnan(means[name]) else means[name])
-    return choice
+                for name in task.inputs
+            }
+        )
+        for task in tasks
+    }
 
 
-def _serves(subject: SubjectSlices, task: Task) -> bool:
-    return task.target in subject.present and all(m in subject.present for m in task.inputs)
+def _best_input(psnrs: dict[str, list[float]]) -> str:
+    """The input with the highest mean PSNR (all-NaN inputs rank last)."""
+    means = {
+        name: np.nanmean(values) if not np.all(np.isnan(values)) else -math.inf
+        for name, values in psnrs.items()
+    }
+    return max(means, key=means.__getitem__)
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities become null: JSON has no such numbers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return value
+def keep_chosen_copies(scores: Scores, choice: dict[str, str]) -> tuple[list[dict], list[dict]]:
+    """Step 3: per-slice and per-volume rows as dicts, with only each task's chosen copy, renamed
+    ``best_input_copy``."""
 
+    def kept(rows):
+        for row in rows:
+            if not row.method.startswith(COPY):
+                yield row.to_dict()
+            elif row.method == f"{COPY}:{choice[row.task]}":
+                yield {**row.to_dict(), "method": COPY}
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    with open(path, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    return list(kept(scores.slices)), list(kept(scores.volumes))
 
 
 def _summaries(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -463,6 +438,82 @@ def _examples(volume_rows: list[dict[str, Any]]) -> dict[str, str]:
     }
 
 
+def summarize_task(
+    task: Task,
+    slice_rows: list[dict],
+    volume_rows: list[dict],
+    methods: list[str],
+    skipped: list[str],
+    copy: dict[str, str],
+) -> dict[str, Any]:
+    """Step 4: one task's summaries per method and region, paired statistics against each baseline
+    (per-volume brain values over subjects) and the example subjects."""
+    task_volumes = [r for r in volume_rows if r["task"] == task.name]
+    task_slices = [r for r in slice_rows if r["task"] == task.name]
+    by_method = {
+        method: {
+            region: {
+                "per_volume": _summaries(
+                    [r for r in task_volumes if r["method"] == method and r["region"] == region]
+                ),
+                "per_slice": _summaries(
+                    [r for r in task_slices if r["method"] == method and r["region"] == region]
+                ),
+            }
+            for region in REGIONS
+            if any(r["region"] == region for r in task_volumes)
+        }
+        for method in methods
+    }
+    brain = {
+        method: {r["subject"]: r for r in task_volumes if r["method"] == method and r["region"] == "brain"}
+        for method in methods
+    }
+    order = sorted(brain[MODEL])
+    paired = {
+        method: {
+            name: paired_statistics(
+                np.array([brain[MODEL][s][name] for s in order]),
+                np.array([brain[method][s][name] for s in order]),
+            )
+            for name in METRICS
+        }
+        for method in methods[1:]
+    }
+    return {
+        "inputs": list(task.inputs),
+        "target": task.target,
+        "subjects": len(order),
+        "skipped_subjects": skipped,
+        "best_input_copy": copy,
+        "methods": by_method,
+        "paired": paired,
+        "examples": _examples(task_volumes),
+        "views": f"views/{task.folder_name}",
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities become null: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def write_outputs(out: Path, slice_rows: list[dict], volume_rows: list[dict], summary: dict) -> None:
+    """Step 5: ``per_slice.csv``, ``per_volume.csv`` and ``summary.json``."""
+    for name, rows in (("per_slice.csv", slice_rows), ("per_volume.csv", volume_rows)):
+        with open(out / name, "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+
+
 def evaluate(
     generator: LoadedGenerator,
     subjects: ShardSubjects | NiftiSubjects,
@@ -483,156 +534,41 @@ def evaluate(
             reason = baseline.serves(list(task.inputs), task.target)
             if reason:
                 raise EvaluationError(f"--baseline-checkpoint: {reason}")
-    modalities = generator.modalities
-    collected = _Collected()
-    skipped: dict[str, list[str]] = {task.name: [] for task in tasks}
-    seconds = {MODEL: 0.0, UNET: 0.0}
-    evaluated = 0
-    for subject in tqdm(subjects, total=len(subjects), desc="evaluate", unit="subject", disable=None):
-        evaluated += 1
-        for task in tasks:
-            if not _serves(subject, task):
-                skipped[task.name].append(subject.subject)
-                continue
-            target = subject.images[:, modalities.index(task.target)]
-            mask = subject.mask.astype(np.float32)
-            started = time.perf_counter()
-            pred = (
-                predict_slices(generator, subject.images, list(task.inputs), task.target, batch_size) * mask
-            )
-            seconds[MODEL] += time.perf_counter() - started
-            _score_rows(collected, MODEL, task, subject, pred, target)
-            for name in task.inputs:
-                copy = subject.images[:, modalities.index(name)]
-                _score_rows(collected, f"{COPY}:{name}", task, subject, copy, target)
-            if baseline is not None:
-                started = time.perf_counter()
-                images = _channels(baseline, subject.images, modalities)
-                baseline_pred = predict_slices(baseline, images, list(task.inputs), task.target, batch_size)
-                seconds[UNET] += time.perf_counter() - started
-                _score_rows(collected, UNET, task, subject, baseline_pred * mask, target)
-            views = orthogonal_views(
-                {
-                    "inputs": subject.images[:, [modalities.index(m) for m in task.inputs]].transpose(
-                        1, 0, 2, 3
-                    ),
-                    "synthesized": pred,
-                    "real": target,
-                    "mask": mask,
-                },
-                subject.mask,
-                subject.seg,
-            )
-            view_dir = out / "views" / task.folder_name
-            view_dir.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(
-                view_dir / f"{subject.subject}.npz",
-                **{key: value.astype(np.float16) for key, value in views.items()},
-                input_names=np.array(task.inputs),
-                spacing=np.array(subject.spacing),
-            )
-    if evaluated == 0 or not collected.volume_rows:
+    scores = score_subjects(generator, subjects, tasks, out, baseline, batch_size)
+    if scores.evaluated == 0 or not scores.volumes:
         failures = getattr(subjects, "failures", [])
         detail = f" ({failures[0]})" if failures else ""
         raise EvaluationError(f"no subject could be evaluated{detail}")
-
-    chosen_on = "the validation split" if selection_subjects is not None else "the evaluated subjects"
     if selection_subjects is not None:
-        copy_choice = _copy_choice_on(selection_subjects, tasks, modalities)
+        chosen_on = "the validation split"
+        copy_choice = choose_copied_inputs_on(selection_subjects, tasks, generator.modalities)
     else:
-        copy_choice = _copy_choice_from_rows(collected.volume_rows, tasks)
-
-    def rename(row: dict[str, Any]) -> dict[str, Any] | None:
-        if not row["method"].startswith(COPY):
-            return row
-        if row["method"] != f"{COPY}:{copy_choice[row['task']]}":
-            return None
-        return {**row, "method": COPY}
-
-    slice_rows = [r for r in map(rename, collected.slice_rows) if r is not None]
-    volume_rows = [r for r in map(rename, collected.volume_rows) if r is not None]
-    _write_csv(out / "per_slice.csv", slice_rows, list(slice_rows[0]))
-    _write_csv(out / "per_volume.csv", volume_rows, list(volume_rows[0]))
-
+        chosen_on = "the evaluated subjects"
+        copy_choice = choose_copied_inputs_from(scores.volumes, tasks)
+    slice_rows, volume_rows = keep_chosen_copies(scores, copy_choice)
     methods = [MODEL, COPY] + ([UNET] if baseline is not None else [])
-    task_summaries = {}
-    for task in tasks:
-        task_volumes = [r for r in volume_rows if r["task"] == task.name]
-        task_slices = [r for r in slice_rows if r["task"] == task.name]
-        by_method = {}
-        for method in methods:
-            by_method[method] = {
-                region: {
-                    "per_volume": _summaries(
-                        [r for r in task_volumes if r["method"] == method and r["region"] == region]
-                    ),
-                    "per_slice": _summaries(
-                        [r for r in task_slices if r["method"] == method and r["region"] == region]
-                    ),
-                }
-                for region in REGIONS
-                if any(r["region"] == region for r in task_volumes)
-            }
-        brain = {
-            method: {
-                r["subject"]: r for r in task_volumes if r["method"] == method and r["region"] == "brain"
-            }
-            for method in methods
-        }
-        order = sorted(brain[MODEL])
-        paired = {
-            method: {
-                name: paired_statistics(
-                    np.array([brain[MODEL][s][name] for s in order]),
-                    np.array([brain[method][s][name] for s in order]),
-                )
-                for name in METRICS
-            }
-            for method in methods[1:]
-        }
-        task_summaries[task.name] = {
-            "inputs": list(task.inputs),
-            "target": task.target,
-            "subjects": len(order),
-            "skipped_subjects": skipped[task.name],
-            "best_input_copy": {"input": copy_choice[task.name], "chosen_on": chosen_on},
-            "methods": by_method,
-            "paired": paired,
-            "examples": _examples(task_volumes),
-            "views": f"views/{task.folder_name}",
-        }
     summary = {
         **(description or {}),
         "scope": subjects.scope,
         "checkpoint": generator.source,
         "baseline_checkpoint": baseline.source if baseline is not None else None,
-        "subjects_evaluated": evaluated,
+        "subjects_evaluated": scores.evaluated,
         "failed_subjects": getattr(subjects, "failures", []),
         "data_range": 1.0,
-        "methods": {
-            MODEL: "the generator under evaluation",
-            COPY: f"the input contrast with the best mean per-volume brain PSNR on {chosen_on}, copied as is",
-            **({UNET: "the generator of --baseline-checkpoint (e.g. the plain U-Net)"} if baseline else {}),
+        "methods": method_descriptions(chosen_on, baseline is not None),
+        "definitions": metric_definitions(),
+        "inference_seconds": {key: round(value, 3) for key, value in scores.seconds.items() if value},
+        "tasks": {
+            task.name: summarize_task(
+                task,
+                slice_rows,
+                volume_rows,
+                methods,
+                scores.skipped[task.name],
+                {"input": copy_choice[task.name], "chosen_on": chosen_on},
+            )
+            for task in tasks
         },
-        "definitions": {
-            "intensities": "each contrast normalised into [0, 1] by data_prep (0.5-99.5 percentile in the "
-            "mask, clipped); predictions multiplied by the mask; data_range = 1",
-            "psnr": "10 log10(1 / MSE) dB, MSE over the region's voxels",
-            "ssim": "Wang et al. 2004, Gaussian window sigma 1.5 (11 taps per axis), population covariance, "
-            "K1 0.01, K2 0.03; mean of the full SSIM map over the region; per slice 2D, per volume 3D "
-            "(NaN when a subject has fewer than 11 slices)",
-            "mae": "mean |synthesized - real| over the region's voxels, in the [0, 1] scale",
-            "per_slice": "one value per axial slice (slices with an empty region are NaN and skipped)",
-            "per_volume": "one value per subject over every voxel of the region in its stack of slices",
-            "regions": "brain: the mask; tumour: seg > 0 within the mask; non_tumour: seg == 0 within the "
-            "mask (tumour regions only for subjects with a segmentation)",
-            "summary": "mean, sample std (ddof 1), median over subjects (per volume) or slices (per slice)",
-            "paired": "over subjects, per-volume brain values, model minus baseline: mean with a 95% t "
-            "confidence interval and the two-sided Wilcoxon signed-rank p (scipy.stats.wilcoxon); for "
-            "MAE a negative difference favours the model",
-        },
-        "inference_seconds": {key: round(value, 3) for key, value in seconds.items() if value},
-        "tasks": task_summaries,
     }
-    (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    write_outputs(out, slice_rows, volume_rows, summary)
     return summary

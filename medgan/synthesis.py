@@ -18,7 +18,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 from nibabel.filebasedimages import ImageFileError
 from tqdm import tqdm
 
@@ -34,7 +33,7 @@ from data_prep.volumes import (
     to_canonical,
     uncrop,
 )
-from medgan.export import LoadedGenerator
+from medgan.inference import LoadedGenerator
 from medgan.models.conditioning import MODALITIES, canonical_modality
 
 SEGMENTATION = "seg"
@@ -63,42 +62,6 @@ class SynthesisResult:
     reference: str
     inputs: list[str]
     target: str
-
-
-def predict_slices(
-    generator: LoadedGenerator,
-    images: np.ndarray,
-    inputs: list[str],
-    target: str,
-    batch_size: int = 8,
-    progress: str | None = None,
-) -> np.ndarray:
-    """Run the generator on a stack of slices.
-
-    images: float32 [Z, M, H, W] in [0, 1], channels in ``generator.modalities`` order (only the
-    ``inputs`` channels are shown to the model). Returns float32 [Z, H, W] in [0, 1].
-    progress: a tqdm description, or None for no bar.
-    """
-    channels = [generator.modalities.index(name) for name in inputs]
-    available = torch.zeros(len(generator.modalities), dtype=torch.bool)
-    available[channels] = True
-    target_index = generator.modalities.index(target)
-    device = next(generator.module.parameters()).device
-    outputs = []
-    starts = range(0, images.shape[0], batch_size)
-    with torch.inference_mode():
-        for start in tqdm(
-            starts, desc=progress, unit="batch", disable=None if progress else True, leave=False
-        ):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
-            count = batch.shape[0]
-            predicted = generator.module(
-                batch.float(),
-                available.expand(count, -1).to(device),
-                torch.full((count,), target_index, dtype=torch.long, device=device),
-            )
-            outputs.append(predicted[:, 0].float().cpu().numpy())
-    return np.concatenate(outputs, axis=0).astype(np.float32)
 
 
 def parse_input_flags(values: list[str]) -> dict[str, Path]:
@@ -232,8 +195,8 @@ def synthesize_volume(
     files = {canonical_modality(name): Path(path) for name, path in inputs.items()}
     files.update(extra_files or {})
     prepared = prepare_nifti_subject(generator, files, reference, seed)
-    synthesized = predict_slices(
-        generator, prepared.images.transpose(1, 0, 2, 3), names, target, batch_size, progress
+    synthesized = generator.predict(
+        prepared.images.transpose(1, 0, 2, 3), names, target, batch_size, progress
     )
     synthesized *= prepared.mask.astype(np.float32)
     header = nib.load(files[reference]).header.copy()

@@ -20,7 +20,7 @@ from data_prep.errors import UserError
 from medgan import metrics
 from medgan.checkpointing import CheckpointManager, provenance, tag_for_step
 from medgan.config import Config, ConfigError, config_from_cli, load_config
-from medgan.data import DataError, SliceStream, TaskSpec, make_loader, read_split
+from medgan.data import SliceStream, TaskSpec, make_loader
 from medgan.distributed import (
     DistributedContext,
     all_gather_objects,
@@ -33,6 +33,7 @@ from medgan.ema import ExponentialMovingAverage, gathered_parameters
 from medgan.models.conditioning import condition_stack
 from medgan.models.discriminator import PatchDiscriminator
 from medgan.models.generator import build_generator, count_parameters
+from medgan.shards import DataError, read_split
 from medgan.tracking import SilentReporter, image_grid, make_reporter
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

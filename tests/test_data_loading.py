@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from medgan.data import DataError, SliceStream, TaskSpec, make_loader, read_split
+from medgan.data import SliceStream, TaskSpec, make_loader
 from medgan.models.conditioning import MODALITIES
+from medgan.shards import DataError, read_split
 
 CANONICAL = list(MODALITIES)
 

@@ -13,17 +13,9 @@ from scipy import stats
 from skimage.metrics import structural_similarity
 from test_export import write_checkpoint
 
-from medgan.evaluation import (
-    COPY,
-    NiftiSubjects,
-    ShardSubjects,
-    Task,
-    evaluate,
-    paired_statistics,
-    score_volume,
-    tasks_to_evaluate,
-)
-from medgan.export import load_generator
+from medgan.evaluation import NiftiSubjects, ShardSubjects, Task, evaluate, tasks_to_evaluate
+from medgan.inference import load_generator
+from medgan.scoring import COPY, paired_statistics, score_volume
 
 
 def test_paired_statistics_equal_scipy():

@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from medgan.checkpointing import CheckpointError
 from medgan.config import build_config
-from medgan.export import CheckpointError, export_generator, load_generator
+from medgan.export import export_generator
+from medgan.inference import load_generator
 from medgan.models.generator import build_generator
 
 TINY_GENERATOR = {

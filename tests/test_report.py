@@ -9,7 +9,7 @@ import pytest
 from test_export import write_checkpoint
 
 from medgan.evaluation import ShardSubjects, evaluate, tasks_to_evaluate
-from medgan.export import load_generator
+from medgan.inference import load_generator
 from medgan.report import ReportError, write_report
 
 

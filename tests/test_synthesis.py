@@ -11,7 +11,8 @@ from conftest import run_module
 from test_export import write_checkpoint
 
 from data_prep.volumes import VolumeError
-from medgan.export import export_generator, load_generator
+from medgan.export import export_generator
+from medgan.inference import load_generator
 from medgan.synthesis import (
     SynthesisError,
     find_subjects,

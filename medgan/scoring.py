@@ -1,0 +1,186 @@
+"""Per-slice and per-volume scores and their summaries: the one place validation (during training) and
+evaluation (after it) turn a synthesized stack and its real target into numbers.
+
+All scores are in the normalised ``[0, 1]`` scale (``data_range = 1``) with ``medgan.metrics``: PSNR and
+MAE over the region's voxels, SSIM as Wang et al. 2004 (the mean of the SSIM map over the region), per
+slice in 2D and per volume in 3D.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from medgan import metrics
+
+METRICS = ("psnr", "ssim", "mae")
+REGIONS = ("brain", "tumour", "non_tumour")
+# The methods an evaluation scores: the generator, the best single input copied, another checkpoint.
+MODEL, COPY, UNET = "model", "best_input_copy", "baseline_checkpoint"
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True, slots=True)
+class SliceScore:
+    """One axial slice's scores over one region (NaN where the slice's region is empty)."""
+
+    method: str
+    task: str
+    subject: str
+    slice: int
+    region: str
+    psnr: float
+    ssim: float
+    mae: float
+    voxels: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeScore:
+    """One subject's scores over every voxel of one region in its stack of slices (3D SSIM: NaN when the
+    stack has fewer slices than the SSIM window)."""
+
+    method: str
+    task: str
+    subject: str
+    region: str
+    psnr: float
+    ssim: float
+    mae: float
+    voxels: int
+    slices: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def region_masks(mask: np.ndarray, seg: np.ndarray | None) -> dict[str, np.ndarray]:
+    """bool [Z, H, W] per region: brain; tumour (any label, within the brain) and the rest, with a seg."""
+    regions = {"brain": mask}
+    if seg is not None:
+        regions["tumour"] = mask & (seg > 0)
+        regions["non_tumour"] = mask & (seg == 0)
+    return regions
+
+
+def slice_scores(pred, target, mask) -> dict[str, np.ndarray]:
+    """metric -> float64 ``[Z]``: each slice of ``pred`` vs ``target`` ``[Z, H, W]`` (numpy or torch, in
+    ``[0, 1]``) over the bool ``mask`` ``[Z, H, W]``; NaN where a slice's mask is empty."""
+    return {name: np.asarray(getattr(metrics, name)(pred, target, mask=mask), np.float64) for name in METRICS}
+
+
+def score_volume(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> tuple[dict, dict]:
+    """(per-slice, per-volume) metrics of ``pred`` vs ``target`` [Z, H, W] in [0, 1] over ``mask``.
+
+    per-slice: metric -> float64 [Z] (NaN where the slice's mask is empty); per-volume: metric ->
+    float over every masked voxel of the stack (3D SSIM; NaN when Z < 11, the 3D window's length).
+    """
+    per_volume = {}
+    for name in METRICS:
+        if name == "ssim" and min(pred.shape) < metrics.SSIM_WIN_SIZE:
+            per_volume[name] = math.nan
+            continue
+        per_volume[name] = float(getattr(metrics, name)(pred, target, mask=mask, spatial_dims=3))
+    return slice_scores(pred, target, mask), per_volume
+
+
+def score_subject(
+    method: str,
+    task: str,
+    subject: str,
+    slices: np.ndarray,
+    pred: np.ndarray,
+    target: np.ndarray,
+    mask: np.ndarray,
+    seg: np.ndarray | None,
+) -> tuple[list[SliceScore], list[VolumeScore]]:
+    """Every region's per-slice and per-volume scores of one subject's synthesized stack.
+
+    slices: int ``[Z]`` axial index of each slice. pred, target: float ``[Z, H, W]`` in ``[0, 1]``.
+    mask: bool ``[Z, H, W]`` brain mask. seg: BraTS labels ``[Z, H, W]`` or None.
+    """
+    slice_rows, volume_rows = [], []
+    for region, region_mask in region_masks(mask, seg).items():
+        per_slice, per_volume = score_volume(pred, target, region_mask)
+        voxels = region_mask.sum(axis=(1, 2))
+        for index, slice_index in enumerate(slices):
+            slice_rows.append(
+                SliceScore(
+                    method,
+                    task,
+                    subject,
+                    int(slice_index),
+                    region,
+                    *(float(per_slice[name][index]) for name in METRICS),
+                    int(voxels[index]),
+                )  # fmt: skip
+            )
+        volume_rows.append(
+            VolumeScore(
+                method,
+                task,
+                subject,
+                region,
+                *(per_volume[name] for name in METRICS),
+                int(region_mask.sum()),
+                int(region_mask.shape[0]),
+            )  # fmt: skip
+        )
+    return slice_rows, volume_rows
+
+
+def summarize_scores(rows: Iterable[SliceScore | VolumeScore]) -> dict[str, dict[str, Any]]:
+    """metric -> ``metrics.summarize`` (mean, std, median, n, NaNs skipped and counted) over ``rows``."""
+    rows = list(rows)
+    return {
+        name: metrics.summarize(np.array([getattr(row, name) for row in rows], dtype=np.float64))
+        for name in METRICS
+    }
+
+
+def per_subject_means(rows: Iterable[SliceScore]) -> list[list[Any]]:
+    """``[subject, slices, psnr, ssim, mae]`` per subject (means over its slices), sorted by subject."""
+    by_subject: dict[str, list[SliceScore]] = defaultdict(list)
+    for row in rows:
+        by_subject[row.subject].append(row)
+    return [
+        [subject, len(scores), *(float(np.nanmean([getattr(s, name) for s in scores])) for name in METRICS)]
+        for subject, scores in sorted(by_subject.items())
+    ]
+
+
+def paired_statistics(
+    model: np.ndarray, baseline: np.ndarray, confidence: float = CONFIDENCE
+) -> dict[str, Any]:
+    """Paired comparison over subjects of per-volume values (pairs with a NaN are dropped).
+
+    Returns n, mean_difference (model - baseline), the ``confidence`` t interval of the mean difference
+    (as ``scipy.stats.ttest_rel(...).confidence_interval``) and the two-sided Wilcoxon signed-rank p
+    (``scipy.stats.wilcoxon``); NaN where too few pairs (n < 2 for the interval, all differences zero
+    or n < 1 for the test).
+    """
+    model, baseline = np.asarray(model, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    keep = np.isfinite(model) & np.isfinite(baseline)
+    differences = model[keep] - baseline[keep]
+    n = int(differences.size)
+    result: dict[str, Any] = {"n": n, "mean_difference": float(differences.mean()) if n else math.nan}
+    if n >= 2:
+        spread = stats.t.ppf(0.5 + confidence / 2, n - 1) * differences.std(ddof=1) / math.sqrt(n)
+        result["ci95"] = [result["mean_difference"] - spread, result["mean_difference"] + spread]
+    else:
+        result["ci95"] = [math.nan, math.nan]
+    if n >= 1 and np.any(differences != 0):
+        result["wilcoxon_p"] = float(stats.wilcoxon(model[keep], baseline[keep]).pvalue)
+    else:
+        result["wilcoxon_p"] = math.nan
+    return result
