@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from data_prep.errors import UserError
@@ -29,7 +30,7 @@ EXIT_SOME_SUBJECTS_FAILED = 1
 EXIT_INTERRUPTED = 130
 SUBCOMMANDS = ("evaluate", "synthesize", "export", "report")
 MODES = ("train", "test", "both")
-# How long a non-zero rank waits for rank 0 to shard a raw folder before giving up.
+# How long the other ranks wait for rank 0 to shard a raw folder: far longer than a BraTS shard takes.
 SHARD_WAIT_SECONDS = 6 * 3600
 
 
@@ -43,40 +44,51 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def _run_evaluate(args, argv: list[str]) -> int:
+def evaluate_checkpoint(
+    checkpoint: str,
+    out: Path,
+    *,
+    data_path: str | None = None,
+    split: str = "test",
+    subjects_folder: str | None = None,
+    baseline_checkpoint: str | None = None,
+    input_modalities: list[str] | None = None,
+    target_modality: str | None = None,
+    report: str | None = None,
+    tag: str | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    command: str = "",
+) -> None:
+    """``evaluate``: score a checkpoint on a shard split or a NIfTI folder, print the headline and write
+    the evaluation folder (and the HTML report when asked)."""
     from medgan.evaluation import NiftiSubjects, ShardSubjects, evaluate, tasks_to_evaluate
     from medgan.inference import load_generator
     from medgan.report import write_report
 
     started = time.perf_counter()
-    generator = load_generator(args.checkpoint, args.tag, _device(args.device))
-    baseline = (
-        load_generator(args.baseline_checkpoint, None, _device(args.device))
-        if args.baseline_checkpoint
-        else None
-    )
+    generator = load_generator(checkpoint, tag, _device(device))
+    baseline = load_generator(baseline_checkpoint, None, _device(device)) if baseline_checkpoint else None
     selection = None
-    if args.subjects:
-        subjects = NiftiSubjects(args.subjects, generator)
+    if subjects_folder:
+        subjects = NiftiSubjects(subjects_folder, generator)
     else:
-        subjects = ShardSubjects(args.data_path, args.split, generator.modalities)
-        if args.split != "val":
+        subjects = ShardSubjects(data_path, split, generator.modalities)
+        if split != "val":
             try:
-                selection = ShardSubjects(args.data_path, "val", generator.modalities)
+                selection = ShardSubjects(data_path, "val", generator.modalities)
             except DataError:
                 selection = None
-    tasks = tasks_to_evaluate(
-        generator, subjects.available_modalities, args.input_modalities, args.target_modality
-    )
+    tasks = tasks_to_evaluate(generator, subjects.available_modalities, input_modalities, target_modality)
     summary = evaluate(
         generator,
         subjects,
         tasks,
-        Path(args.out),
+        Path(out),
         baseline=baseline,
         selection_subjects=selection,
-        batch_size=args.batch_size,
-        description={"command": "python -m medgan " + shlex.join(argv)},
+        batch_size=batch_size,
+        description={"command": command},
     )
     for name, task in summary["tasks"].items():
         brain = task["methods"]["model"]["brain"]["per_volume"]
@@ -88,12 +100,29 @@ def _run_evaluate(args, argv: list[str]) -> int:
         )
     for line in summary["failed_subjects"]:
         print(f"medgan evaluate: left out {line}", file=sys.stderr)
-    if args.report:
-        write_report(args.out, args.report)
-        _say(f"report: {args.report}")
+    if report:
+        write_report(out, report)
+        _say(f"report: {report}")
     _say(
-        f"wrote summary.json, per_volume.csv, per_slice.csv to {args.out} in "
-        f"{time.perf_counter() - started:.0f} s"
+        f"wrote summary.json, per_volume.csv, per_slice.csv to {out} in {time.perf_counter() - started:.0f} s"
+    )
+
+
+def _run_evaluate(args, argv: list[str]) -> int:
+    evaluate_checkpoint(
+        args.checkpoint,
+        Path(args.out),
+        data_path=args.data_path,
+        split=args.split,
+        subjects_folder=args.subjects,
+        baseline_checkpoint=args.baseline_checkpoint,
+        input_modalities=args.input_modalities,
+        target_modality=args.target_modality,
+        report=args.report,
+        tag=args.tag,
+        batch_size=args.batch_size,
+        device=args.device,
+        command="python -m medgan " + shlex.join(argv),
     )
     return 0
 
@@ -218,9 +247,9 @@ def _raw_format(folder: Path) -> str:
     return "ixi" if any(path.name.upper().startswith("IXI") for path in folder.rglob("*.nii*")) else "brats"
 
 
-def shards_for(data_path: str, checkpoint_dir: Path, is_main: bool) -> Path:
+def shards_for(data_path: str, checkpoint_dir: Path) -> Path:
     """A shard folder for ``data_path``: itself when it has a manifest, else a raw BraTS/IXI folder
-    sharded (by rank 0, once) into ``checkpoint_dir/shards`` with ``python -m data_prep shard``."""
+    sharded into ``checkpoint_dir/shards`` with ``python -m data_prep shard`` (rank 0 runs it)."""
     source = Path(data_path)
     if not data_path or not source.is_dir():
         raise DataError(f"--data_path {data_path or '(empty)'}: no such folder")
@@ -229,14 +258,6 @@ def shards_for(data_path: str, checkpoint_dir: Path, is_main: bool) -> Path:
     shards = checkpoint_dir / "shards"
     if (shards / "manifest.json").is_file():
         _say(f"reusing the shards of {source} in {shards}")
-        return shards
-    if not is_main:
-        waited = 0
-        while not (shards / "manifest.json").is_file():
-            if waited > SHARD_WAIT_SECONDS:
-                raise DataError(f"{shards}: rank 0 did not finish sharding {source}")
-            time.sleep(5)
-            waited += 5
         return shards
     command = [
         sys.executable, "-m", "data_prep", "shard", "--format", _raw_format(source),
@@ -249,37 +270,46 @@ def shards_for(data_path: str, checkpoint_dir: Path, is_main: bool) -> Path:
 
 
 def run_front_door(argv: list[str]) -> int:
-    """The seed's ``--mode train|test|both``: train with medgan.train, then evaluate and report."""
+    """The seed's ``--mode train|test|both``: shard a raw folder once (rank 0, the others wait), train
+    on every rank with medgan.train, then evaluate the test split and write the report on rank 0."""
     from medgan.config import config_from_cli
-    from medgan.distributed import read_context
+    from medgan.distributed import init_distributed, read_context, run_on_main, set_thread_share
 
     mode_parser = argparse.ArgumentParser(prog="python -m medgan", add_help=False)
     mode_parser.add_argument("--mode", choices=MODES, required=True)
     known, rest = mode_parser.parse_known_args(argv)
     config = config_from_cli(rest)
     checkpoint_dir = Path(config.checkpoint.dir)
-    is_main = read_context().rank == 0
-    shards = shards_for(config.data.data_path, checkpoint_dir, is_main)
     if known.mode in ("train", "both"):
-        from medgan.train import main as train
+        from medgan.train import train
 
-        status = train([*rest, "--data_path", str(shards)])
-        if status:
-            return status
-    if known.mode == "train" or not is_main:
+        context = init_distributed()
+        set_thread_share(context)
+        shards = run_on_main(
+            lambda: shards_for(config.data.data_path, checkpoint_dir),
+            timedelta(seconds=SHARD_WAIT_SECONDS),
+            f"shard {config.data.data_path}",
+        )
+        config.data.data_path = str(shards)
+        train(config, context)
+    else:
+        context = read_context()
+        shards = shards_for(config.data.data_path, checkpoint_dir)
+    if known.mode == "train" or not context.is_main:
         return 0
     evaluation = checkpoint_dir / "eval"
-    test_argv = [
-        "evaluate", "--checkpoint", config.checkpoint.file or str(checkpoint_dir), "--data_path", str(shards),
-        "--split", "test", "--out", str(evaluation), "--batch_size", str(config.data.batch_size),
-        "--report", str(evaluation / "report.html"),
-    ]  # fmt: skip
-    if config.data.target_modality != "any":
-        test_argv += ["--target_modality", config.data.target_modality]
-    if config.data.input_modalities:
-        test_argv += ["--input_modalities", *config.data.input_modalities]
-    args = build_tool_parser().parse_args(test_argv)
-    return args.run(args, test_argv)
+    evaluate_checkpoint(
+        config.checkpoint.file or str(checkpoint_dir),
+        evaluation,
+        data_path=str(shards),
+        split="test",
+        input_modalities=config.data.input_modalities or None,
+        target_modality=None if config.data.target_modality == "any" else config.data.target_modality,
+        report=str(evaluation / "report.html"),
+        batch_size=config.data.batch_size,
+        command="python -m medgan " + shlex.join(argv),
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

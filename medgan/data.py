@@ -168,6 +168,7 @@ class SliceStream(IterableDataset):
             "mask": mask,
             "key": sample.key,
             "subject": sample.subject,
+            "slice": np.int64(sample.info["slice"]),
         }
 
     def _samples(self) -> Iterator[dict[str, Any]]:

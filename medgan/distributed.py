@@ -8,11 +8,18 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from data_prep.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,3 +139,42 @@ def all_gather_objects(value: object) -> list[object]:
     gathered: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def run_on_main(work: Callable[[], T], timeout: timedelta, what: str) -> T:
+    """Rank 0 runs ``work`` while the other ranks wait for it, up to ``timeout`` (longer than the process
+    group's, which only bounds training's own collectives); every rank returns rank 0's result.
+
+    A UserError on rank 0 is raised again on every rank; any other failure there is re-raised on rank 0
+    and reported by the others as a UserError naming ``what``; so is a wait longer than ``timeout``.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return work()
+    # a gloo side group: its own (long) timeout, and it works whatever the training backend is
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    rank = dist.get_rank()
+    payload: list[Any] = [None]
+    failure: BaseException | None = None
+    if rank == 0:
+        try:
+            payload = [("ok", work())]
+        except UserError as error:
+            failure, payload = error, [("user_error", str(error))]
+        except BaseException as error:
+            failure, payload = error, [("failed", f"{type(error).__name__}: {error}")]
+    try:
+        dist.broadcast_object_list(payload, src=0, group=group)
+    except RuntimeError as error:
+        raise UserError(
+            f"rank {rank} waited {timeout} for rank 0 to {what} and gave up ({str(error).splitlines()[0]})"
+        ) from None
+    finally:
+        dist.destroy_process_group(group)
+    if failure is not None:
+        raise failure
+    status, value = payload[0]
+    if status == "user_error":
+        raise UserError(value)
+    if status == "failed":
+        raise UserError(f"rank 0 failed to {what}: {value}")
+    return value

@@ -9,6 +9,7 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.errors import UserError
-from medgan import metrics
-from medgan.checkpointing import CheckpointManager, provenance, tag_for_step
+from medgan.checkpointing import (
+    CheckpointError,
+    CheckpointLayout,
+    CheckpointManager,
+    provenance,
+    tag_for_step,
+)
 from medgan.config import Config, ConfigError, config_from_cli, load_config
 from medgan.data import SliceStream, TaskSpec, make_loader
 from medgan.distributed import (
@@ -33,7 +39,8 @@ from medgan.ema import ExponentialMovingAverage, gathered_parameters
 from medgan.models.conditioning import condition_stack
 from medgan.models.discriminator import PatchDiscriminator
 from medgan.models.generator import build_generator, count_parameters
-from medgan.shards import DataError, read_split
+from medgan.scoring import METRICS, MODEL, SliceScore, per_subject_means, slice_scores, summarize_scores
+from medgan.shards import DataError, ShardFolder
 from medgan.tracking import SilentReporter, image_grid, make_reporter
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -138,6 +145,77 @@ class PhaseTimer:
         return totals
 
 
+@dataclass(slots=True)
+class TrainState:
+    """Where training is: optimizer steps taken, the epoch and the batch within it, the best validation
+    PSNR so far. Travels in the generator checkpoint's client state with what a resume must check."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_psnr: float = float("-inf")
+
+    def to_client_state(self, world_size: int, samples_per_step: int) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best_psnr": self.best_psnr,
+            "samples_consumed": self.step * samples_per_step,
+            "world_size": world_size,
+        }
+
+    @staticmethod
+    def from_client_state(state: dict[str, Any], world_size: int, where: str) -> TrainState:
+        """The saved position; another world size is a CheckpointError (the sample order depends on it)."""
+        if state.get("world_size") != world_size:
+            raise CheckpointError(
+                f"{where}: saved with {state.get('world_size')} ranks, resumed with {world_size}; the "
+                "sample order depends on it (start a new checkpoint_dir)"
+            )
+        return TrainState(
+            step=state["step"],
+            epoch=state["epoch"],
+            batch_in_epoch=state["batch_in_epoch"],
+            best_psnr=state.get("best_psnr", float("-inf")),
+        )
+
+    def advance(self, batches_per_epoch: int) -> None:
+        """One batch consumed (the epoch turns over after its last batch)."""
+        self.step += 1
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch == batches_per_epoch:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+
+class ThroughputMeter:
+    """Images per second and the share of step time spent waiting for data, over a logging window."""
+
+    def __init__(self, images_per_step: int) -> None:
+        self.images_per_step = images_per_step
+        self.reset()
+
+    def reset(self) -> None:
+        self.data_seconds = self.total_seconds = 0.0
+        self.steps = 0
+
+    def add(self, data_seconds: float, total_seconds: float) -> None:
+        self.data_seconds += data_seconds
+        self.total_seconds += total_seconds
+        self.steps += 1
+
+    def pop(self) -> dict[str, float]:
+        """``perf/`` values of the window, then a new window."""
+        values = {
+            "perf/images_per_s": self.steps * self.images_per_step / self.total_seconds,
+            "perf/data_wait_pct": 100.0 * self.data_seconds / self.total_seconds,
+            "perf/step_s": self.total_seconds / self.steps,
+        }
+        self.reset()
+        return values
+
+
 class GANTrainer:
     """Builds both DeepSpeed engines from the config and runs the training loop on every rank."""
 
@@ -150,8 +228,10 @@ class GANTrainer:
             torch.device("cuda", context.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         )
         self.dtype = PRECISION_DTYPES[config.deepspeed.precision]
-        self.train_split = read_split(config.data.data_path, "train")
-        self.val_split = read_split(config.data.data_path, "val")
+        shards = ShardFolder.open(config.data.data_path)
+        self.training_data = shards.training_data()
+        self.train_split = shards.split("train")
+        self.val_split = shards.split("val")
         self.canonical = list(config.model.generator.modalities)
         self.task = TaskSpec.from_names(
             config.data.input_modalities, config.data.target_modality, self.canonical
@@ -198,24 +278,24 @@ class GANTrainer:
         )
         self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last, context)
         self.provenance = provenance(self.train_split.manifest_sha256)
-        self.step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self.best_psnr = float("-inf")
+        self.state = TrainState()
         self.stop_requested = False
         self.reporter: SilentReporter = SilentReporter()
         self.timer = PhaseTimer()
+        self.throughput = ThroughputMeter(config.data.batch_size * context.world_size)
+        self.last_saved = -1
+
+    @property
+    def step(self) -> int:
+        return self.state.step
 
     # ----------------------------------------------------------------------------------------- state
     def _client_state(self) -> dict[str, Any]:
         return {
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "samples_consumed": self.step * self.config.data.batch_size * self.context.world_size,
-            "best_psnr": self.best_psnr,
+            **self.state.to_client_state(
+                self.context.world_size, self.config.data.batch_size * self.context.world_size
+            ),
             "wandb_run_id": self.reporter.run_id,
-            "world_size": self.context.world_size,
             "config": self.config.to_dict(),
             "provenance": self.provenance,
             "rng": _rng_states(),
@@ -225,22 +305,18 @@ class GANTrainer:
         """Load ``latest`` when there is one (the same command resumes a run)."""
         if not self.config.checkpoint.resume:
             return None
-        state = self.checkpoints.load(self.g_engine, self.d_engine, self.ema)
-        if state is None:
+        saved = self.checkpoints.load(self.g_engine, self.d_engine, self.ema)
+        if saved is None:
             return None
-        if state.get("world_size") != self.context.world_size:
-            raise DataError(
-                f"{self.config.checkpoint.dir}: saved with {state.get('world_size')} ranks, resumed with "
-                f"{self.context.world_size}; the sample order depends on it (start a new checkpoint_dir)"
-            )
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.best_psnr = state.get("best_psnr", float("-inf"))
-        _restore_rng_states(state["rng"])
-        return state
+        self.state = TrainState.from_client_state(saved, self.context.world_size, self.config.checkpoint.dir)
+        _restore_rng_states(saved["rng"])
+        self.last_saved = self.state.step
+        return saved
 
     def save(self) -> str:
         tag = self.checkpoints.save(self.step, self.g_engine, self.d_engine, self.ema, self._client_state())
-        self.reporter.print(f"saved checkpoint {Path(self.config.checkpoint.dir) / 'generator' / tag}")
+        self.last_saved = self.step
+        self.reporter.print(f"saved checkpoint {self.checkpoints.layout.tag_dir(tag)}")
         return tag
 
     def slice_stream(self, train: bool, epoch: int = 0, skip_batches: int = 0) -> SliceStream:
@@ -333,53 +409,39 @@ class GANTrainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Masked PSNR/SSIM/MAE of the EMA generator on the val split (each rank a share), per subject."""
+        """Masked PSNR/SSIM/MAE of the EMA generator on the val split (each rank a share): the mean and
+        std over slices, and a per-subject table in W&B."""
         model = self._evaluation_generator()
-        stream = self.slice_stream(train=False)
-        rows = []
-        for index, batch in enumerate(make_loader(stream, 0)):
+        rows: list[SliceScore] = []
+        for index, batch in enumerate(make_loader(self.slice_stream(train=False), 0)):
             if self.config.training.val_max_batches and index >= self.config.training.val_max_batches:
                 break
-            fake = (
-                model(
-                    batch["images"].to(self.device),
-                    batch["available"].to(self.device),
-                    batch["target_index"].to(self.device),
-                )
-                .float()
-                .cpu()
+            fake = model(
+                batch["images"].to(self.device),
+                batch["available"].to(self.device),
+                batch["target_index"].to(self.device),
             )
-            real, mask = batch["target"], batch["mask"] > 0.5
-            psnr = metrics.psnr(fake, real, data_range=1.0, mask=mask)
-            ssim = metrics.ssim(fake, real, data_range=1.0, mask=mask)
-            mae = metrics.mae(fake, real, data_range=1.0, mask=mask)
+            scores = slice_scores(fake.float().cpu()[:, 0], batch["target"][:, 0], batch["mask"][:, 0] > 0.5)
             for i, subject in enumerate(batch["subject"]):
+                target = self.canonical[int(batch["target_index"][i])]
                 rows.append(
-                    [
+                    SliceScore(
+                        MODEL,
+                        f"->{target}",
                         subject,
-                        self.canonical[int(batch["target_index"][i])],
-                        float(psnr[i, 0]),
-                        float(ssim[i, 0]),
-                        float(mae[i, 0]),
-                    ]
+                        int(batch["slice"][i]),
+                        "brain",
+                        *(float(scores[name][i]) for name in METRICS),
+                        int(batch["mask"][i].sum()),
+                    )  # fmt: skip
                 )
         all_rows = [row for rank_rows in all_gather_objects(rows) for row in rank_rows]
-        summary = {}
-        for column, name in ((2, "psnr"), (3, "ssim"), (4, "mae")):
-            stats = metrics.summarize([row[column] for row in all_rows])
-            summary[f"val/{name}"] = stats["mean"]
-            summary[f"val/{name}_std"] = stats["std"]
-        summary["val/slices"] = len(all_rows)
-        by_subject: dict[str, list[list[Any]]] = {}
-        for row in all_rows:
-            by_subject.setdefault(row[0], []).append(row)
-        table = [
-            [s, len(r), *(float(np.nanmean([x[c] for x in r])) for c in (2, 3, 4))]
-            for s, r in sorted(by_subject.items())
-        ]
-        self.reporter.log_table(
-            "val/per_subject", ["subject", "slices", "psnr", "ssim", "mae"], table, self.step
-        )
+        summary: dict[str, float] = {"val/slices": len(all_rows)}
+        for name, values in summarize_scores(all_rows).items():
+            summary[f"val/{name}"] = values["mean"]
+            summary[f"val/{name}_std"] = values["std"]
+        table = per_subject_means(all_rows)
+        self.reporter.log_table("val/per_subject", ["subject", "slices", *METRICS], table, self.step)
         return summary
 
     def _log_images(self) -> None:
@@ -400,131 +462,139 @@ class GANTrainer:
     def _handle_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
 
-    def fit(self) -> None:
+    def _start(self) -> dict[str, Any] | None:
+        """Resume when a checkpoint exists, start the rank-0 reporter, write the run's files."""
         config = self.config
-        state = self.resume()
+        saved = self.resume()
         self.reporter = make_reporter(
-            self.context.is_main, config, state.get("wandb_run_id") if state else None, self.provenance
+            self.context.is_main, config, saved.get("wandb_run_id") if saved else None, self.provenance
         )
-        if self.context.is_main:
-            Path(config.checkpoint.dir).mkdir(parents=True, exist_ok=True)
-            config.save(Path(config.checkpoint.dir) / "config.yaml")
-        report = self.reporter
-        report.print(
+        self.checkpoints.write_run(config, self.training_data)
+        self.reporter.print(
             f"generator {self.parameter_counts[0]:,} parameters, discriminator {self.parameter_counts[1]:,}; "
             f"{self.context.world_size} rank(s), {self.batches_per_epoch} steps per epoch, "
             f"{self.total_steps} steps"
         )
-        if state is not None:
-            report.print(
-                f"resuming from {state['tag']} (step {self.step}, epoch {self.epoch}) "
+        if saved is not None:
+            self.reporter.print(
+                f"resuming from {saved['tag']} (step {self.step}, epoch {self.state.epoch}) "
                 f"in {config.checkpoint.dir}"
             )
         signal.signal(signal.SIGTERM, self._handle_sigterm)
-        report.start_progress(self.total_steps, self.step)
-        window = {"data": 0.0, "total": 0.0, "steps": 0}
-        last_saved = self.step if state is not None else -1
+        self.reporter.start_progress(self.total_steps, self.step)
+        return saved
+
+    def _log(self, losses: dict[str, float]) -> None:
+        values = {
+            **{f"train/{k}": v for k, v in losses.items()},
+            "train/lr_g": self.g_engine.get_lr()[0],
+            "train/lr_d": self.d_engine.get_lr()[0],
+            "train/epoch": self.state.epoch + self.state.batch_in_epoch / self.batches_per_epoch,
+            **{f"perf/{phase}_s": total / self.throughput.steps for phase, total in self.timer.pop().items()},
+            **self.throughput.pop(),
+        }
+        for name, engine in (("g", self.g_engine), ("d", self.d_engine)):
+            norm = engine.get_global_grad_norm()
+            if norm is not None:
+                values[f"train/grad_norm_{name}"] = float(norm)
+        self.reporter.log(values, self.step)
+        self.reporter.progress(
+            self.step,
+            {
+                "loss_g": losses["loss_g"],
+                "loss_d": losses["loss_d"],
+                "img/s": values["perf/images_per_s"],
+                "data_wait_%": values["perf/data_wait_pct"],
+            },
+        )
+
+    def _validate_and_keep_best(self) -> None:
+        summary = self.validate()
+        self.reporter.log(summary, self.step)
+        self.reporter.print(
+            f"step {self.step}: val PSNR {summary['val/psnr']:.2f} dB, SSIM {summary['val/ssim']:.4f}, "
+            f"MAE {summary['val/mae']:.4f} over {summary['val/slices']} slices"
+        )
+        if summary["val/psnr"] > self.state.best_psnr:
+            self.state.best_psnr = summary["val/psnr"]
+            self.save()
+            self.checkpoints.mark_best(tag_for_step(self.step))
+
+    def _after_step(self, losses: dict[str, float]) -> bool:
+        """Logging, validation and saving due at this step; True when every rank agrees to stop."""
+        config, step = self.config, self.step
+        last = step == self.total_steps
+        if step % config.logging.log_every_steps == 0 or last:
+            self._log(losses)
+        if step % config.logging.image_every_steps == 0 and self.context.is_main:
+            self._log_images()
+        if step % config.training.val_every_steps == 0 or last:
+            self._validate_and_keep_best()
+        if step % config.checkpoint.every_steps == 0 and self.last_saved != step:
+            self.save()
+        # a SIGTERM on any rank stops every rank at the same step
+        self.stop_requested = all_ranks_agree(self.stop_requested)
+        return self.stop_requested
+
+    def fit(self) -> None:
+        """Train to ``total_steps`` (or a SIGTERM agreed by all ranks), saving on the way and at the end."""
+        self._start()
         while self.step < self.total_steps:
-            stream = self.slice_stream(train=True, epoch=self.epoch, skip_batches=self.batch_in_epoch)
-            batches = iter(make_loader(stream, config.data.num_workers))
-            while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
+            epoch = self.state.epoch
+            stream = self.slice_stream(train=True, epoch=epoch, skip_batches=self.state.batch_in_epoch)
+            batches = iter(make_loader(stream, self.config.data.num_workers))
+            while self.state.epoch == epoch and self.step < self.total_steps:
                 started = time.perf_counter()
                 batch = self._to_device(next(batches))
                 fetched = time.perf_counter()
                 losses = self.train_step(batch)
-                self.step += 1
-                self.batch_in_epoch += 1
-                finished = time.perf_counter()
-                window["data"] += fetched - started
-                window["total"] += finished - started
-                window["steps"] += 1
-                if self.step % config.logging.log_every_steps == 0 or self.step == self.total_steps:
-                    images_per_second = (
-                        window["steps"] * config.data.batch_size * self.context.world_size / window["total"]
-                    )
-                    values = {
-                        **{f"train/{k}": v for k, v in losses.items()},
-                        "train/lr_g": self.g_engine.get_lr()[0],
-                        "train/lr_d": self.d_engine.get_lr()[0],
-                        "train/epoch": self.epoch + self.batch_in_epoch / self.batches_per_epoch,
-                        "perf/images_per_s": images_per_second,
-                        "perf/data_wait_pct": 100.0 * window["data"] / window["total"],
-                        "perf/step_s": window["total"] / window["steps"],
-                        **{f"perf/{phase}_s": t / window["steps"] for phase, t in self.timer.pop().items()},
-                    }
-                    for name, engine in (("g", self.g_engine), ("d", self.d_engine)):
-                        norm = engine.get_global_grad_norm()
-                        if norm is not None:
-                            values[f"train/grad_norm_{name}"] = float(norm)
-                    report.log(values, self.step)
-                    window = {"data": 0.0, "total": 0.0, "steps": 0}
-                    report.progress(
-                        self.step,
-                        {
-                            "loss_g": losses["loss_g"],
-                            "loss_d": losses["loss_d"],
-                            "img/s": images_per_second,
-                            "data_wait_%": values["perf/data_wait_pct"],
-                        },
-                    )
-                if self.step % config.logging.image_every_steps == 0 and self.context.is_main:
-                    self._log_images()
-                if self.batch_in_epoch == self.batches_per_epoch:
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-                if self.step % config.training.val_every_steps == 0 or self.step == self.total_steps:
-                    summary = self.validate()
-                    report.log(summary, self.step)
-                    report.print(
-                        f"step {self.step}: val PSNR {summary['val/psnr']:.2f} dB, "
-                        f"SSIM {summary['val/ssim']:.4f}, "
-                        f"MAE {summary['val/mae']:.4f} over {summary['val/slices']} slices"
-                    )
-                    if summary["val/psnr"] > self.best_psnr:
-                        self.best_psnr = summary["val/psnr"]
-                        self.save()
-                        last_saved = self.step
-                        self.checkpoints.mark_best(tag_for_step(self.step))
-                if self.step % config.checkpoint.every_steps == 0 and last_saved != self.step:
-                    self.save()
-                    last_saved = self.step
-                if all_ranks_agree(self.stop_requested):
-                    report.print(f"SIGTERM: stopping at step {self.step}")
-                    if last_saved != self.step:
-                        self.save()
-                    report.finish()
-                    return
+                self.state.advance(self.batches_per_epoch)
+                self.throughput.add(fetched - started, time.perf_counter() - started)
+                if self._after_step(losses):
+                    self.reporter.print(f"SIGTERM: stopping at step {self.step}")
+                    break
             del batches
-        if last_saved != self.step:
+            if self.stop_requested:
+                break
+        if self.last_saved != self.step:
             self.save()
-        report.finish()
-        report.print(f"done: {self.step} steps; checkpoints in {config.checkpoint.dir}")
+        self.reporter.finish()
+        if not self.stop_requested:
+            self.reporter.print(f"done: {self.step} steps; checkpoints in {self.config.checkpoint.dir}")
 
 
 def _load_resumed_model_config(config: Config) -> Config:
     """On resume the architecture comes from the checkpoint's config, not the flags (as in nanoGPT)."""
-    saved_path = Path(config.checkpoint.dir) / "config.yaml"
-    if not config.checkpoint.resume or not (Path(config.checkpoint.dir) / "generator" / "latest").is_file():
+    layout = CheckpointLayout(Path(config.checkpoint.dir))
+    if not config.checkpoint.resume or not layout.latest_file().is_file():
         return config
-    saved = load_config(saved_path)
+    saved = load_config(layout.config_file)
     if saved.model != config.model:
-        print(f"note: resuming keeps the model architecture saved in {saved_path}", file=sys.stderr)
+        print(f"note: resuming keeps the model architecture saved in {layout.config_file}", file=sys.stderr)
         config.model = saved.model
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        config = _load_resumed_model_config(config_from_cli(argv))
-        context = init_distributed()
-        set_thread_share(context)
-        trainer = GANTrainer(config, context)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def train(config: Config, context: DistributedContext) -> None:
+    """Train (or resume) the run ``config`` describes on every rank of an initialised process group.
+    Problems a user can fix raise UserError."""
+    config = _load_resumed_model_config(config)
+    trainer = GANTrainer(config, context)
     if context.is_main:
         print(config.to_yaml(), flush=True)
     trainer.fit()
     barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``launch/train.py``: the config tree from the command line, then :func:`train`."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = config_from_cli(argv)
+        context = init_distributed()
+        set_thread_share(context)
+        train(config, context)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
