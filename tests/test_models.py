@@ -133,21 +133,94 @@ def test_bad_generator_config_names_the_key(kwargs, fragment):
         GeneratorConfig(**kwargs)
 
 
-@pytest.mark.parametrize("spectral", [True, False])
-@pytest.mark.parametrize("layers", [2, 3])
-@pytest.mark.parametrize("height, width", [(32, 32), (48, 40)])
-def test_discriminator_patch_logits(spectral, layers, height, width):
+def patch_geometry(config: DiscriminatorConfig) -> list[tuple[int, int, int]]:
+    """(kernel, stride, padding) of each convolution, as pix2pix's PatchGAN stacks them: a stride-2 stem,
+    ``layers`` feature convolutions (stride 2, the last stride 1), and a stride-1 logit convolution."""
+    return [(4, 2, 1)] + [(4, 2, 1)] * (config.layers - 1) + [(4, 1, 1), (4, 1, 1)]
+
+
+def patch_logits_size(config: DiscriminatorConfig, size: int) -> int:
+    for kernel, stride, padding in patch_geometry(config):
+        size = (size + 2 * padding - kernel) // stride + 1
+    return size
+
+
+def patch_receptive_field(config: DiscriminatorConfig, index: int) -> tuple[int, int]:
+    """The input pixels ``[first, last]`` (unclipped) that logit ``index`` sees along one axis."""
+    field, jump, first = 1, 1, 0
+    for kernel, stride, padding in patch_geometry(config):
+        field += (kernel - 1) * jump
+        first -= padding * jump
+        jump *= stride
+    return index * jump + first, index * jump + first + field - 1
+
+
+def logit_input_support(disc: PatchDiscriminator, size: int, where: str) -> tuple[torch.Tensor, int, int]:
+    """The ``[size, size]`` mask of input pixels whose gradient reaches one logit (the centre one, or the
+    top-left corner one), and that logit's row and column."""
+    torch.manual_seed(1)
+    condition = torch.rand(1, 3 * MODALITIES, size, size, dtype=torch.float64, requires_grad=True)
+    image = torch.rand(1, 1, size, size, dtype=torch.float64, requires_grad=True)
+    logits = disc(condition, image)
+    row, col = (logits.shape[-2] // 2, logits.shape[-1] // 2) if where == "centre" else (0, 0)
+    logits[0, 0, row, col].backward()
+    return (condition.grad.abs().sum(dim=(0, 1)) + image.grad.abs().sum(dim=(0, 1))) > 0, row, col
+
+
+def spectral_discriminator(layers: int) -> PatchDiscriminator:
+    # spectral norm, so no feature norm: instance or group norm mix every pixel into every logit, and a
+    # logit's receptive field is a patch only without them
     torch.manual_seed(0)
-    disc = PatchDiscriminator(
-        DiscriminatorConfig(base_channels=8, layers=layers, spectral_norm=spectral), MODALITIES
-    )
+    config = DiscriminatorConfig(base_channels=8, layers=layers, spectral_norm=True)
+    return PatchDiscriminator(config, MODALITIES).double().eval()
+
+
+def test_three_layers_judge_70_by_70_patches():
+    """pix2pix's PatchGAN: a 256 x 256 image gives 30 x 30 logits, each seeing a 70 x 70 patch."""
+    disc = spectral_discriminator(layers=3)
+    condition, image = torch.rand(1, 3 * MODALITIES, 256, 256), torch.rand(1, 1, 256, 256)
+    with torch.no_grad():
+        assert disc(condition.double(), image.double()).shape == (1, 1, 30, 30)
+    support, _, _ = logit_input_support(disc, 160, "centre")
+    assert support.any(dim=1).sum() == 70 and support.any(dim=0).sum() == 70 and support.sum() == 70 * 70
+
+
+@pytest.mark.parametrize("spectral", [True, False])
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("height, width", [(32, 32), (48, 40), (33, 71), (64, 27)])
+def test_discriminator_logits_have_the_patchgan_size(spectral, layers, height, width):
+    torch.manual_seed(0)
+    config = DiscriminatorConfig(base_channels=8, layers=layers, spectral_norm=spectral)
+    disc = PatchDiscriminator(config, MODALITIES)
     images, available, target_index = make_batch(height=height, width=width)
     condition = condition_stack(images, available, target_index)
     logits = disc(condition, torch.rand(2, 1, height, width))
-    assert logits.dim() == 4 and logits.shape[:2] == (2, 1)
-    assert logits.shape[-1] >= 1 and logits.shape[-2] >= 1
+    assert logits.shape == (2, 1, patch_logits_size(config, height), patch_logits_size(config, width))
     logits.mean().backward()
-    assert all(p.grad is not None for p in disc.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.parameters())
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3, 4])
+@pytest.mark.parametrize("where", ["centre", "corner"])
+def test_discriminator_receptive_field_is_measured_by_the_gradient(layers, where):
+    disc = spectral_discriminator(layers)
+    first, last = patch_receptive_field(disc.config, 0)
+    size = 2 * (last - first + 1) + 16  # a centre logit's field lies well inside the image
+    support, row, col = logit_input_support(disc, size, where)
+    (top, bottom), (left, right) = (
+        patch_receptive_field(disc.config, row),
+        patch_receptive_field(disc.config, col),
+    )
+    if where == "centre":
+        assert top >= 0 and left >= 0 and bottom < size and right < size, "a centre field inside the image"
+    # every input pixel inside the field (clipped by the border) reaches the logit, and none outside it
+    expected = torch.zeros(size, size, dtype=torch.bool)
+    expected[max(top, 0) : bottom + 1, max(left, 0) : right + 1] = True
+    rows, cols = support.any(dim=1).nonzero().flatten(), support.any(dim=0).nonzero().flatten()
+    assert torch.equal(support, expected), (
+        f"gradient reaches rows {rows.min()}..{rows.max()}, cols {cols.min()}..{cols.max()}; "
+        f"the field is rows {top}..{bottom}, cols {left}..{right}"
+    )
 
 
 def test_discriminator_rejects_mismatched_inputs():
