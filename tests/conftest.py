@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,3 +59,55 @@ def deepspeed_ops_built() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         pytest.fail(f"building DeepSpeed's CPU communication op failed:\n{result.stdout}\n{result.stderr}")
+
+
+TINY_GENERATOR = {
+    "base_channels": 8,
+    "depth": 2,
+    "ssm_levels": [1],
+    "ssm_state": 4,
+    "ssm_expand": 1,
+    "attention_heads": 2,
+    "condition_dim": 8,
+}
+
+
+def write_checkpoint(
+    directory: Path,
+    *,
+    data: dict | None = None,
+    ema: bool = True,
+    seed: int = 0,
+    arch: str = "ssm",
+    training_data: dict | None = None,
+) -> Path:
+    """A checkpoint folder in the trainer's layout holding a freshly initialised tiny generator.
+
+    ema=True writes ``generator/step_000002/ema.safetensors``; False writes only DeepSpeed's
+    ``mp_rank_00_model_states.pt`` (the ZeRO-0 layout) so the consolidation path is used.
+    training_data: the run's training-data record (``training_data.json``), or None for a checkpoint
+    written before the record existed. Paths come from ``medgan.checkpointing``, the layout's owner.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from medgan.checkpointing import MODEL_STATES_FILE, CheckpointLayout, tag_for_step
+    from medgan.config import build_config
+    from medgan.models.generator import build_generator
+
+    config = build_config({"model": {"generator": {**TINY_GENERATOR, "arch": arch}}, "data": data or {}})
+    torch.manual_seed(seed)
+    generator = build_generator(config.model.generator)
+    layout, tag = CheckpointLayout(directory), tag_for_step(2)
+    layout.tag_dir(tag).mkdir(parents=True)
+    state = {name: tensor.contiguous() for name, tensor in generator.state_dict().items()}
+    if ema:
+        save_file(state, str(layout.ema_file(tag)))
+    else:
+        torch.save({"module": state}, layout.tag_dir(tag) / MODEL_STATES_FILE)
+    layout.latest_file().write_text(tag)
+    layout.best_file.write_text(tag)
+    config.save(layout.config_file)
+    if training_data is not None:
+        layout.training_data_file.write_text(json.dumps(training_data))
+    return directory

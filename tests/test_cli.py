@@ -7,8 +7,7 @@ import sys
 
 import nibabel as nib
 import pytest
-from conftest import REPO
-from test_export import write_checkpoint
+from conftest import REPO, write_checkpoint
 
 from medgan.__main__ import main
 

@@ -9,9 +9,9 @@ import tarfile
 
 import numpy as np
 import pytest
+from conftest import write_checkpoint
 from scipy import stats
 from skimage.metrics import structural_similarity
-from test_export import write_checkpoint
 
 from medgan.evaluation import NiftiSubjects, ShardSubjects, Task, evaluate, tasks_to_evaluate
 from medgan.inference import load_generator

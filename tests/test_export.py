@@ -3,51 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import write_checkpoint
 
 from medgan.checkpointing import CheckpointError
-from medgan.config import build_config
 from medgan.export import export_generator
 from medgan.inference import load_generator
-from medgan.models.generator import build_generator
-
-TINY_GENERATOR = {
-    "base_channels": 8,
-    "depth": 2,
-    "ssm_levels": [1],
-    "ssm_state": 4,
-    "ssm_expand": 1,
-    "attention_heads": 2,
-    "condition_dim": 8,
-}
-
-
-def write_checkpoint(
-    directory: Path, *, data: dict | None = None, ema: bool = True, seed: int = 0, arch: str = "ssm"
-) -> Path:
-    """A checkpoint folder in the trainer's layout holding a freshly initialised tiny generator.
-
-    ema=True writes ``generator/step_000002/ema.safetensors``; False writes only DeepSpeed's
-    ``mp_rank_00_model_states.pt`` (the ZeRO-0 layout) so the consolidation path is used.
-    """
-    config = build_config({"model": {"generator": {**TINY_GENERATOR, "arch": arch}}, "data": data or {}})
-    torch.manual_seed(seed)
-    generator = build_generator(config.model.generator)
-    tag_dir = directory / "generator" / "step_000002"
-    tag_dir.mkdir(parents=True)
-    state = {name: tensor.contiguous() for name, tensor in generator.state_dict().items()}
-    if ema:
-        save_file(state, str(tag_dir / "ema.safetensors"))
-    else:
-        torch.save({"module": state}, tag_dir / "mp_rank_00_model_states.pt")
-    (directory / "generator" / "latest").write_text("step_000002")
-    (directory / "best").write_text("step_000002")
-    config.save(directory / "config.yaml")
-    return directory
 
 
 def _outputs(generator) -> torch.Tensor:

@@ -6,7 +6,7 @@ import base64
 import re
 
 import pytest
-from test_export import write_checkpoint
+from conftest import write_checkpoint
 
 from medgan.evaluation import ShardSubjects, evaluate, tasks_to_evaluate
 from medgan.inference import load_generator

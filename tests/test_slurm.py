@@ -16,8 +16,6 @@ import pytest
 from slurm_cluster import LocalSlurmCluster, unavailable_reason
 from tiny_run import REPO, TINY_RUN_FLAGS, free_master_port
 
-pytestmark = pytest.mark.usefixtures("deepspeed_ops_built")
-
 JOB_TIMEOUT_S = 300
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 
@@ -81,6 +79,7 @@ def test_train_sbatch_refuses_a_command_without_config():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_ops_built")
 def test_train_sbatch_trains_to_a_checkpoint(slurm, phantom_shards, tmp_path):
     output = tmp_path / "job.out"
     checkpoints = tmp_path / "checkpoints"
@@ -97,6 +96,7 @@ def test_train_sbatch_trains_to_a_checkpoint(slurm, phantom_shards, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_ops_built")
 def test_preempted_job_saves_requeues_and_resumes(slurm, phantom_shards, tmp_path):
     output = tmp_path / "job.out"
     checkpoints = tmp_path / "checkpoints"

@@ -7,8 +7,7 @@ import gzip
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import run_module
-from test_export import write_checkpoint
+from conftest import run_module, write_checkpoint
 
 from data_prep.volumes import VolumeError
 from medgan.export import export_generator

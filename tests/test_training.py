@@ -23,8 +23,6 @@ from medgan.ema import ExponentialMovingAverage
 from medgan.models.generator import build_generator
 from medgan.train import deepspeed_settings, lr_factor
 
-pytestmark = pytest.mark.usefixtures("deepspeed_ops_built")
-
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 TINY = [
@@ -95,9 +93,17 @@ def test_deepspeed_settings_come_from_the_config():
     assert settings["train_batch_size"] == 3 * 2 * 4
     assert settings["zero_optimization"]["stage"] == 3
     assert settings["bf16"]["enabled"] and not settings["fp16"]["enabled"]
+
+
+def test_fp16_needs_a_gpu_and_gets_dynamic_loss_scaling_there():
+    fp16 = build_config({"deepspeed": {"precision": "fp16"}})
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="fp16 needs a GPU"):
-            deepspeed_settings(build_config({"deepspeed": {"precision": "fp16"}}), world_size=1)
+        with pytest.raises(ConfigError, match="deepspeed.precision: fp16 needs a GPU"):
+            deepspeed_settings(fp16, world_size=1)
+        return
+    settings = deepspeed_settings(fp16, world_size=1)
+    assert settings["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    assert not settings["bf16"]["enabled"]
 
 
 def test_pruning_keeps_the_last_tags_and_the_best(tmp_path):
@@ -143,6 +149,7 @@ def test_a_crash_mid_save_leaves_latest_on_the_previous_tag(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- real runs
+@pytest.mark.usefixtures("deepspeed_ops_built")
 def test_single_process_training_writes_the_checkpoint_layout(phantom_shards, tmp_path):
     checkpoint_dir = tmp_path / "run"
     result = run(
@@ -160,6 +167,7 @@ def test_single_process_training_writes_the_checkpoint_layout(phantom_shards, tm
     build_generator(load_config(checkpoint_dir / "config.yaml").model.generator).load_state_dict(weights)
 
 
+@pytest.mark.usefixtures("deepspeed_ops_built")
 def test_bad_input_is_one_line_not_a_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "launch/train.py", "--config", "configs/demo.yaml", "--data_path", str(tmp_path)],
@@ -203,6 +211,7 @@ def _losses(output: str) -> dict[int, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_ops_built")
 def test_sigterm_then_the_same_command_reproduces_the_uninterrupted_run(phantom_shards, tmp_path):
     # one shard, 2 ranks x 2 workers: four reading slots share it
     extra = ("--training.max_steps", "8", "--data.num_workers", "2", "--logging.wandb", "offline")
@@ -252,6 +261,7 @@ def test_sigterm_then_the_same_command_reproduces_the_uninterrupted_run(phantom_
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_ops_built")
 def test_sigterm_in_a_single_process_saves_and_exits_0(phantom_shards, tmp_path):
     checkpoint_dir = tmp_path / "single"
     command = train_command(
@@ -271,6 +281,7 @@ def test_sigterm_in_a_single_process_saves_and_exits_0(phantom_shards, tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (3, "bf16")])
+@pytest.mark.usefixtures("deepspeed_ops_built")
 def test_two_ranks_train_and_checkpoint(phantom_shards, tmp_path, stage, precision):
     checkpoint_dir = tmp_path / f"zero{stage}"
     command = train_command(
