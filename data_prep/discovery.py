@@ -9,8 +9,9 @@ Recognised file names (any case, `.nii` or `.nii.gz`, at any folder depth):
   prefix (GLI, MEN, MET, PED, SSA, ...); ``-000``, ``-001`` are timepoints of one patient
 - IXI: ``IXI002-Guys-0828-T1.nii.gz`` (usually in IXI-T1/, IXI-T2/, IXI-PD/); MRA and DTI are skipped
 
-Modality names are normalised to lower case ``t1 t1ce t2 flair pd`` (t1n->t1, t1c->t1ce, t2w->t2,
-t2f->flair) and ``seg`` for a segmentation.
+Modality names are normalised to lower case ``t1 t1ce t2 flair pd`` (t1n->t1, t1c->t1ce, t1gd->t1ce,
+t2w->t2, t2f->flair) and ``seg`` for a segmentation. This module owns these tables (DESIGN.md: one owner
+per contract); `data_prep.volumes` re-exports them for medgan.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ DATASET_MODALITIES: dict[str, tuple[str, ...]] = {
     "brats": ("t1", "t1ce", "t2", "flair"),
     "ixi": ("t1", "t2", "pd"),
 }
-MODALITY_ALIASES = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"}
+# BraTS 2023+ names, and the common "t1gd" (gadolinium) spelling of T1ce, for the canonical contrasts.
+MODALITY_ALIASES = {"t1n": "t1", "t1c": "t1ce", "t1gd": "t1ce", "t2w": "t2", "t2f": "flair"}
 
 _BRATS_2023 = re.compile(
     r"^(?P<patient>brats-[a-z]+(?:-[a-z]+)*-\d+)(?:-(?P<timepoint>\d+))?[-_](?P<modality>t1n|t1c|t2w|t2f|seg)$",
@@ -156,10 +158,19 @@ def discover(source: Path, dataset: str) -> Discovery:
     return found
 
 
+def canonical_modality(name: str) -> str:
+    """`name` stripped, lower-cased and mapped through MODALITY_ALIASES (``" T2F"`` -> ``"flair"``).
+
+    Never raises: a name that is no modality comes back lower-cased (``"seg"``, ``"dwi"``), so callers can
+    test it against MODALITIES; `normalise_modality` is the checking variant.
+    """
+    lowered = name.strip().lower()
+    return MODALITY_ALIASES.get(lowered, lowered)
+
+
 def normalise_modality(name: str) -> str:
-    """Lower-case modality name (t1n->t1, t1c->t1ce, t2w->t2, t2f->flair); UserError if unknown."""
-    lower = name.lower()
-    lower = MODALITY_ALIASES.get(lower, lower)
-    if lower not in MODALITIES:
+    """`canonical_modality(name)`, one of MODALITIES; UserError naming `name` if it is none of them."""
+    canonical = canonical_modality(name)
+    if canonical not in MODALITIES:
         raise UserError(f"unknown modality {name!r}: expected one of {' '.join(MODALITIES)}")
-    return lower
+    return canonical

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.discovery import discover, normalise_modality, parse_name
+import data_prep.discovery as discovery
+import data_prep.volumes as volumes
+from data_prep.discovery import MODALITY_ALIASES, canonical_modality, discover, normalise_modality, parse_name
 from data_prep.errors import UserError
 
 
@@ -126,3 +128,48 @@ def test_modality_names_normalise_to_lower_case_and_reject_unknown():
     ]
     with pytest.raises(UserError, match="unknown modality 'dwi'"):
         normalise_modality("dwi")
+
+
+@pytest.mark.parametrize(
+    ("name", "canonical"),
+    [
+        ("t1", "t1"),
+        (" T1CE ", "t1ce"),
+        ("t1n", "t1"),
+        ("T1C", "t1ce"),
+        ("t1gd", "t1ce"),
+        ("T1Gd\n", "t1ce"),
+        ("t2w", "t2"),
+        ("T2F", "flair"),
+        ("FLAIR", "flair"),
+        ("pd", "pd"),
+        ("SEG", "seg"),
+        ("dwi", "dwi"),
+    ],
+)
+def test_canonical_modality_strips_lowers_and_maps_aliases(name, canonical):
+    assert canonical_modality(name) == canonical
+
+
+def test_aliases_are_exactly_the_brats_2023_names_and_t1gd():
+    assert MODALITY_ALIASES == {"t1n": "t1", "t1c": "t1ce", "t1gd": "t1ce", "t2w": "t2", "t2f": "flair"}
+    assert normalise_modality(" t1gd") == "t1ce"
+
+
+def test_volumes_re_exports_the_one_modality_table_and_discovery():
+    """medgan imports these from data_prep.volumes: they must be discovery's own objects, not copies."""
+    names = [
+        "MODALITIES",
+        "MODALITY_ALIASES",
+        "SEGMENTATION",
+        "DATASET_MODALITIES",
+        "canonical_modality",
+        "normalise_modality",
+        "discover",
+        "Discovery",
+        "SubjectFiles",
+    ]
+    for name in names:
+        assert getattr(volumes, name) is getattr(discovery, name), name
+        assert name in volumes.__all__, name
+    assert volumes.MODALITIES == ("t1", "t1ce", "t2", "flair", "pd") and volumes.SEGMENTATION == "seg"
