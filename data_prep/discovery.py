@@ -38,6 +38,9 @@ _BRATS_2023 = re.compile(
 _BRATS_LEGACY = re.compile(r"^(?P<subject>brats\d*_.+)_(?P<modality>t1ce|t1|t2|flair|seg)$", re.IGNORECASE)
 _IXI = re.compile(r"^(?P<subject>ixi\d+-[a-z]+-\d+)-(?P<modality>t1|t2|pd|mra|dti-\d+)$", re.IGNORECASE)
 _IXI_UNUSED = ("mra", "dti")
+_BRATS_2023_SUBJECT = re.compile(r"^(?P<patient>brats-[a-z]+(?:-[a-z]+)*-\d+)(?:-\d+)?$", re.IGNORECASE)
+# Ends in a digit, as every legacy subject id does, so "BraTS2021_Training_Data/" is not one.
+_BRATS_LEGACY_SUBJECT = re.compile(r"^brats\d+_\w*\d$", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +107,82 @@ def parse_name(path: Path) -> NameMatch | None:
     return None
 
 
+def _walk(source: Path) -> tuple[list[Path], list[Path]]:
+    """(files, folders) under `source`, each sorted by path. Symbolic links to folders are listed as
+    folders but not entered (pathlib's rglob does not follow them)."""
+    entries = sorted(source.rglob("*"))
+    return [p for p in entries if p.is_file()], [p for p in entries if p.is_dir()]
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _looks_like_brats_subject(name: str) -> str | None:
+    """The patient id when a folder name is a BraTS subject id (``BraTS2021_00001``,
+    ``BraTS-GLI-00001-000``, ``Brats18_CBICA_AAB_1``), else None."""
+    if match := _BRATS_2023_SUBJECT.match(name):
+        return match["patient"]
+    return name if _BRATS_LEGACY_SUBJECT.match(name) else None
+
+
+def _subject_folders_without_images(
+    source: Path, files: list[Path], folders: list[Path], used: set[Path], subject_ids: set[str]
+) -> list[tuple[Path, str]]:
+    """Folders under `source` that look like a subject's but hold none of the files subjects were made
+    of (`used`), each with the reason; sorted by path.
+
+    A subject folder is a folder strictly below `source`, not hidden (``.name``), holding no sub-folder
+    (a symbolic link to a folder counts, as it is never entered), that either
+
+    - is named like a BraTS subject (``BraTS2021_00001``, ``BraTS-GLI-00001-000``, ``Brats18_..._1``), or
+    - sits directly in a folder of subject folders: a folder with a sub-folder that directly holds one
+      of the `used` files (``src/BraTS2021_00000/BraTS2021_00000_t1.nii.gz`` makes ``src`` one).
+
+    A folder named like one of `subject_ids` (any case) is left out: that subject's files are elsewhere.
+    Reasons: ``empty folder``, ``no NIfTI file (N other files)``, ``no usable NIfTI file (N NIfTI files,
+    all ignored: see the ignored files)``, ``a symbolic link to a folder (not followed)``.
+    """
+    by_folder: dict[Path, list[Path]] = {}
+    for path in files:
+        by_folder.setdefault(path.parent, []).append(path)
+    holders = {path.parent for path in used}
+    parents_of_folders = {folder.parent for folder in folders if not folder.is_symlink()}
+    of_subject_folders = {holder.parent for holder in holders if holder != source}
+    known = {subject.lower() for subject in subject_ids}
+    found = []
+    for folder in folders:
+        if (
+            folder in holders
+            or folder in parents_of_folders
+            or folder.name.startswith(".")
+            or folder.name.lower() in known
+            or not (_looks_like_brats_subject(folder.name) or folder.parent in of_subject_folders)
+        ):
+            continue
+        if folder.is_symlink():
+            found.append((folder, "a symbolic link to a folder (not followed; link the files instead)"))
+            continue
+        inside = by_folder.get(folder, [])
+        nifti = [path for path in inside if nifti_stem(path) is not None]
+        if not inside:
+            found.append((folder, "empty folder"))
+        elif not nifti:
+            found.append((folder, f"no NIfTI file ({_plural(len(inside), 'other file')})"))
+        else:
+            ignored = _plural(len(nifti), "NIfTI file")
+            found.append((folder, f"no usable NIfTI file ({ignored}, all ignored: see the ignored files)"))
+    return found
+
+
 def discover(source: Path, dataset: str) -> Discovery:
     """All `dataset` ("brats" or "ixi") subjects under `source`, searched recursively.
 
     Raises UserError when the folder is missing, holds no NIfTI file, or no file is named like a
     `dataset` subject. Subjects with two files for one modality come back with `problem` set.
+    For "brats", each subject folder without usable images (`_subject_folders_without_images`) comes back
+    as a subject with no files, named after its folder, with `problem` saying why (so `shard` reports it
+    as failed instead of losing it). IXI keeps one folder per contrast (``IXI-T1/``), not per subject.
     """
     source = Path(source)
     if not source.exists():
@@ -119,7 +193,8 @@ def discover(source: Path, dataset: str) -> Discovery:
     by_subject: dict[str, dict[str, list[Path]]] = {}
     names: dict[str, tuple[str, str]] = {}
     nifti_count = other_count = 0
-    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+    every_file, folders = _walk(source)
+    for path in every_file:
         if nifti_stem(path) is None:
             other_count += 1
             continue
@@ -155,6 +230,14 @@ def discover(source: Path, dataset: str) -> Discovery:
             problem = f"duplicate subject id: {len(files)} {modality} files ({listed})"
         files = {modality: files[0] for modality, files in paths.items()}
         found.subjects.append(SubjectFiles(subject, patient, dataset, files, problem))
+    if dataset == "brats":
+        used = {path for modalities in by_subject.values() for paths in modalities.values() for path in paths}
+        subject_ids = {subject for subject, _ in names.values()}
+        for folder, reason in _subject_folders_without_images(source, every_file, folders, used, subject_ids):
+            patient = _looks_like_brats_subject(folder.name) or folder.name
+            found.subjects.append(SubjectFiles(folder.name, patient, dataset, {}, f"{folder}: {reason}"))
+        # Stable: the subjects with files keep their order (it is the order shards are written in).
+        found.subjects.sort(key=lambda subject: subject.subject.lower())
     return found
 
 

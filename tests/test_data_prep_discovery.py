@@ -173,3 +173,73 @@ def test_volumes_re_exports_the_one_modality_table_and_discovery():
         assert getattr(volumes, name) is getattr(discovery, name), name
         assert name in volumes.__all__, name
     assert volumes.MODALITIES == ("t1", "t1ce", "t2", "flair", "pd") and volumes.SEGMENTATION == "seg"
+
+
+def test_brats_subject_folders_without_images_come_back_as_failed_subjects(tmp_path):
+    """The rule: a leaf folder (no sub-folder) below --src, not hidden, named like a BraTS subject or lying
+    beside a folder that holds a subject's files, whose name is no found subject's id."""
+    source = tmp_path / "src"
+    _touch(
+        source,
+        *(f"train/BraTS-GLI-00001-000/BraTS-GLI-00001-000-{m}.nii.gz" for m in ("t1n", "t1c", "t2w", "t2f")),
+        "train/case_7/notes.txt",
+        "train/case_8/scan.nii.gz",
+        "docs/README.txt",
+        "val/BraTS-GLI-00001-000/scan_0001.nii.gz",
+    )
+    for empty in (
+        "train/BraTS-GLI-00002-000",  # named like a subject: reported
+        "BraTS2021_00007",  # named like a subject, at the top: reported
+        "train/.cache",  # hidden
+        "train/nested/deeper",  # neither named like a subject nor beside one
+        "BraTS2021_Training_Data",  # a download's folder name, not a subject id
+        "val/BraTS-GLI-00001-000-extra",  # not a BraTS subject id
+    ):
+        (source / empty).mkdir(parents=True)
+    _touch(tmp_path, "outside/BraTS-GLI-00004-000-t1n.nii.gz")
+    (source / "train" / "BraTS-GLI-00004-000").symlink_to(tmp_path / "outside", target_is_directory=True)
+
+    found = discover(source, "brats")
+    assert [s.subject for s in found.subjects] == [
+        "BraTS-GLI-00001-000",
+        "BraTS-GLI-00002-000",
+        "BraTS-GLI-00004-000",
+        "BraTS2021_00007",
+        "case_7",
+        "case_8",
+    ]
+    without = {s.subject: (s.patient, s.dataset, s.files, s.problem) for s in found.subjects if not s.files}
+    train = source / "train"
+    assert without == {
+        "BraTS-GLI-00002-000": ("BraTS-GLI-00002", "brats", {}, f"{train}/BraTS-GLI-00002-000: empty folder"),
+        "BraTS-GLI-00004-000": (
+            "BraTS-GLI-00004",
+            "brats",
+            {},
+            f"{train}/BraTS-GLI-00004-000: a symbolic link to a folder (not followed; link the files "
+            "instead)",
+        ),
+        "BraTS2021_00007": ("BraTS2021_00007", "brats", {}, f"{source}/BraTS2021_00007: empty folder"),
+        "case_7": ("case_7", "brats", {}, f"{train}/case_7: no NIfTI file (1 other file)"),
+        "case_8": (
+            "case_8",
+            "brats",
+            {},
+            f"{train}/case_8: no usable NIfTI file (1 NIfTI file, all ignored: see the ignored files)",
+        ),
+    }
+    assert found.subjects[0].problem is None and len(found.subjects[0].files) == 4
+    assert {path.name for path, _ in found.ignored} == {"scan.nii.gz", "scan_0001.nii.gz"}
+
+
+def test_ixi_contrast_folders_are_not_subject_folders(tmp_path):
+    _touch(
+        tmp_path,
+        "IXI-T1/IXI002-Guys-0828-T1.nii.gz",
+        "IXI-T2/IXI002-Guys-0828-T2.nii.gz",
+        "IXI-MRA/IXI002-Guys-0828-MRA.nii.gz",
+        "IXI-PD/README.txt",
+    )
+    (tmp_path / "IXI-DTI").mkdir()
+    found = discover(tmp_path, "ixi")
+    assert [(s.subject, s.problem) for s in found.subjects] == [("IXI002-Guys-0828", None)]

@@ -294,6 +294,56 @@ def test_strict_exits_non_zero_without_manifest(messy_source, tmp_path):
     assert _report(out)["summary"]["failed"] == 7
 
 
+def test_subject_folders_without_images_are_failed_subjects_not_lost(tmp_path, capsys):
+    """An empty subject folder and one holding only a .txt file: failed in report.json and on the console,
+    --strict fails the run, and the other subjects' shards are exactly those written without the folders."""
+    source = tmp_path / "src"
+    make_phantom(PhantomConfig(layout="brats", subjects=3, seed=5, shape=SHAPE), source)
+    assert _shard(source, tmp_path / "plain") == 0
+    (source / "BraTS2021_00042").mkdir()
+    (source / "pending").mkdir()
+    (source / "pending" / "notes.txt").write_text("scans to follow")
+    capsys.readouterr()
+
+    assert _shard(source, tmp_path / "out") == 0
+    console = capsys.readouterr().err.splitlines()
+    report = _report(tmp_path / "out")
+    assert report["summary"] == {
+        "subjects_found": 5,
+        "ok": 3,
+        "failed": 2,
+        "ignored_files": 0,
+        "repaired_subjects": 0,
+    }
+    failed = [entry for entry in report["subjects"] if entry["status"] == "failed"]
+    common = {"status": "failed", "split": None, "files": {}, "repairs": [], "samples": 0}
+    missing = {"missing_modalities": ["t1", "t1ce", "t2", "flair"]}
+    assert failed == [
+        {
+            "subject": "BraTS2021_00042",
+            "patient": "BraTS2021_00042",
+            **common,
+            "reason": f"{source}/BraTS2021_00042: empty folder",
+            **missing,
+        },
+        {
+            "subject": "pending",
+            "patient": "pending",
+            **common,
+            "reason": f"{source}/pending: no NIfTI file (1 other file)",
+            **missing,
+        },
+    ]
+    assert f"BraTS2021_00042: failed: {source}/BraTS2021_00042: empty folder" in console
+    assert f"pending: failed: {source}/pending: no NIfTI file (1 other file)" in console
+    assert _manifest(tmp_path / "out")["splits"] == _manifest(tmp_path / "plain")["splits"]
+
+    assert _shard(source, tmp_path / "strict", "--strict") == 1
+    assert "2 of 5 subjects failed and --strict is set: no shards written" in capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "strict").iterdir()) == ["report.json"]
+    assert _report(tmp_path / "strict")["subjects"] == report["subjects"]
+
+
 def test_require_drops_subjects_lacking_a_modality(messy_source, tmp_path):
     out = tmp_path / "required"
     assert _shard(messy_source, out, "--require", "t2") == 0
