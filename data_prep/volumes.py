@@ -17,8 +17,8 @@ modality's own grid. The geometric part of the round trip is exact (tested); reg
 resampling interpolates, and values clipped by the normalisation cannot come back.
 
 Modality names, aliases and subject discovery are owned by `data_prep.discovery` and re-exported here
-(`MODALITIES`, `MODALITY_ALIASES`, `SEGMENTATION`, `canonical_modality`, `discover`, ...), so medgan
-imports data_prep from this one module and keeps no copy of its own.
+(`MODALITIES`, `MODALITY_ALIASES`, `SEGMENTATION`, `canonical_modality`, `discover_nifti_subjects`,
+...), so medgan imports data_prep from this one module and keeps no copy of its own.
 
 Array conventions: canonical volumes are ``[X, Y, Z]`` in RAS voxel order; model slices are
 ``[H, W] = [x, y]`` of one axial (z) slice; a stack of slices is ``[Z, H, W]``.
@@ -46,6 +46,7 @@ from data_prep.discovery import (
     SubjectFiles,
     canonical_modality,
     discover,
+    discover_nifti_subjects,
     normalise_modality,
 )
 from data_prep.errors import VolumeError
@@ -86,6 +87,7 @@ __all__ = [
     "crop",
     "denormalise",
     "discover",
+    "discover_nifti_subjects",
     "fit_scaling",
     "from_canonical",
     "head_mask",
