@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep.errors import UserError
+from data_prep.manifest import MANIFEST_NAME, REPORT_NAME
 
 MODALITIES = ("t1", "t1ce", "t2", "flair", "pd")
 SEGMENTATION = "seg"
@@ -149,7 +150,8 @@ def _subject_folders_without_images(
       of the `used` files (``src/BraTS2021_00000/BraTS2021_00000_t1.nii.gz`` makes ``src`` one).
 
     A folder named like one of `subject_ids` (any case) is left out: that subject's files are elsewhere;
-    so is one holding a recognised file (``IXI-T1/`` beside BraTS subjects: IXI files, not a lost subject).
+    so is one holding a recognised file (``IXI-T1/`` beside BraTS subjects: IXI files, not a lost subject)
+    and an earlier `shard` output (holds manifest.json or report.json; --out may lie inside --src).
     Reasons: ``empty folder``, ``no NIfTI file (N other files)``, ``no usable NIfTI file (N NIfTI files,
     none with a name we recognise; see the ignored files)``, ``a symbolic link to a folder (not
     followed; ...)``.
@@ -175,9 +177,9 @@ def _subject_folders_without_images(
             found.append((folder, "a symbolic link to a folder (not followed; link the files instead)"))
             continue
         inside = by_folder.get(folder, [])
-        nifti = [path for path in inside if nifti_stem(path) is not None]
-        if any(path in recognised for path in inside):
+        if any(path in recognised or path.name in (MANIFEST_NAME, REPORT_NAME) for path in inside):
             continue
+        nifti = [path for path in inside if nifti_stem(path) is not None]
         if not inside:
             found.append((folder, "empty folder"))
         elif not nifti:

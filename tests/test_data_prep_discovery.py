@@ -194,6 +194,7 @@ def test_brats_subject_folders_without_images_come_back_as_failed_subjects(tmp_p
         "train/case_7/notes.txt",
         "train/case_8/scan.nii.gz",
         "train/IXI-T1/IXI002-Guys-0828-T1.nii.gz",  # another dataset's contrast folder, not a lost subject
+        "train/shards/report.json",  # an earlier shard run's --out, inside --src
         "docs/README.txt",
         "val/BraTS-GLI-00001-000/scan_0001.nii.gz",
     )
