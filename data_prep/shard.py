@@ -447,7 +447,9 @@ def shard_dataset(config: ShardConfig) -> int:
     _check_output_folder(config)
     found = discover(config.source, config.dataset)
     _print_ignored(found.ignored)
-    assignment, not_found = _assign_splits(config, found.subjects)
+    # A subject folder without images (a subject with no files) takes no part in the split: the other
+    # subjects' splits are the same as without that folder.
+    assignment, not_found = _assign_splits(config, [s for s in found.subjects if s.files])
     for subject in not_found[:_CONSOLE_LINES_PER_KIND]:
         _say(f"--split-file lists {subject}, which is not in --src")
 

@@ -16,6 +16,10 @@ reference's original header; `resample_from` maps a reference-grid volume back o
 modality's own grid. The geometric part of the round trip is exact (tested); registration
 resampling interpolates, and values clipped by the normalisation cannot come back.
 
+Modality names, aliases and subject discovery are owned by `data_prep.discovery` and re-exported here
+(`MODALITIES`, `MODALITY_ALIASES`, `SEGMENTATION`, `canonical_modality`, `discover_nifti_subjects`,
+...), so medgan imports data_prep from this one module and keeps no copy of its own.
+
 Array conventions: canonical volumes are ``[X, Y, Z]`` in RAS voxel order; model slices are
 ``[H, W] = [x, y]`` of one axial (z) slice; a stack of slices is ``[Z, H, W]``.
 """
@@ -33,6 +37,18 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from scipy import ndimage
 
+from data_prep.discovery import (
+    DATASET_MODALITIES,
+    MODALITIES,
+    MODALITY_ALIASES,
+    SEGMENTATION,
+    Discovery,
+    SubjectFiles,
+    canonical_modality,
+    discover,
+    discover_nifti_subjects,
+    normalise_modality,
+)
 from data_prep.errors import VolumeError
 from data_prep.intensity import (
     HIGH_PERCENTILE,
@@ -48,26 +64,36 @@ from data_prep.intensity import (
 )
 
 __all__ = [
+    "DATASET_MODALITIES",
     "HIGH_PERCENTILE",
     "LOW_PERCENTILE",
+    "MODALITIES",
+    "MODALITY_ALIASES",
+    "SEGMENTATION",
     "SEG_LABELS",
     "CropBox",
+    "Discovery",
     "IntensityScaling",
     "LoadedVolume",
     "PreparedSubject",
     "Reorientation",
     "RigidRegistration",
+    "SubjectFiles",
     "SubjectGeometry",
     "VolumeError",
     "brain_mask",
+    "canonical_modality",
     "choose_crop",
     "crop",
     "denormalise",
+    "discover",
+    "discover_nifti_subjects",
     "fit_scaling",
     "from_canonical",
     "head_mask",
     "load_volume",
     "normalise",
+    "normalise_modality",
     "prepare_subject",
     "register_rigid",
     "resample_from",
