@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import write_checkpoint
+from conftest import TINY_GENERATOR, write_checkpoint
 
 from medgan.checkpointing import CheckpointError
+from medgan.config import build_config
 from medgan.export import export_generator
 from medgan.inference import load_generator
 
