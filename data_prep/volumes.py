@@ -48,6 +48,7 @@ from data_prep.discovery import (
     discover,
     discover_nifti_subjects,
     normalise_modality,
+    parse_name,
 )
 from data_prep.errors import VolumeError
 from data_prep.intensity import (
@@ -94,6 +95,7 @@ __all__ = [
     "load_volume",
     "normalise",
     "normalise_modality",
+    "parse_name",
     "prepare_subject",
     "register_rigid",
     "resample_from",

@@ -243,8 +243,11 @@ def build_tool_parser() -> argparse.ArgumentParser:
 
 
 def _raw_format(folder: Path) -> str:
-    """``ixi`` when the folder holds IXI-named files, else ``brats``."""
-    return "ixi" if any(path.name.upper().startswith("IXI") for path in folder.rglob("*.nii*")) else "brats"
+    """``ixi`` when data_prep's name rules find only IXI subjects in the folder, else ``brats``."""
+    from data_prep.volumes import discover_nifti_subjects
+
+    datasets = {subject.dataset for subject in discover_nifti_subjects(folder, flag="--data_path").subjects}
+    return "ixi" if datasets == {"ixi"} else "brats"
 
 
 def shards_for(data_path: str, checkpoint_dir: Path) -> Path:

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from data_prep.errors import UserError
-from medgan.models.conditioning import MODALITIES, canonical_modality
+from data_prep.volumes import MODALITIES, canonical_modality
 from medgan.models.config_checks import ConfigError as ModelConfigError
 from medgan.models.config_checks import require as _check
 from medgan.models.config_checks import require_choice as _check_choice

@@ -35,9 +35,9 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.errors import UserError
+from data_prep.volumes import canonical_modality, discover_nifti_subjects
 from medgan import metrics
 from medgan.inference import LoadedGenerator
-from medgan.models.conditioning import canonical_modality
 from medgan.report import method_descriptions, metric_definitions
 from medgan.scoring import (
     COPY,
@@ -55,7 +55,6 @@ from medgan.synthesis import (
     SEGMENTATION,
     SynthesisError,
     default_reference,
-    find_subjects,
     prepare_nifti_subject,
 )
 
@@ -153,17 +152,20 @@ class ShardSubjects:
 
 
 class NiftiSubjects:
-    """Subjects in a folder of NIfTI files (see `medgan.synthesis.find_subjects`), each prepared by
+    """Subjects in a folder of NIfTI files (data_prep's `discover_nifti_subjects`), each prepared by
     data_prep like the shards but keeping the whole in-plane extent. Subjects that cannot be prepared
     are listed in `failures` with the reason."""
 
     def __init__(self, folder: str | Path, generator: LoadedGenerator) -> None:
-        self.found = find_subjects(folder)
+        self.found = {
+            entry.subject: entry.files
+            for entry in discover_nifti_subjects(folder, flag="--subjects").subjects
+        }
         self.generator = generator
         self.failures: list[str] = []
-        contrasts = {m for files in self.found.subjects.values() for m in files if m != SEGMENTATION}
+        contrasts = {m for files in self.found.values() for m in files if m != SEGMENTATION}
         self._available = [m for m in generator.modalities if m in contrasts]
-        self.subjects = list(self.found.subjects)
+        self.subjects = list(self.found)
         self.scope = (
             f"the whole brain (mask) of each NIfTI subject in {folder}, over the axial slices data_prep "
             "keeps (at least 10% of the largest axial mask area)"
@@ -179,7 +181,7 @@ class NiftiSubjects:
     def __iter__(self) -> Iterator[SubjectSlices]:
         from data_prep.volumes import VolumeError
 
-        for subject, files in self.found.subjects.items():
+        for subject, files in self.found.items():
             usable = {m: p for m, p in files.items() if m in self.generator.modalities or m == SEGMENTATION}
             contrasts = [m for m in usable if m != SEGMENTATION]
             if not contrasts:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import UserError
-from medgan.models.conditioning import canonical_modality
+from data_prep.volumes import canonical_modality
 
 MANIFEST = "manifest.json"
 

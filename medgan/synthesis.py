@@ -12,8 +12,7 @@ the brain (head for IXI) mask and 0 outside, as its header description says.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -23,10 +22,15 @@ from tqdm import tqdm
 
 from data_prep.errors import UserError
 from data_prep.volumes import (
+    MODALITIES,
+    SEGMENTATION,
     PreparedSubject,
     VolumeError,
+    canonical_modality,
+    discover_nifti_subjects,
     from_canonical,
     load_volume,
+    parse_name,
     prepare_subject,
     resample_from,
     restore_volume,
@@ -34,9 +38,7 @@ from data_prep.volumes import (
     uncrop,
 )
 from medgan.inference import LoadedGenerator
-from medgan.models.conditioning import MODALITIES, canonical_modality
 
-SEGMENTATION = "seg"
 # NIfTI's descrip field holds 80 bytes.
 DESCRIPTION = "MedGAN-SSM synthesized {target}: normalised [0,1] scale, 0 outside the mask"
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -88,11 +90,13 @@ def default_reference(inputs: list[str]) -> str:
 
 
 def _preparation(generator: LoadedGenerator, files: dict[str, Path]) -> str:
-    """data_prep's preparation ("brats": skull-stripped, one grid; "ixi": head mask, registration)."""
+    """data_prep's preparation ("brats": skull-stripped, one grid; "ixi": head mask, registration): the
+    one the training shards had, as the checkpoint records it. Checkpoints from before that record get
+    what data_prep's name rules say of the files (IXI names, or a PD contrast, which only IXI has)."""
     if generator.dataset:
         return generator.dataset
-    looks_ixi = "pd" in files or any(path.name.upper().startswith("IXI") for path in files.values())
-    return "ixi" if looks_ixi else "brats"
+    named = {match.dataset for path in files.values() if (match := parse_name(path))}
+    return "ixi" if "ixi" in named or "pd" in files else "brats"
 
 
 def _in_plane_size(path: Path) -> int:
@@ -214,52 +218,8 @@ def synthesize_volume(
     )
 
 
-@dataclass(slots=True)
-class SubjectFolder:
-    """NIfTI subjects found under a folder: subject -> {modality or "seg": file}, and files left out."""
-
-    subjects: dict[str, dict[str, Path]] = field(default_factory=dict)
-    ignored: list[tuple[Path, str]] = field(default_factory=list)
-
-
-_NAME_TOKEN = re.compile(r"[_\-.]")
-
-
-def find_subjects(folder: str | Path) -> SubjectFolder:
-    """Group the NIfTI files under ``folder`` (recursively) into subjects by name.
-
-    A file's contrast is the last ``_``/``-``-separated word of its name (``BraTS2021_00000_flair``,
-    ``BraTS-GLI-00000-000-t2f``, ``IXI002-Guys-0828-T1``, ``sub01/t1``); the rest of the name is the
-    subject (the parent folder's name when nothing is left). Raises SynthesisError when the folder is
-    missing or holds no usable file.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SynthesisError(f"--subjects {folder}: no such folder")
-    found = SubjectFolder()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        suffix = next((s for s in _NIFTI_SUFFIXES if path.name.lower().endswith(s)), None)
-        if suffix is None:
-            continue
-        stem = path.name[: -len(suffix)]
-        words = _NAME_TOKEN.split(stem)
-        modality = canonical_modality(words[-1])
-        if modality not in (*MODALITIES, SEGMENTATION):
-            found.ignored.append((path, f"no contrast name ({' '.join(MODALITIES)} or seg) at the end"))
-            continue
-        subject = stem[: -len(words[-1])].rstrip("_-.") or path.parent.name
-        files = found.subjects.setdefault(subject, {})
-        if modality in files:
-            found.ignored.append((path, f"a second {modality} file for subject {subject}"))
-            continue
-        files[modality] = path
-    if not found.subjects:
-        raise SynthesisError(f"--subjects {folder}: no NIfTI file named like SUBJECT_CONTRAST.nii.gz found")
-    return found
-
-
 def folder_inputs(generator: LoadedGenerator, files: dict[str, Path], target: str) -> dict[str, Path]:
-    """The inputs to use for a subject found by `find_subjects`: the training inputs when the model
+    """The inputs to use for a subject found by `discover_nifti_subjects`: the training inputs when the model
     has fixed ones, else every contrast the subject has except the target."""
     if generator.trained_inputs:
         missing = [name for name in generator.trained_inputs if name not in files]
@@ -287,10 +247,11 @@ def synthesize_folder(
     Returns (files written, one line per subject that failed); a bad subject never stops the others.
     """
     target = canonical_modality(target)
-    found = find_subjects(folder)
+    found = discover_nifti_subjects(folder, flag="--subjects")
     out.mkdir(parents=True, exist_ok=True)
     written, failures = [], []
-    for subject, files in tqdm(found.subjects.items(), desc="synthesize", unit="subject", disable=None):
+    for entry in tqdm(found.subjects, desc="synthesize", unit="subject", disable=None):
+        subject, files = entry.subject, entry.files
         try:
             inputs = folder_inputs(generator, files, target)
             chosen = reference if reference in inputs else None

@@ -278,3 +278,14 @@ def test_models_package_knows_nothing_of_training_infrastructure():
                 assert not any(name == f or name.startswith(f + ".") for f in forbidden), (
                     f"{path.name} imports {name}"
                 )
+
+
+def test_the_models_modality_table_is_data_preps():
+    # medgan/models/ imports only torch, so it keeps a literal copy of data_prep's table; this pins them equal
+    from data_prep import volumes
+    from medgan.models import conditioning
+
+    assert conditioning.MODALITIES == volumes.MODALITIES
+    assert conditioning.MODALITY_ALIASES == volumes.MODALITY_ALIASES
+    for name in ("T1", " t1gd ", "T2F", "t1n", "pd", "dwi"):
+        assert conditioning.canonical_modality(name) == volumes.canonical_modality(name)

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 from conftest import run_module, write_checkpoint
 
-from data_prep.volumes import VolumeError
+from data_prep.volumes import VolumeError, discover_nifti_subjects
 from medgan.export import export_generator
 from medgan.inference import load_generator
 from medgan.synthesis import (
     SynthesisError,
-    find_subjects,
     parse_input_flags,
     synthesize_folder,
     synthesize_volume,
@@ -94,8 +93,8 @@ def test_export_then_synthesize_gives_the_same_volume(phantom_subjects, tmp_path
 
 
 def test_folder_of_subjects(generator, phantom_subjects, tmp_path):
-    found = find_subjects(phantom_subjects)
-    assert len(found.subjects) == 8 and set(found.subjects["BraTS2021_00000"]) >= {"t1", "flair", "seg"}
+    found = {entry.subject: entry.files for entry in discover_nifti_subjects(phantom_subjects).subjects}
+    assert len(found) == 8 and set(found["BraTS2021_00000"]) >= {"t1", "flair", "seg"}
     small = tmp_path / "two"
     for subject in ("BraTS2021_00002", "BraTS2021_00003"):
         (small / subject).mkdir(parents=True)
