@@ -165,9 +165,12 @@ def run_on_main(work: Callable[[], T], timeout: timedelta, what: str) -> T:
     try:
         dist.broadcast_object_list(payload, src=0, group=group)
     except RuntimeError as error:
-        raise UserError(
-            f"rank {rank} waited {timeout} for rank 0 to {what} and gave up ({str(error).splitlines()[0]})"
-        ) from None
+        reason = str(error).splitlines()[0][:200]
+        if rank == 0:
+            raise UserError(
+                f"rank 0 could {what}, but the other ranks had stopped waiting after {timeout} ({reason})"
+            ) from None
+        raise UserError(f"rank {rank} waited {timeout} for rank 0 to {what} and gave up ({reason})") from None
     finally:
         dist.destroy_process_group(group)
     if failure is not None:

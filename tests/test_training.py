@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import signal
@@ -20,6 +22,7 @@ from medgan.checkpointing import CheckpointManager, tag_for_step
 from medgan.config import ConfigError, build_config, load_config
 from medgan.distributed import DistributedContext
 from medgan.ema import ExponentialMovingAverage
+from medgan.inference import load_generator
 from medgan.models.generator import build_generator
 from medgan.train import deepspeed_settings, lr_factor
 
@@ -165,6 +168,18 @@ def test_single_process_training_writes_the_checkpoint_layout(phantom_shards, tm
     assert (checkpoint_dir / "config.yaml").is_file()
     weights = load_file(checkpoint_dir / "generator" / "step_000003" / "ema.safetensors")
     build_generator(load_config(checkpoint_dir / "config.yaml").model.generator).load_state_dict(weights)
+    # the run records what it trained on, so inference needs neither the shards nor a guess later
+    record = json.loads((checkpoint_dir / "training_data.json").read_text())
+    manifest = json.loads((phantom_shards / "manifest.json").read_text())
+    assert record["dataset"] == "brats" and record["modalities"] == manifest["modalities"]
+    assert record["normalisation"]["method"] == manifest["normalisation"]["method"]
+    assert (
+        record["manifest_sha256"]
+        == hashlib.sha256((phantom_shards / "manifest.json").read_bytes()).hexdigest()
+    )
+    moved = tmp_path / "moved"
+    checkpoint_dir.rename(moved)
+    assert load_generator(moved).dataset == "brats"
 
 
 @pytest.mark.usefixtures("deepspeed_ops_built")

@@ -1,0 +1,49 @@
+"""medgan's one shard reader: the manifest read once, samples decoded into the model's channel order."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medgan.shards import ChannelMap, DataError, ShardFolder, raw_samples
+
+CANONICAL = ["t1", "t1ce", "t2", "flair", "pd"]
+
+
+def test_samples_decode_into_the_canonical_channels(phantom_shards):
+    folder = ShardFolder.open(phantom_shards)
+    split = folder.split("train")
+    assert folder.dataset == "brats" and split.modalities == ("t1", "t1ce", "t2", "flair")
+    assert split.subjects and set(split.subjects) <= set(folder.records)
+    channels = ChannelMap(split.modalities, CANONICAL, folder.directory)
+    raw = next(iter(raw_samples(split.shards)))
+    sample = channels.decode(raw, with_seg=True)
+    stored = np.load(__import__("io").BytesIO(raw["img.npy"]))
+    assert sample.images.shape == (5, *stored.shape[1:]) and sample.images.dtype == np.float32
+    np.testing.assert_array_equal(sample.images[:4], stored.astype(np.float32))
+    assert not sample.images[4].any(), "pd is absent from BraTS: all zero"
+    present = json.loads(raw["json"])["present"]
+    assert sample.present == sorted(CANONICAL.index(name) for name in present)
+    assert sample.seg is None or sample.seg.shape == sample.mask.shape
+
+
+def test_training_data_record_comes_from_the_manifest(phantom_shards):
+    record = ShardFolder.open(phantom_shards).training_data()
+    assert record["dataset"] == "brats"
+    assert record["modalities"] == ["t1", "t1ce", "t2", "flair"]
+    assert "parameters" not in record["normalisation"], "per-subject parameters stay in the manifest"
+    assert len(record["manifest_sha256"]) == 64
+
+
+def test_errors_name_the_folder_and_what_is_wrong(tmp_path, phantom_shards):
+    with pytest.raises(DataError, match=f"{tmp_path}: no manifest.json"):
+        ShardFolder.open(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="manifest.json: not valid JSON"):
+        ShardFolder.open(tmp_path)
+    with pytest.raises(DataError, match="no split 'holdout'"):
+        ShardFolder.open(phantom_shards).split("holdout")
+    with pytest.raises(DataError, match="contrasts t1ce flair are not among the model's t1 t2"):
+        ChannelMap(("t1", "t1ce", "t2", "flair"), ["t1", "t2"], phantom_shards)

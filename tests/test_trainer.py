@@ -1,0 +1,131 @@
+"""The GAN engine in process: the losses, one train_step, validation against scoring by hand, TrainState."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import REPO
+
+from medgan import metrics
+from medgan.checkpointing import CheckpointError
+from medgan.config import load_config
+from medgan.data import make_loader
+from medgan.distributed import init_distributed
+from medgan.train import (
+    GANTrainer,
+    ThroughputMeter,
+    TrainState,
+    discriminator_loss,
+    generator_adversarial_loss,
+)
+
+TINY_RUN = {
+    "model": {
+        "generator": {
+            "base_channels": 8, "depth": 2, "ssm_levels": [1], "ssm_state": 4, "condition_dim": 8,
+            "attention_heads": 2,
+        },
+        "discriminator": {"base_channels": 8, "layers": 2},
+    },
+    "data": {"batch_size": 2, "num_workers": 0},
+    "training": {"max_steps": 2, "val_max_batches": 2},
+    "deepspeed": {"zero_stage": 0},
+    "logging": {"wandb": "disabled", "progress_bar": False},
+}  # fmt: skip
+
+
+def test_lsgan_and_hinge_losses():
+    real, fake = torch.tensor([1.0, 0.5, -1.0]), torch.tensor([0.0, 2.0, -0.5])
+    # LSGAN: D pulls real logits to 1 and fake ones to 0; G pulls fake logits to 1
+    expected_d = 0.5 * (((real - 1) ** 2).mean() + (fake**2).mean())
+    torch.testing.assert_close(discriminator_loss("lsgan", real, fake), expected_d)
+    torch.testing.assert_close(generator_adversarial_loss("lsgan", fake), ((fake - 1) ** 2).mean())
+    # hinge: D's margins at +1 / -1, G raises the fake logits
+    expected_hinge = torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
+    torch.testing.assert_close(discriminator_loss("hinge", real, fake), expected_hinge)
+    torch.testing.assert_close(generator_adversarial_loss("hinge", fake), -fake.mean())
+    # bf16 logits are scored in fp32
+    assert discriminator_loss("lsgan", real.bfloat16(), fake.bfloat16()).dtype == torch.float32
+
+
+def test_train_state_round_trips_and_refuses_another_world_size():
+    state = TrainState(step=7, epoch=1, batch_in_epoch=2, best_psnr=21.5)
+    saved = state.to_client_state(world_size=2, samples_per_step=8)
+    assert saved["samples_consumed"] == 56
+    assert TrainState.from_client_state(saved, world_size=2, where="runs/x") == state
+    with pytest.raises(CheckpointError, match="runs/x: saved with 2 ranks, resumed with 4"):
+        TrainState.from_client_state(saved, world_size=4, where="runs/x")
+    for _ in range(3):
+        state.advance(batches_per_epoch=5)
+    assert (state.step, state.epoch, state.batch_in_epoch) == (10, 2, 0)
+
+
+def test_throughput_meter_reports_a_window():
+    meter = ThroughputMeter(images_per_step=8)
+    meter.add(data_seconds=0.1, total_seconds=1.0)
+    meter.add(data_seconds=0.3, total_seconds=1.0)
+    values = meter.pop()
+    assert values == pytest.approx({"perf/images_per_s": 8.0, "perf/data_wait_pct": 20.0, "perf/step_s": 1.0})
+    assert meter.steps == 0
+
+
+@pytest.fixture(scope="module")
+def trainer(phantom_shards, tmp_path_factory, deepspeed_ops_built):
+    """A tiny trainer on a 1-rank gloo group in this process; the environment and group are restored."""
+    environment = dict(os.environ)
+    overrides = {
+        **TINY_RUN,
+        "data": {**TINY_RUN["data"], "data_path": str(phantom_shards)},
+        "checkpoint": {"dir": str(tmp_path_factory.mktemp("trainer"))},
+    }
+    config = load_config(REPO / "configs" / "demo.yaml", overrides)
+    context = init_distributed()
+    try:
+        yield GANTrainer(config, context)
+    finally:
+        dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
+
+
+def _copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def test_train_step_updates_both_networks_and_g_leaves_d_untouched(trainer):
+    batch = trainer._to_device(next(iter(make_loader(trainer.slice_stream(train=True), 0))))
+    g_before, d_before = _copy(trainer.g_engine.module), _copy(trainer.d_engine.module)
+    losses = trainer.train_step(batch)
+    assert set(losses) == {"loss_d", "loss_g", "loss_adv", "loss_l1"}
+    assert all(np.isfinite(value) for value in losses.values())
+    assert losses["loss_g"] == pytest.approx(losses["loss_adv"] + 100.0 * losses["loss_l1"], rel=1e-5)
+    g_after, d_after = trainer.g_engine.module.state_dict(), trainer.d_engine.module.state_dict()
+    assert any(not torch.equal(g_before[k], g_after[k]) for k in g_before), "G took an optimizer step"
+    assert any(not torch.equal(d_before[k], d_after[k]) for k in d_before), "D took an optimizer step"
+    discriminator = trainer.d_engine.module
+    assert all(p.requires_grad for p in discriminator.parameters()), "D is unfrozen after G's step"
+    # G's adversarial term went through a frozen D: no gradient reached D's parameters after D's step
+    assert all(p.grad is None or not p.grad.any() for p in discriminator.parameters())
+
+
+def test_validate_equals_scoring_the_ema_generator_by_hand(trainer):
+    summary = trainer.validate()
+    model = trainer._evaluation_generator()
+    values: dict[str, list[float]] = {"psnr": [], "ssim": [], "mae": []}
+    with torch.no_grad():
+        for index, batch in enumerate(make_loader(trainer.slice_stream(train=False), 0)):
+            if index >= trainer.config.training.val_max_batches:
+                break
+            fake = model(batch["images"], batch["available"], batch["target_index"])
+            mask = batch["mask"] > 0.5
+            for name in values:
+                per_slice = getattr(metrics, name)(fake, batch["target"], data_range=1.0, mask=mask)
+                values[name] += [float(v) for v in per_slice[:, 0]]
+    assert summary["val/slices"] == len(values["psnr"]) == 4
+    for name, per_slice in values.items():
+        assert summary[f"val/{name}"] == pytest.approx(np.nanmean(per_slice), rel=1e-5)
+        assert summary[f"val/{name}_std"] == pytest.approx(np.nanstd(per_slice, ddof=1), rel=1e-4)
