@@ -145,6 +145,32 @@ class PhaseTimer:
         return totals
 
 
+def build_engines(config: Config, world_size: int, batches_per_epoch: int):
+    """((generator engine, discriminator engine), their parameter counts): both networks from the config,
+    each with its Adam and LR schedule, wrapped by DeepSpeed with :func:`deepspeed_settings` (counted
+    before ZeRO 3 partitions them)."""
+    import deepspeed
+
+    dtype = PRECISION_DTYPES[config.deepspeed.precision]
+    modalities = len(config.model.generator.modalities)
+    settings = deepspeed_settings(config, world_size)
+    factor = lr_factor(config, batches_per_epoch)
+    engines, counts = [], []
+    for module, lr in (
+        (build_generator(config.model.generator), config.training.lr_g),
+        (PatchDiscriminator(config.model.discriminator, modalities), config.training.lr_d),
+    ):
+        counts.append(count_parameters(module))
+        _cast_floating_buffers(module, dtype)
+        optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=tuple(config.training.betas))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=schedule, config=settings
+        )
+        engines.append(engine)
+    return tuple(engines), tuple(counts)
+
+
 @dataclass(slots=True)
 class TrainState:
     """Where training is: optimizer steps taken, the epoch and the batch within it, the best validation
@@ -220,8 +246,6 @@ class GANTrainer:
     """Builds both DeepSpeed engines from the config and runs the training loop on every rank."""
 
     def __init__(self, config: Config, context: DistributedContext) -> None:
-        import deepspeed
-
         self.config = config
         self.context = context
         self.device = (
@@ -249,27 +273,8 @@ class GANTrainer:
             self.total_steps = min(self.total_steps, config.training.max_steps)
 
         torch.manual_seed(config.training.seed)
-        generator = build_generator(config.model.generator)
-        discriminator = PatchDiscriminator(config.model.discriminator, len(self.canonical))
-        self.parameter_counts = (count_parameters(generator), count_parameters(discriminator))
-        for module in (generator, discriminator):
-            _cast_floating_buffers(module, self.dtype)
-        settings = deepspeed_settings(config, context.world_size)
-        betas = tuple(config.training.betas)
-        factor = lr_factor(config, self.batches_per_epoch)
-        g_optimizer = torch.optim.Adam(generator.parameters(), lr=config.training.lr_g, betas=betas)
-        d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=config.training.lr_d, betas=betas)
-        self.g_engine, _, _, _ = deepspeed.initialize(
-            model=generator,
-            optimizer=g_optimizer,
-            lr_scheduler=torch.optim.lr_scheduler.LambdaLR(g_optimizer, factor),
-            config=settings,
-        )
-        self.d_engine, _, _, _ = deepspeed.initialize(
-            model=discriminator,
-            optimizer=d_optimizer,
-            lr_scheduler=torch.optim.lr_scheduler.LambdaLR(d_optimizer, factor),
-            config=settings,
+        (self.g_engine, self.d_engine), self.parameter_counts = build_engines(
+            config, context.world_size, self.batches_per_epoch
         )
         self.ema = (
             ExponentialMovingAverage(self.g_engine.module, config.training.ema_decay)
