@@ -262,6 +262,11 @@ SEED_FLAGS: dict[str, str] = {
 }
 
 
+def _means_empty(value: Any) -> bool:
+    """How a command line clears a list: ``--data.input_modalities []`` (or ``none``, ``null``, ``''``)."""
+    return isinstance(value, str) and value.strip().lower() in ("", "[]", "none", "null")
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Turn a YAML or CLI value into the field's declared type, or raise a ConfigError naming ``key``."""
     origin = typing.get_origin(annotation)
@@ -272,8 +277,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return _coerce(value, options[0], key)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
+        if value is None or (isinstance(value, list) and len(value) == 1 and _means_empty(value[0])):
+            value = []
         if isinstance(value, str):
-            value = [] if value.strip() in ("", "[]") else value.replace(",", " ").split()
+            value = [] if _means_empty(value) else value.replace(",", " ").split()
         _check(isinstance(value, (list, tuple)), key, f"{value!r} is not a list")
         return [_coerce(v, item_type, key) for v in value]
     if annotation is bool:

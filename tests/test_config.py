@@ -103,3 +103,13 @@ def test_bad_yaml_files_name_the_file(tmp_path):
 def test_section_given_a_scalar_is_an_error():
     with pytest.raises(ConfigError, match="training: expected a mapping"):
         build_config({"training": 3})
+
+
+@pytest.mark.parametrize("empty", ["[]", "none", "null", ""])
+def test_a_command_line_clears_a_list(empty):
+    # demo.yaml fixes the inputs; clearing them switches it to one model for every task
+    config = config_from_cli(
+        ["--config", "configs/demo.yaml", "--data.input_modalities", empty, "--target_modality", "any"]
+    )
+    assert config.data.input_modalities == [] and config.data.target_modality == "any"
+    assert config_from_cli(["--data.input_modalities=" + empty]).data.input_modalities == []
