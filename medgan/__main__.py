@@ -55,6 +55,7 @@ def evaluate_checkpoint(
     input_modalities: list[str] | None = None,
     target_modality: str | None = None,
     report: str | None = None,
+    all_subsets: bool = False,
     tag: str | None = None,
     batch_size: int = 8,
     device: str | None = None,
@@ -79,7 +80,9 @@ def evaluate_checkpoint(
                 selection = ShardSubjects(data_path, "val", generator.modalities)
             except DataError:
                 selection = None
-    tasks = tasks_to_evaluate(generator, subjects.available_modalities, input_modalities, target_modality)
+    tasks = tasks_to_evaluate(
+        generator, subjects.available_modalities, input_modalities, target_modality, all_subsets
+    )
     summary = evaluate(
         generator,
         subjects,
@@ -88,7 +91,7 @@ def evaluate_checkpoint(
         baseline=baseline,
         selection_subjects=selection,
         batch_size=batch_size,
-        description={"command": command},
+        description={"command": command, "all_subsets": all_subsets},
     )
     for name, task in summary["tasks"].items():
         brain = task["methods"]["model"]["brain"]["per_volume"]
@@ -119,6 +122,7 @@ def _run_evaluate(args, argv: list[str]) -> int:
         input_modalities=args.input_modalities,
         target_modality=args.target_modality,
         report=args.report,
+        all_subsets=args.all_subsets,
         tag=args.tag,
         batch_size=args.batch_size,
         device=args.device,
@@ -214,6 +218,12 @@ def build_tool_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--input_modalities", nargs="+", metavar="MOD")
     evaluate.add_argument("--target_modality", metavar="M")
     evaluate.add_argument("--report", metavar="HTML", help="also write the HTML report here")
+    evaluate.add_argument(
+        "--all-subsets",
+        action="store_true",
+        help="a model trained for target any: score every non-empty subset of the other contrasts for "
+        "every target (the any-subset matrix)",
+    )
     evaluate.set_defaults(run=_run_evaluate)
 
     synthesize = commands.add_parser("synthesize", help="NIfTI inputs -> synthesized NIfTI on their grid")

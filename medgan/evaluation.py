@@ -23,6 +23,7 @@ by data_prep, whole in-plane extent). Outputs in ``--out``: ``per_slice.csv``, `
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import time
@@ -209,9 +210,16 @@ def tasks_to_evaluate(
     available: list[str],
     inputs: list[str] | None = None,
     target: str | None = None,
+    all_subsets: bool = False,
 ) -> list[Task]:
     """The tasks to score: the one the flags name; else the one the model was trained on; else (a model
-    trained for every task) each contrast of the data as target from all the others."""
+    trained for every task) each contrast of the data as target from all the others.
+
+    all_subsets: every non-empty subset of the other contrasts for every target (for BraTS's four
+    contrasts 4 x 7 = 28 tasks); only for a model trained with ``target_modality: any``.
+    """
+    if all_subsets:
+        return _every_subset_task(generator, available, target)
     inputs = [canonical_modality(m) for m in inputs or []]
     target = canonical_modality(target) if target and target != "any" else None
     if inputs and not target:
@@ -235,6 +243,32 @@ def tasks_to_evaluate(
     if not tasks:
         raise EvaluationError(
             f"no task to evaluate: the data has only {' '.join(available) or 'no contrast'}"
+        )
+    return tasks
+
+
+def _every_subset_task(generator: LoadedGenerator, available: list[str], target: str | None) -> list[Task]:
+    """Every (non-empty subset of the others -> target) task, targets in the data's order, subsets by
+    size then in the data's order (``--target_modality`` keeps one target's row of the matrix)."""
+    if generator.trained_target != "any" or generator.trained_inputs:
+        trained = (
+            f"{' '.join(generator.trained_inputs) or 'every other contrast'} -> {generator.trained_target}"
+        )
+        raise EvaluationError(
+            f"--all-subsets needs a model trained with target_modality: any (this one: {trained})"
+        )
+    contrasts = [m for m in available if m in generator.modalities]
+    targets = [canonical_modality(target)] if target and target != "any" else contrasts
+    tasks = []
+    for name in targets:
+        if name not in contrasts:
+            raise EvaluationError(f"--target_modality {name}: the data has no {name} ({' '.join(contrasts)})")
+        others = [m for m in contrasts if m != name]
+        for size in range(1, len(others) + 1):
+            tasks.extend(Task(subset, name) for subset in itertools.combinations(others, size))
+    if not tasks:
+        raise EvaluationError(
+            f"no task to evaluate: the data has only {' '.join(contrasts) or 'no contrast'}"
         )
     return tasks
 

@@ -13,6 +13,7 @@ import base64
 import csv
 import html
 import io
+import itertools
 import json
 import math
 from pathlib import Path
@@ -150,6 +151,41 @@ def box_plots(rows: list[dict[str, Any]], task: str, methods: list[str]) -> str:
     return _png(figure)
 
 
+def subset_matrix(summary: dict[str, Any]) -> str:
+    """PNG data URI: the any-subset matrix, input subset (rows) x target (columns), one panel each for
+    PSNR and SSIM: colour and first number the model's mean per-volume brain value, in brackets the
+    copied-input baseline's in the same cell."""
+    tasks = list(summary["tasks"].values())
+    targets = list(dict.fromkeys(task["target"] for task in tasks))
+    subsets = sorted({tuple(task["inputs"]) for task in tasks}, key=lambda subset: (len(subset), subset))
+    cell = {(tuple(task["inputs"]), task["target"]): task for task in tasks}
+    figure, axes = _figure(
+        1, 2, figsize=(2.2 + 1.45 * len(targets) * 2, 1.0 + 0.42 * len(subsets)), squeeze=False
+    )
+    for axis, name in zip(axes[0], ("psnr", "ssim")):
+        values = np.full((len(subsets), len(targets)), np.nan)
+        for (row, subset), (column, target) in itertools.product(enumerate(subsets), enumerate(targets)):
+            task = cell.get((subset, target))
+            if task is None:
+                continue
+            model = task["methods"][MODEL]["brain"]["per_volume"][name]["mean"]
+            copy = task["methods"][COPY]["brain"]["per_volume"][name]["mean"]
+            values[row, column] = np.nan if model is None else model
+            axis.text(
+                column, row, f"{_number(model, DIGITS[name] - 1)}\n({_number(copy, DIGITS[name] - 1)})",
+                ha="center", va="center", fontsize=7,
+            )  # fmt: skip
+        image = axis.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
+        figure.colorbar(image, ax=axis, fraction=0.04)
+        axis.set_xticks(range(len(targets)), [t.upper() for t in targets], fontsize=8)
+        axis.set_yticks(range(len(subsets)), ["+".join(s).upper() for s in subsets], fontsize=8)
+        axis.set_xlabel("target", fontsize=9)
+        axis.set_title(f"{METRIC_LABELS[name]}: model (best input copied)", fontsize=9)
+    axes[0][0].set_ylabel("inputs", fontsize=9)
+    figure.tight_layout()
+    return _png(figure)
+
+
 def _number(value: Any, digits: int) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
@@ -234,6 +270,17 @@ def write_report(eval_dir: str | Path, out: str | Path) -> Path:
         parts.append(f"<dt>subjects left out</dt><dd>{failed}</dd>")
     parts.append("</dl>")
 
+    matrix = bool(summary.get("all_subsets"))
+    if matrix:
+        parts.append(
+            "<h2>Every input subset</h2><p>Mean per-volume brain values of the model over the subjects "
+            "that have the contrasts; in brackets the best single input copied as it is, in the same cell. "
+            "Below, every cell's tables; plots and examples for the task with all other contrasts as input."
+            f"</p><img alt='any-subset matrix' src='{subset_matrix(summary)}'>"
+        )
+    widest = {}
+    for task in summary["tasks"].values():
+        widest[task["target"]] = max(widest.get(task["target"], 0), len(task["inputs"]))
     for name, task in summary["tasks"].items():
         methods = list(task["methods"])
         parts.append(f"<h2>{html.escape(name)}</h2>")
@@ -249,6 +296,8 @@ def write_report(eval_dir: str | Path, out: str | Path) -> Path:
         parts.append(_summary_table(task))
         parts.append("<p>Paired over subjects (per-volume, brain): mean difference [95% CI], Wilcoxon p.</p>")
         parts.append(_paired_table(task))
+        if matrix and len(task["inputs"]) < widest[task["target"]]:
+            continue
         parts.append(f"<img alt='box plots {html.escape(name)}' src='{box_plots(rows, name, methods)}'>")
         for rank, subject in task["examples"].items():
             view_file = eval_dir / task["views"] / f"{subject}.npz"

@@ -8,7 +8,7 @@ import re
 import pytest
 from conftest import write_checkpoint
 
-from medgan.evaluation import ShardSubjects, evaluate, tasks_to_evaluate
+from medgan.evaluation import EvaluationError, ShardSubjects, evaluate, tasks_to_evaluate
 from medgan.inference import load_generator
 from medgan.report import ReportError, write_report
 
@@ -35,3 +35,35 @@ def test_report_is_self_contained_and_holds_every_part(phantom_shards, tmp_path)
 def test_missing_evaluation_is_one_line(tmp_path):
     with pytest.raises(ReportError, match="no summary.json"):
         write_report(tmp_path, tmp_path / "report.html")
+
+
+def test_all_subsets_scores_28_cells_and_draws_the_matrix(phantom_shards, tmp_path):
+    generator = load_generator(write_checkpoint(tmp_path / "any", arch="unet"))  # trained for target any
+    subjects = ShardSubjects(phantom_shards, "test", generator.modalities)
+    tasks = tasks_to_evaluate(generator, subjects.available_modalities, all_subsets=True)
+    assert len(tasks) == 28 and len({task.name for task in tasks}) == 28
+    assert all(task.target not in task.inputs for task in tasks)
+    assert sum(task.target == "flair" for task in tasks) == 7
+    summary = evaluate(
+        generator, subjects, tasks, tmp_path / "eval", description={"all_subsets": True}, batch_size=32
+    )
+    # a cell is the same number as evaluating its task alone
+    alone = evaluate(generator, subjects, [tasks[0]], tmp_path / "alone")
+    name = tasks[0].name
+    assert summary["tasks"][name]["methods"]["model"] == alone["tasks"][name]["methods"]["model"]
+
+    page = write_report(tmp_path / "eval", tmp_path / "report.html").read_text()
+    assert "Every input subset" in page and "alt='any-subset matrix'" in page
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    # the matrix, then for each of the 4 targets its all-inputs task's box plots and 3 montages
+    assert len(images) == 1 + 4 * 4
+    assert page.count("<h2>") == 1 + 28 + 1  # the matrix, every cell's tables, how it was computed
+
+
+def test_all_subsets_refuses_a_model_trained_for_one_task(tmp_path):
+    fixed = {"input_modalities": ["t1", "t2"], "target_modality": "flair"}
+    generator = load_generator(write_checkpoint(tmp_path / "fixed", arch="unet", data=fixed))
+    with pytest.raises(
+        EvaluationError, match="--all-subsets needs a model trained with target_modality: any"
+    ):
+        tasks_to_evaluate(generator, ["t1", "t1ce", "t2", "flair"], all_subsets=True)
