@@ -164,6 +164,7 @@ def subset_matrix(summary: dict[str, Any]) -> str:
     )
     for axis, name in zip(axes[0], ("psnr", "ssim")):
         values = np.full((len(subsets), len(targets)), np.nan)
+        labels = {}
         for (row, subset), (column, target) in itertools.product(enumerate(subsets), enumerate(targets)):
             task = cell.get((subset, target))
             if task is None:
@@ -171,11 +172,14 @@ def subset_matrix(summary: dict[str, Any]) -> str:
             model = task["methods"][MODEL]["brain"]["per_volume"][name]["mean"]
             copy = task["methods"][COPY]["brain"]["per_volume"][name]["mean"]
             values[row, column] = np.nan if model is None else model
-            axis.text(
-                column, row, f"{_number(model, DIGITS[name] - 1)}\n({_number(copy, DIGITS[name] - 1)})",
-                ha="center", va="center", fontsize=7,
-            )  # fmt: skip
+            labels[row, column] = f"{_number(model, DIGITS[name] - 1)}\n({_number(copy, DIGITS[name] - 1)})"
         image = axis.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
+        for (row, column), label in labels.items():
+            # dark text on the light end of viridis, light text on the dark end
+            light = np.isfinite(values[row, column]) and image.norm(values[row, column]) > 0.6
+            axis.text(
+                column, row, label, ha="center", va="center", fontsize=7, color="black" if light else "white"
+            )
         figure.colorbar(image, ax=axis, fraction=0.04)
         axis.set_xticks(range(len(targets)), [t.upper() for t in targets], fontsize=8)
         axis.set_yticks(range(len(subsets)), ["+".join(s).upper() for s in subsets], fontsize=8)
