@@ -596,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         config = config_from_cli(argv)
+        ShardFolder.open(config.data.data_path)  # a wrong --data_path fails before ranks start talking
         context = init_distributed()
         set_thread_share(context)
         train(config, context)

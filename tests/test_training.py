@@ -152,6 +152,7 @@ def test_a_crash_mid_save_leaves_latest_on_the_previous_tag(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- real runs
+@pytest.mark.slow
 @pytest.mark.usefixtures("deepspeed_ops_built")
 def test_single_process_training_writes_the_checkpoint_layout(phantom_shards, tmp_path):
     checkpoint_dir = tmp_path / "run"
@@ -182,7 +183,6 @@ def test_single_process_training_writes_the_checkpoint_layout(phantom_shards, tm
     assert load_generator(moved).dataset == "brats"
 
 
-@pytest.mark.usefixtures("deepspeed_ops_built")
 def test_bad_input_is_one_line_not_a_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "launch/train.py", "--config", "configs/demo.yaml", "--data_path", str(tmp_path)],
