@@ -99,6 +99,9 @@ class SegmentationScore:
         return dataclasses.asdict(self)
 
 
+SCORE_COLUMNS = ("dice_real", "dice_synth", "dice_drop", "hd95_real", "hd95_synth", "hd95_increase")
+
+
 def infer_label_convention(label_values: Iterable[int], source: str = "the segmentations") -> str:
     """The label convention of label maps holding ``label_values``: label 4 -> "brats2021", label 3 ->
     "brats2023" (0 is background). source: where the labels come from, for the message.
@@ -409,7 +412,7 @@ def read_segmentations(
         if not _same_grid((volume.data.shape, volume.affine), grid):
             raise SegmenterError(
                 f"{path}: segmentation of shape {volume.data.shape} is not on the grid of subject "
-                f"{subject}'s input volumes {grid[0]} (shape and affine must match)"
+                f"{subject}'s inputs and reference {grid[0]} (shape and affine must match)"
             )
         labels[subject] = _integer_labels(volume.data, path)
     return labels
@@ -485,14 +488,13 @@ def summarize_segmentation(rows: Iterable[SegmentationScore]) -> dict[str, dict[
     mean drop, with its 95% t interval and Wilcoxon p), ``hd95_increase_paired``:
     ``paired_statistics(hd95_synth, hd95_real)``}."""
     rows = list(rows)
-    columns = [field.name for field in dataclasses.fields(SegmentationScore)][2:]
     summary = {}
     for region in REGIONS:
         values = {
             column: np.array([getattr(row, column) for row in rows if row.region == region], dtype=np.float64)
-            for column in columns
+            for column in SCORE_COLUMNS
         }
-        summary[region] = {column: metrics.summarize(values[column]) for column in columns}
+        summary[region] = {column: metrics.summarize(values[column]) for column in SCORE_COLUMNS}
         summary[region]["dice_drop_paired"] = paired_statistics(values["dice_real"], values["dice_synth"])
         summary[region]["hd95_increase_paired"] = paired_statistics(values["hd95_synth"], values["hd95_real"])
     return summary
@@ -544,6 +546,12 @@ def score_with_segmenter(
     for subject in subjects:
         references[subject], grids[subject] = read_reference(reference_segs[subject])
         spacings[subject] = nib.affines.voxel_sizes(grids[subject][1])
+        name, volume = next(iter(subjects[subject].items()))
+        if not _same_grid(grids[subject], _grid_of(volume, subject, name)):
+            raise SegmenterError(
+                f"{reference_segs[subject]}: reference segmentation of shape {grids[subject][0]} is not on "
+                f"the grid of subject {subject}'s {name} (shape and affine must match)"
+            )
     runs = {
         REAL: {subject: dict(contrasts) for subject, contrasts in subjects.items()},
         SYNTHESIZED: {

@@ -296,3 +296,15 @@ def test_segmentation_off_the_reference_grid_is_refused(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), tmp_path / "out" / "s1.nii.gz")
     with pytest.raises(UserError, match=r"s1.nii.gz: segmentation of shape \(4, 4, 4\) is not on the grid"):
         seg.read_segmentations(tmp_path / "out", {"s1": ((4, 4, 5), np.eye(4))}, "cmd")
+
+
+def test_reference_off_the_subjects_grid_is_refused_before_the_segmenter_runs(phantom_subjects, tmp_path):
+    contrasts, _ = phantom_inputs(phantom_subjects, SUBJECTS[:1])
+    reference = tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), reference)
+    with pytest.raises(UserError, match=r"seg.nii.gz: reference segmentation of shape \(4, 4, 4\) is not on"):
+        seg.score_with_segmenter(
+            "exit 9 {input} {output}", contrasts, "flair", {SUBJECTS[0]: reference}, {SUBJECTS[0]: reference},
+            None, tmp_path / "work",
+        )  # fmt: skip
+    assert not (tmp_path / "work").exists()
