@@ -17,9 +17,10 @@ reading of a BraTS seg (3 and 4 both mean enhancing tumour).
 
 Metrics per subject and region, over the whole volume (BraTS's "legacy" figures, not lesion-wise)
     Dice = 2 |P & R| / (|P| + |R|), in [0, 1].
-    HD95 = the 95th percentile of the symmetric surface distances, in mm: the distances from every surface
-           voxel of P to the nearest surface voxel of R and from every surface voxel of R to the nearest of
-           P, pooled (MedPy's ``hd95``); a surface voxel is a mask voxel with a face neighbour outside the
+    HD95 = the robust (95th percentile) Hausdorff distance, in mm: the larger of the two directed 95th
+           percentiles, of the distances from each surface voxel of P to the nearest surface voxel of R and
+           from each surface voxel of R to the nearest of P (as the BraTS 2023 code and MONAI take it; MedPy
+           pools the two sets instead); a surface voxel is a mask voxel with a face neighbour outside the
            mask; distances use the voxel spacing (mm) from the reference's affine. In [0, inf).
     Empty regions, as BraTS scores them: both empty -> Dice 1, HD95 0; exactly one empty -> Dice 0 and
     HD95 = `HD95_MAX_PENALTY_MM` (374 mm).
@@ -171,14 +172,15 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
 
 
 def hd95(pred: np.ndarray, ref: np.ndarray, spacing_mm) -> float:
-    """95th percentile of the symmetric surface distances between two bool masks of one shape, in mm.
+    """Robust (95th percentile) Hausdorff distance between two bool masks of one shape, in mm.
 
     pred, ref: bool ``[X, Y, Z]`` (any number of axes). spacing_mm: voxel size per axis (mm), e.g.
     ``nibabel.affines.voxel_sizes(affine)``. The surface of a mask is its voxels with a face neighbour
-    outside it (the array's border counts as outside); the distances from each surface voxel of one mask
-    to the nearest surface voxel of the other, both ways, are pooled and their 95th percentile (numpy's
-    linear interpolation) returned, as MedPy's ``hd95``. Both empty -> 0.0; exactly one empty ->
-    ``HD95_MAX_PENALTY_MM`` (BraTS). Identical masks -> 0.0.
+    outside it (the array's border counts as outside). Returns the larger of the two directed 95th
+    percentiles (numpy's linear interpolation) of the distances from each surface voxel of one mask to
+    the nearest surface voxel of the other, as MONAI's ``compute_hausdorff_distance(percentile=95)`` and
+    the BraTS 2023 code (which also weights each voxel by its surface area) do. Both empty -> 0.0;
+    exactly one empty -> ``HD95_MAX_PENALTY_MM`` (BraTS). Identical masks -> 0.0.
     """
     pred, ref = _check_masks(pred, ref)
     spacing = np.asarray(spacing_mm, dtype=np.float64).ravel()
@@ -193,13 +195,9 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing_mm) -> float:
     # distances computed inside it are exact, and the transforms run on a small box, not the whole head.
     box = _bounding_box(pred | ref)
     pred_surface, ref_surface = _surface(pred[box]), _surface(ref[box])
-    distances = np.concatenate(
-        [
-            _distances_to(ref_surface, spacing)[pred_surface],
-            _distances_to(pred_surface, spacing)[ref_surface],
-        ]
-    )
-    return float(np.percentile(distances, 95))
+    pred_to_ref = _distances_to(ref_surface, spacing)[pred_surface]
+    ref_to_pred = _distances_to(pred_surface, spacing)[ref_surface]
+    return float(max(np.percentile(pred_to_ref, 95), np.percentile(ref_to_pred, 95)))
 
 
 def _check_masks(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

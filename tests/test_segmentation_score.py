@@ -38,7 +38,7 @@ def hd95_brute_force(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
     """The definition, by all pairwise distances between the two surfaces."""
     a, b = surface_coordinates_mm(pred, spacing), surface_coordinates_mm(ref, spacing)
     pairwise = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=-1)
-    return float(np.percentile(np.concatenate([pairwise.min(axis=1), pairwise.min(axis=0)]), 95))
+    return float(max(np.percentile(pairwise.min(axis=1), 95), np.percentile(pairwise.min(axis=0), 95)))
 
 
 def box(shape, corner, size) -> np.ndarray:
@@ -88,7 +88,7 @@ def test_hd95_of_two_voxels_is_their_distance_in_mm():
 def test_hd95_ignores_a_few_far_voxels_that_the_maximum_would_not():
     ref = box((20, 20, 20), (2, 2, 2), (6, 6, 6))  # 152 surface voxels
     pred = ref.copy()
-    pred[18, 18, 18] = True  # one stray voxel: 1 of 305 pooled distances
+    pred[18, 18, 18] = True  # one stray voxel: 1 of pred's 153 distances to ref
     assert seg.hd95(pred, ref, SPACING_MM) == 0.0
     assert seg.hd95(ref, ref, SPACING_MM) == 0.0
 
