@@ -83,7 +83,7 @@ class SegmentationScore:
     """One subject's scores over one region (``REGIONS``), for the real and the synthesized inputs.
 
     dice_*: in [0, 1]; dice_drop = dice_real - dice_synth (positive when synthesis hurts).
-    hd95_*: mm, in [0, HD95_MAX_PENALTY_MM] for empty regions and [0, inf) otherwise;
+    hd95_*: mm in [0, inf); 0 when the region is empty in both, HD95_MAX_PENALTY_MM when in exactly one;
     hd95_increase = hd95_synth - hd95_real (positive when synthesis hurts).
     """
 
@@ -544,12 +544,13 @@ def score_with_segmenter(
     for subject in subjects:
         references[subject], grids[subject] = read_reference(reference_segs[subject])
         spacings[subject] = nib.affines.voxel_sizes(grids[subject][1])
-        name, volume = next(iter(subjects[subject].items()))
-        if not _same_grid(grids[subject], _grid_of(volume, subject, name)):
-            raise SegmenterError(
-                f"{reference_segs[subject]}: reference segmentation of shape {grids[subject][0]} is not on "
-                f"the grid of subject {subject}'s {name} (shape and affine must match)"
-            )
+        # Its contrasts' own grids (and any missing one) are checked as they are written.
+        for name, volume in list(subjects[subject].items())[:1]:
+            if not _same_grid(grids[subject], _grid_of(volume, subject, name)):
+                raise SegmenterError(
+                    f"{reference_segs[subject]}: reference segmentation of shape {grids[subject][0]} is not "
+                    f"on the grid of subject {subject}'s {name} (shape and affine must match)"
+                )
     runs = {
         REAL: {subject: dict(contrasts) for subject, contrasts in subjects.items()},
         SYNTHESIZED: {
