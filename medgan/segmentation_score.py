@@ -1,0 +1,588 @@
+"""Downstream-segmentation score: how much a synthesized contrast costs a tumour segmenter.
+
+The user's segmenter (any command line, ``"CMD {input} {output}"``) runs twice on a folder of subjects in
+the BraTS 2023 layout: once on the four real contrasts, once with the target contrast replaced by the
+synthesized volume. Each run's segmentation is scored against the reference segmentation per tumour
+region, and the difference between the runs is the drop that synthesis causes.
+
+Folder layout (what the segmenter reads and writes, as BraTS 2023 segmenters do)
+    ``{input}/<id>/<id>-t1n.nii.gz``, ``-t1c``, ``-t2w``, ``-t2f``  (T1, T1ce, T2, FLAIR)
+    ``{output}/<id>.nii.gz``  one label map per subject, on the grid of its input volumes
+
+Regions (BraTS): whole tumour WT = necrotic core | oedema | enhancing tumour, tumour core TC = necrotic core
+| enhancing tumour, enhancing tumour ET. BraTS 2021 labels are 1 necrotic core, 2 oedema, 4 enhancing;
+BraTS 2023 renumbered enhancing tumour to 3 (`REGION_LABELS`). The segmenter's convention is given or
+inferred from the labels it writes (`resolve_label_convention`); reference segmentations follow data_prep's
+reading of a BraTS seg (3 and 4 both mean enhancing tumour).
+
+Metrics per subject and region, over the whole volume (BraTS's "legacy" figures, not lesion-wise)
+    Dice = 2 |P & R| / (|P| + |R|), in [0, 1].
+    HD95 = the robust (95th percentile) Hausdorff distance, in mm: the larger of the two directed 95th
+           percentiles, of the distances from each surface voxel of P to the nearest surface voxel of R and
+           from each surface voxel of R to the nearest of P (as the BraTS 2023 code and MONAI take it; MedPy
+           pools the two sets instead); a surface voxel is a mask voxel with a face neighbour outside the
+           mask; distances use the voxel spacing (mm) from the reference's affine. In [0, inf).
+    Empty regions, as BraTS scores them: both empty -> Dice 1, HD95 0; exactly one empty -> Dice 0 and
+    HD95 = `HD95_MAX_PENALTY_MM` (374 mm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from scipy import ndimage
+
+from data_prep.errors import UserError
+from data_prep.volumes import canonical_modality, load_volume
+from medgan import metrics
+from medgan.scoring import paired_statistics
+
+LABEL_CONVENTIONS = ("brats2021", "brats2023")
+REGIONS = ("WT", "TC", "ET")
+REGION_NAMES = {"WT": "whole tumour", "TC": "tumour core", "ET": "enhancing tumour"}
+# convention -> region -> the labels that make it up.
+REGION_LABELS: dict[str, dict[str, frozenset[int]]] = {
+    "brats2021": {"WT": frozenset({1, 2, 4}), "TC": frozenset({1, 4}), "ET": frozenset({4})},
+    "brats2023": {"WT": frozenset({1, 2, 3}), "TC": frozenset({1, 3}), "ET": frozenset({3})},
+}
+# The BraTS 2023 evaluation replaces an infinite HD95 (a region empty in exactly one of prediction and
+# reference) by 374 mm: rachitsaluja/BraTS-2023-Metrics eval.py, `replace(np.inf, 374)`, as announced in
+# the organisers' "lesion-wise metrics" post (synapse.org/Synapse:syn51156910/discussion/threadId=10357).
+HD95_MAX_PENALTY_MM = 374.0
+# Canonical contrast -> the BraTS 2023 file suffix a segmenter reads.
+BRATS2023_SUFFIXES = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
+INPUT_PLACEHOLDER, OUTPUT_PLACEHOLDER = "{input}", "{output}"
+DEFAULT_TIMEOUT_S = 4 * 3600.0
+# Run folders inside score_with_segmenter's work_dir, one per segmenter call.
+REAL, SYNTHESIZED = "real", "synthesized"
+_AFFINE_TOLERANCE_MM = 1e-3
+
+Volume = str | os.PathLike | nib.Nifti1Image
+
+
+class SegmenterError(UserError):
+    """The segmenter command or what it wrote cannot be used; the one-line message names the command or
+    file and what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentationScore:
+    """One subject's scores over one region (``REGIONS``), for the real and the synthesized inputs.
+
+    dice_*: in [0, 1]; dice_drop = dice_real - dice_synth (positive when synthesis hurts).
+    hd95_*: mm in [0, inf); 0 when the region is empty in both, HD95_MAX_PENALTY_MM when in exactly one;
+    hd95_increase = hd95_synth - hd95_real (positive when synthesis hurts).
+    """
+
+    subject: str
+    region: str
+    dice_real: float
+    dice_synth: float
+    dice_drop: float
+    hd95_real: float
+    hd95_synth: float
+    hd95_increase: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SCORE_COLUMNS = ("dice_real", "dice_synth", "dice_drop", "hd95_real", "hd95_synth", "hd95_increase")
+
+
+def infer_label_convention(label_values: Iterable[int], source: str = "the segmentations") -> str:
+    """The label convention of label maps holding ``label_values``: label 4 -> "brats2021", label 3 ->
+    "brats2023" (0 is background). source: where the labels come from, for the message.
+
+    Raises SegmenterError (one line naming ``source`` and the labels found) when the labels are not BraTS
+    tumour labels (outside 1-4), hold both 3 and 4, or neither (the two conventions cannot be told apart:
+    the message asks for --segmenter-labels).
+    """
+    found = sorted({int(value) for value in label_values} - {0})
+    shown = " ".join(map(str, found)) or "none"
+    if any(label not in (1, 2, 3, 4) for label in found):
+        raise SegmenterError(
+            f"{source} has labels {shown}: not BraTS 2021 (1 2 4) or BraTS 2023 (1 2 3) tumour labels"
+        )
+    if 3 in found and 4 in found:
+        raise SegmenterError(
+            f"{source} has labels {shown}: both 3 and 4, so neither BraTS 2021 (1 2 4) nor BraTS 2023 "
+            "(1 2 3) labels"
+        )
+    if 4 in found:
+        return "brats2021"
+    if 3 in found:
+        return "brats2023"
+    raise SegmenterError(
+        f"{source} has labels {shown} (no 3 or 4), so its label convention cannot be inferred: "
+        f"pass --segmenter-labels {' or '.join(LABEL_CONVENTIONS)}"
+    )
+
+
+def resolve_label_convention(
+    label_values: Iterable[int], convention: str | None, source: str = "the segmentations"
+) -> str:
+    """``convention`` (the user's --segmenter-labels) checked against ``label_values``, or, when None,
+    `infer_label_convention`. Raises SegmenterError naming the flag, ``source`` and the labels for an
+    unknown convention or a label it does not use."""
+    if convention is None:
+        return infer_label_convention(label_values, source)
+    if convention not in REGION_LABELS:
+        raise SegmenterError(
+            f"--segmenter-labels {convention}: expected one of {', '.join(LABEL_CONVENTIONS)}"
+        )
+    found = sorted({int(value) for value in label_values} - {0})
+    allowed = REGION_LABELS[convention]["WT"]
+    if any(label not in allowed for label in found):
+        raise SegmenterError(
+            f"--segmenter-labels {convention}: {source} has labels {' '.join(map(str, found))}, but "
+            f"{convention} uses only {' '.join(map(str, sorted(allowed)))}"
+        )
+    return convention
+
+
+def region_masks(labels: np.ndarray, convention: str) -> dict[str, np.ndarray]:
+    """region -> bool mask (the shape of ``labels``) for each of ``REGIONS``, under ``convention``."""
+    return {region: np.isin(labels, sorted(members)) for region, members in REGION_LABELS[convention].items()}
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice coefficient 2 |pred & ref| / (|pred| + |ref|) of two bool masks of one shape, in [0, 1].
+
+    Both empty -> 1.0 (BraTS); exactly one empty -> 0.0.
+    """
+    pred, ref = _check_masks(pred, ref)
+    total = int(pred.sum()) + int(ref.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.count_nonzero(pred & ref)) / total
+
+
+def hd95(pred: np.ndarray, ref: np.ndarray, spacing_mm) -> float:
+    """Robust (95th percentile) Hausdorff distance between two bool masks of one shape, in mm.
+
+    pred, ref: bool ``[X, Y, Z]`` (any number of axes). spacing_mm: voxel size per axis (mm), e.g.
+    ``nibabel.affines.voxel_sizes(affine)``. The surface of a mask is its voxels with a face neighbour
+    outside it (the array's border counts as outside). Returns the larger of the two directed 95th
+    percentiles (numpy's linear interpolation) of the distances from each surface voxel of one mask to
+    the nearest surface voxel of the other, as MONAI's ``compute_hausdorff_distance(percentile=95)`` and
+    the BraTS 2023 code (which also weights each voxel by its surface area) do. Both empty -> 0.0;
+    exactly one empty -> ``HD95_MAX_PENALTY_MM`` (BraTS). Identical masks -> 0.0.
+    """
+    pred, ref = _check_masks(pred, ref)
+    spacing = np.asarray(spacing_mm, dtype=np.float64).ravel()
+    if spacing.size != pred.ndim or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ValueError(f"spacing_mm {spacing.tolist()}: expected {pred.ndim} positive sizes in mm")
+    pred_any, ref_any = bool(pred.any()), bool(ref.any())
+    if not pred_any and not ref_any:
+        return 0.0
+    if not pred_any or not ref_any:
+        return HD95_MAX_PENALTY_MM
+    # Every surface voxel, and so every nearest one, lies in the bounding box of the union: Euclidean
+    # distances computed inside it are exact, and the transforms run on a small box, not the whole head.
+    box = _bounding_box(pred | ref)
+    pred_surface, ref_surface = _surface(pred[box]), _surface(ref[box])
+    pred_to_ref = _distances_to(ref_surface, spacing)[pred_surface]
+    ref_to_pred = _distances_to(pred_surface, spacing)[ref_surface]
+    return float(max(np.percentile(pred_to_ref, 95), np.percentile(ref_to_pred, 95)))
+
+
+def _check_masks(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred, ref = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
+    if pred.shape != ref.shape:
+        raise ValueError(f"pred shape {pred.shape} != ref shape {ref.shape}")
+    return pred, ref
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """bool: the voxels of ``mask`` with a face neighbour outside it (border_value 0: the array's edge
+    is outside)."""
+    faces = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=faces, border_value=0)
+
+
+def _distances_to(surface: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """float64, shape of ``surface``: each voxel's Euclidean distance (mm) to the nearest surface voxel."""
+    return ndimage.distance_transform_edt(~surface, sampling=spacing)
+
+
+def write_brats2023_folder(subjects: Mapping[str, Mapping[str, Volume]], out_dir: str | Path) -> Path:
+    """Write ``out_dir/<id>/<id>-{t1n,t1c,t2w,t2f}.nii.gz`` for each subject; returns ``out_dir``.
+
+    subjects: id -> contrast -> a NIfTI path or a ``nibabel.Nifti1Image``; contrast names are canonical
+    (``t1 t1ce t2 flair``) or BraTS 2023 (``t1n t1c t2w t2f``), and each subject needs all four, on one
+    grid (same shape, affines within 1e-3 mm). A ``.nii.gz`` file is copied, never linked: a segmenter
+    that rewrites its inputs in place must not reach the user's files, and one in a container does not
+    see a symlink's target outside the mounted folder; other files and images are written as ``.nii.gz``.
+    Subject ids must be plain file names. Raises SegmenterError naming the subject and contrast or file on
+    any problem.
+    """
+    out_dir = Path(out_dir)
+    for subject, contrasts in subjects.items():
+        _check_subject_id(subject)
+        by_name = {canonical_modality(name): volume for name, volume in contrasts.items()}
+        missing = [name for name in BRATS2023_SUFFIXES if name not in by_name]
+        if missing:
+            raise SegmenterError(
+                f"subject {subject}: no {', '.join(missing)} for the segmenter (it needs t1 t1ce t2 flair)"
+            )
+        folder = out_dir / subject
+        folder.mkdir(parents=True, exist_ok=True)
+        grid = None
+        for name, suffix in BRATS2023_SUFFIXES.items():
+            volume = by_name[name]
+            this_grid = _grid_of(volume, subject, name)
+            if grid is None:
+                grid = this_grid
+            elif not _same_grid(grid, this_grid):
+                raise SegmenterError(
+                    f"subject {subject}: {name} ({_describe(volume)}) has shape {this_grid[0]} and affine "
+                    f"unlike the t1's {grid[0]}: the segmenter needs the four contrasts on one grid"
+                )
+            _place(volume, folder / f"{subject}-{suffix}.nii.gz")
+    return out_dir
+
+
+def _check_subject_id(subject: str) -> None:
+    if not subject or subject in (".", "..") or "/" in subject or os.sep in subject or "\0" in subject:
+        raise SegmenterError(f"subject id {subject!r} cannot name a folder for the segmenter")
+
+
+def _describe(volume: Volume) -> str:
+    return "an image in memory" if isinstance(volume, nib.Nifti1Image) else str(volume)
+
+
+def _grid_of(volume: Volume, subject: str, name: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, affine) of a path or image, reading only the header of a file."""
+    if not isinstance(volume, nib.Nifti1Image):
+        try:
+            volume = nib.load(volume)
+        except (ImageFileError, OSError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise SegmenterError(
+                f"subject {subject}: {name} {volume}: not a readable NIfTI ({reason})"
+            ) from None
+    return tuple(int(size) for size in volume.shape), np.asarray(volume.affine, dtype=np.float64)
+
+
+def _same_grid(a: tuple[tuple[int, ...], np.ndarray], b: tuple[tuple[int, ...], np.ndarray]) -> bool:
+    return a[0] == b[0] and np.allclose(a[1], b[1], atol=_AFFINE_TOLERANCE_MM, rtol=0)
+
+
+def _place(volume: Volume, destination: Path) -> None:
+    destination.unlink(missing_ok=True)
+    if isinstance(volume, nib.Nifti1Image):
+        nib.save(volume, destination)
+        return
+    source = Path(volume)
+    if source.name.endswith(".nii.gz"):
+        shutil.copyfile(source, destination)
+        return
+    nib.save(nib.load(source), destination)
+
+
+def format_segmenter_command(command_template: str, input_dir: str | Path, output_dir: str | Path) -> str:
+    """The shell command: ``command_template`` with ``{input}`` and ``{output}`` replaced by the
+    shell-quoted folders (so do not quote the placeholders in the template). Other braces are left as
+    they are. Raises SegmenterError when the template lacks either placeholder."""
+    for placeholder in (INPUT_PLACEHOLDER, OUTPUT_PLACEHOLDER):
+        if placeholder not in command_template:
+            raise SegmenterError(
+                f'--segmenter {command_template!r}: no {placeholder} (expected "CMD {{input}} {{output}}")'
+            )
+    command = command_template.replace(INPUT_PLACEHOLDER, shlex.quote(str(input_dir)))
+    return command.replace(OUTPUT_PLACEHOLDER, shlex.quote(str(output_dir)))
+
+
+def run_segmenter(
+    command_template: str,
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> str:
+    """Run the user's segmenter once on ``input_dir``, writing into ``output_dir`` (created); returns the
+    command it ran.
+
+    The command (`format_segmenter_command`) runs through ``/bin/sh`` in its own process group, with no
+    stdin; its stdout and stderr go to ``<output_dir>.stdout.log`` and ``<output_dir>.stderr.log``
+    beside ``output_dir``. Raises SegmenterError in one line naming the command: its exit status and the
+    last line of its stderr when it fails; the timeout (s) when it runs longer (the whole group is killed).
+    """
+    output_dir = Path(output_dir)
+    command = format_segmenter_command(command_template, input_dir, output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stdout_log = output_dir.with_name(f"{output_dir.name}.stdout.log")
+    stderr_log = output_dir.with_name(f"{output_dir.name}.stderr.log")
+    with stdout_log.open("wb") as stdout, stderr_log.open("wb") as stderr:
+        process = subprocess.Popen(
+            command,
+            shell=True,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
+        try:
+            status = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            raise SegmenterError(
+                f"segmenter command {command!r} ran longer than {timeout_s:g} s and was stopped"
+            ) from None
+        except BaseException:  # Ctrl-C: its own session does not get the terminal's SIGINT
+            _kill_group(process)
+            raise
+    if status != 0:
+        last_line = _last_line(stderr_log)
+        detail = f": {last_line}" if last_line else ""
+        raise SegmenterError(
+            f"segmenter command {command!r} exited with status {_describe_status(status)}{detail} "
+            f"(full output: {stderr_log})"
+        )
+    return command
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """Kill the shell and the segmenter it started: they share the new session's process group."""
+    with contextlib.suppress(ProcessLookupError):  # the group has already gone
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _describe_status(status: int) -> str:
+    if status < 0:
+        try:
+            return f"{status} (killed by {signal.Signals(-status).name})"
+        except ValueError:
+            return str(status)
+    return str(status)
+
+
+def _last_line(path: Path, tail_bytes: int = 4096) -> str:
+    with path.open("rb") as file:
+        file.seek(max(0, path.stat().st_size - tail_bytes))
+        text = file.read().decode("utf-8", errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def read_segmentations(
+    output_dir: str | Path, reference_grids: Mapping[str, tuple[tuple[int, ...], np.ndarray]], command: str
+) -> dict[str, np.ndarray]:
+    """id -> int16 label map ``[X, Y, Z]`` read from ``output_dir/<id>.nii.gz`` for each id of
+    ``reference_grids`` (id -> (shape, affine) it must match). Raises SegmenterError naming the command
+    and the first missing file (and how many are missing), or the file that is off the grid, unreadable,
+    or not integer labels."""
+    output_dir = Path(output_dir)
+    missing = [subject for subject in reference_grids if not (output_dir / f"{subject}.nii.gz").is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more subjects)" if len(missing) > 1 else ""
+        raise SegmenterError(
+            f"segmenter command {command!r} wrote no segmentation for subject {missing[0]}: expected "
+            f"{output_dir / (missing[0] + '.nii.gz')}{more}"
+        )
+    labels = {}
+    for subject, grid in reference_grids.items():
+        path = output_dir / f"{subject}.nii.gz"
+        volume = load_volume(path, is_label=True)
+        if not _same_grid((volume.data.shape, volume.affine), grid):
+            raise SegmenterError(
+                f"{path}: segmentation of shape {volume.data.shape} is not on the grid of subject "
+                f"{subject}'s inputs and reference {grid[0]} (shape and affine must match)"
+            )
+        labels[subject] = _integer_labels(volume.data, path)
+    return labels
+
+
+def _integer_labels(data: np.ndarray, path: Path) -> np.ndarray:
+    rounded = np.rint(data)
+    if not np.array_equal(rounded, data) or rounded.min() < 0 or rounded.max() > np.iinfo(np.int16).max:
+        raise SegmenterError(f"{path}: label map holds values that are not non-negative integers")
+    return rounded.astype(np.int16)
+
+
+def read_reference(path: str | Path) -> tuple[np.ndarray, tuple[tuple[int, ...], np.ndarray]]:
+    """(labels int16 ``[X, Y, Z]`` in BraTS 2021 labels, (shape, affine)) of a reference segmentation.
+
+    As data_prep reads a BraTS seg: labels 0 1 2 4, or BraTS 2023's 3 for enhancing tumour (mapped to 4).
+    Raises a UserError naming the file when it is unreadable or holds other labels.
+    """
+    volume = load_volume(Path(path), is_label=True)
+    labels = _integer_labels(volume.data, Path(path))
+    unexpected = sorted(set(np.unique(labels).tolist()) - {0, 1, 2, 3, 4})
+    if unexpected:
+        raise SegmenterError(
+            f"{path}: reference segmentation has labels {unexpected}, expected BraTS labels 0 1 2 4 (or 3)"
+        )
+    labels[labels == 3] = 4
+    return labels, (labels.shape, volume.affine)
+
+
+def score_segmentations(
+    real: Mapping[str, np.ndarray],
+    synthesized: Mapping[str, np.ndarray],
+    references: Mapping[str, np.ndarray],
+    spacings_mm: Mapping[str, np.ndarray],
+    convention: str,
+) -> list[SegmentationScore]:
+    """Rows subject x region (subjects sorted, regions in ``REGIONS`` order) scoring both runs.
+
+    real, synthesized: id -> the segmenter's labels ``[X, Y, Z]`` in ``convention``; references: id ->
+    BraTS 2021 labels ``[X, Y, Z]``; spacings_mm: id -> voxel size per axis (mm).
+    """
+    rows = []
+    for subject in sorted(references):
+        truth = region_masks(references[subject], "brats2021")
+        from_real = region_masks(real[subject], convention)
+        from_synth = region_masks(synthesized[subject], convention)
+        for region in REGIONS:
+            dice_real, dice_synth = (
+                dice(from_real[region], truth[region]),
+                dice(from_synth[region], truth[region]),
+            )
+            spacing = spacings_mm[subject]
+            hd95_real = hd95(from_real[region], truth[region], spacing)
+            hd95_synth = hd95(from_synth[region], truth[region], spacing)
+            rows.append(
+                SegmentationScore(
+                    subject=subject,
+                    region=region,
+                    dice_real=dice_real,
+                    dice_synth=dice_synth,
+                    dice_drop=dice_real - dice_synth,
+                    hd95_real=hd95_real,
+                    hd95_synth=hd95_synth,
+                    hd95_increase=hd95_synth - hd95_real,
+                )
+            )
+    return rows
+
+
+def summarize_segmentation(rows: Iterable[SegmentationScore]) -> dict[str, dict[str, Any]]:
+    """region -> {each score column: ``metrics.summarize`` (mean, std, median, n, n_nan) over subjects,
+    ``dice_drop_paired``: ``scoring.paired_statistics(dice_real, dice_synth)`` (mean_difference is the
+    mean drop, with its 95% t interval and Wilcoxon p), ``hd95_increase_paired``:
+    ``paired_statistics(hd95_synth, hd95_real)``}."""
+    rows = list(rows)
+    summary = {}
+    for region in REGIONS:
+        values = {
+            column: np.array([getattr(row, column) for row in rows if row.region == region], dtype=np.float64)
+            for column in SCORE_COLUMNS
+        }
+        summary[region] = {column: metrics.summarize(values[column]) for column in SCORE_COLUMNS}
+        summary[region]["dice_drop_paired"] = paired_statistics(values["dice_real"], values["dice_synth"])
+        summary[region]["hd95_increase_paired"] = paired_statistics(values["hd95_synth"], values["hd95_real"])
+    return summary
+
+
+def score_with_segmenter(
+    command: str,
+    subjects: Mapping[str, Mapping[str, Volume]],
+    target: str,
+    synthesized: Mapping[str, Volume],
+    reference_segs: Mapping[str, str | os.PathLike],
+    labels: str | None,
+    work_dir: str | Path,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> tuple[list[SegmentationScore], dict[str, Any]]:
+    """Run the segmenter on the real and on the synthesized inputs and score both against the references.
+
+    command: ``"CMD {input} {output}"`` (`format_segmenter_command`). subjects: id -> the four real
+    contrasts (see `write_brats2023_folder`). target: the synthesized contrast (``flair`` or ``t2f``, ...).
+    synthesized: id -> the synthesized target volume, on the subject's grid. reference_segs: id -> the
+    reference segmentation file (BraTS 2021 or 2023 labels), on the same grid. labels: the segmenter's
+    label convention (``LABEL_CONVENTIONS``), or None to infer it from everything it wrote in both runs.
+    work_dir: ``work_dir/real`` and ``work_dir/synthesized`` (each ``input/``, ``output/`` and the
+    output's ``.stdout.log`` / ``.stderr.log``) are replaced and kept for inspection.
+
+    Returns (rows: `score_segmentations`, summary: {"target", "label_convention", "labels_inferred",
+    "hd95_max_penalty_mm", "subjects", "command", "regions": `summarize_segmentation`}). Raises
+    SegmenterError (a UserError) in one line for anything the user can fix.
+    """
+    if labels is not None and labels not in LABEL_CONVENTIONS:
+        raise SegmenterError(f"--segmenter-labels {labels}: expected one of {', '.join(LABEL_CONVENTIONS)}")
+    target = canonical_modality(target)
+    if target not in BRATS2023_SUFFIXES:
+        raise SegmenterError(
+            f"target {target!r}: a BraTS segmenter reads only {' '.join(BRATS2023_SUFFIXES)}, so it cannot "
+            "score that contrast"
+        )
+    if not subjects:
+        raise SegmenterError("no subjects to segment")
+    for subject in subjects:
+        for name, given in (("synthesized volume", synthesized), ("reference segmentation", reference_segs)):
+            if subject not in given:
+                raise SegmenterError(f"subject {subject}: no {name} for the segmentation score")
+    format_segmenter_command(command, "input", "output")  # a bad template fails before any work
+
+    work_dir = Path(work_dir)
+    references, grids, spacings = {}, {}, {}
+    for subject in subjects:
+        references[subject], grids[subject] = read_reference(reference_segs[subject])
+        spacings[subject] = nib.affines.voxel_sizes(grids[subject][1])
+        # Its contrasts' own grids (and any missing one) are checked as they are written.
+        for name, volume in list(subjects[subject].items())[:1]:
+            if not _same_grid(grids[subject], _grid_of(volume, subject, name)):
+                raise SegmenterError(
+                    f"{reference_segs[subject]}: reference segmentation of shape {grids[subject][0]} is not "
+                    f"on the grid of subject {subject}'s {name} (shape and affine must match)"
+                )
+    runs = {
+        REAL: {subject: dict(contrasts) for subject, contrasts in subjects.items()},
+        SYNTHESIZED: {
+            subject: {
+                **{name: v for name, v in contrasts.items() if canonical_modality(name) != target},
+                target: synthesized[subject],
+            }
+            for subject, contrasts in subjects.items()
+        },
+    }
+    outputs = {}
+    for run, inputs in runs.items():
+        run_dir = work_dir / run
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        write_brats2023_folder(inputs, run_dir / "input")
+        formatted = run_segmenter(command, run_dir / "input", run_dir / "output", timeout_s=timeout_s)
+        outputs[run] = read_segmentations(run_dir / "output", grids, formatted)
+
+    found = set()
+    for run_labels in outputs.values():
+        for label_map in run_labels.values():
+            found.update(np.unique(label_map).tolist())
+    convention = resolve_label_convention(found, labels, f"the segmentations in {work_dir}/*/output")
+    rows = score_segmentations(outputs[REAL], outputs[SYNTHESIZED], references, spacings, convention)
+    summary = {
+        "target": target,
+        "command": command,
+        "label_convention": convention,
+        "labels_inferred": labels is None,
+        "hd95_max_penalty_mm": HD95_MAX_PENALTY_MM,
+        "subjects": len(references),
+        "regions": summarize_segmentation(rows),
+    }
+    return rows, summary
