@@ -56,6 +56,8 @@ def evaluate_checkpoint(
     target_modality: str | None = None,
     report: str | None = None,
     all_subsets: bool = False,
+    segmenter: str | None = None,
+    segmenter_labels: str | None = None,
     tag: str | None = None,
     batch_size: int = 8,
     device: str | None = None,
@@ -83,6 +85,11 @@ def evaluate_checkpoint(
     tasks = tasks_to_evaluate(
         generator, subjects.available_modalities, input_modalities, target_modality, all_subsets
     )
+    description: dict = {"command": command, "all_subsets": all_subsets}
+    if segmenter:
+        description["segmentation"] = _segmentation_scores(
+            generator, subjects_folder, tasks, segmenter, segmenter_labels, Path(out), batch_size
+        )
     summary = evaluate(
         generator,
         subjects,
@@ -91,7 +98,7 @@ def evaluate_checkpoint(
         baseline=baseline,
         selection_subjects=selection,
         batch_size=batch_size,
-        description={"command": command, "all_subsets": all_subsets},
+        description=description,
     )
     for name, task in summary["tasks"].items():
         brain = task["methods"]["model"]["brain"]["per_volume"]
@@ -103,11 +110,38 @@ def evaluate_checkpoint(
         )
     for line in summary["failed_subjects"]:
         print(f"medgan evaluate: left out {line}", file=sys.stderr)
+    if segmenter:
+        segmentation = summary["segmentation"]
+        drops = ", ".join(
+            f"{region} Dice {values['dice_real']['mean']:.3f} -> {values['dice_synth']['mean']:.3f}"
+            for region, values in segmentation["regions"].items()
+        )
+        subjects = segmentation["subjects"]
+        _say(f"segmenter, {subjects} subjects, real -> synthesized {segmentation['task']}: {drops}")
     if report:
         write_report(out, report)
         _say(f"report: {report}")
     _say(
         f"wrote summary.json, per_volume.csv, per_slice.csv to {out} in {time.perf_counter() - started:.0f} s"
+    )
+
+
+def _segmentation_scores(generator, subjects_folder, tasks, command, labels, out: Path, batch_size) -> dict:
+    """``--segmenter``: one task, on a NIfTI folder (a segmenter needs whole volumes)."""
+    from medgan.downstream import segmentation_scores
+    from medgan.evaluation import EvaluationError
+
+    if not subjects_folder:
+        raise EvaluationError("--segmenter needs --subjects DIR (a segmenter reads whole NIfTI volumes)")
+    if len(tasks) != 1:
+        names = " ".join(task.name for task in tasks)
+        raise EvaluationError(
+            f"--segmenter scores one task; this model serves {names}: give --target_modality"
+        )
+    (task,) = tasks
+    out.mkdir(parents=True, exist_ok=True)
+    return segmentation_scores(
+        generator, subjects_folder, list(task.inputs), task.target, command, labels, out, batch_size
     )
 
 
@@ -123,6 +157,8 @@ def _run_evaluate(args, argv: list[str]) -> int:
         target_modality=args.target_modality,
         report=args.report,
         all_subsets=args.all_subsets,
+        segmenter=args.segmenter,
+        segmenter_labels=args.segmenter_labels,
         tag=args.tag,
         batch_size=args.batch_size,
         device=args.device,
@@ -223,6 +259,17 @@ def build_tool_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a model trained for target any: score every non-empty subset of the other contrasts for "
         "every target (the any-subset matrix)",
+    )
+    evaluate.add_argument(
+        "--segmenter",
+        metavar='"CMD {input} {output}"',
+        help="with --subjects: run this tumour segmenter on the real and on the synthesized contrasts "
+        "(BraTS 2023 names) and report Dice and HD95 per region and the drop",
+    )
+    evaluate.add_argument(
+        "--segmenter-labels",
+        choices=["brats2021", "brats2023"],
+        help="the segmenter's label convention (default: inferred from the labels it writes)",
     )
     evaluate.set_defaults(run=_run_evaluate)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 import tarfile
 
 import numpy as np
 import pytest
-from conftest import write_checkpoint
+from conftest import REPO, write_checkpoint
 from scipy import stats
 from skimage.metrics import structural_similarity
 
@@ -123,3 +124,63 @@ def test_evaluate_a_folder_of_nifti_subjects(phantom_subjects, tmp_path):
     assert "whole brain" in summary["scope"]
     assert summary["tasks"]["t1+t2->flair"]["best_input_copy"]["chosen_on"] == "the evaluated subjects"
     assert summary["tasks"]["t1+t2->flair"]["subjects"] == 1
+
+
+def _subject_folder(phantom_subjects, folder, subjects):
+    for subject in subjects:
+        (folder / subject).mkdir(parents=True)
+        for path in (phantom_subjects / subject).iterdir():
+            (folder / subject / path.name).symlink_to(path)
+    return folder
+
+
+@pytest.mark.slow
+def test_segmenter_scores_real_and_synthesized_from_the_command_line(phantom_subjects, tmp_path):
+    from medgan.__main__ import main
+
+    folder = _subject_folder(phantom_subjects, tmp_path / "subjects", ("BraTS2021_00001", "BraTS2021_00003"))
+    checkpoint = write_checkpoint(tmp_path / "model", arch="unet")
+    segmenter = f"{sys.executable} {REPO / 'tests' / 'segmenter_threshold.py'} {{input}} {{output}}"
+    out = tmp_path / "eval"
+    argv = [
+        "evaluate", "--checkpoint", str(checkpoint), "--subjects", str(folder), "--out", str(out),
+        "--target_modality", "flair", "--segmenter", segmenter, "--report", str(tmp_path / "r.html"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    segmentation = summary["segmentation"]
+    assert segmentation["subjects"] == 2 and segmentation["task"] == "t1+t1ce+t2->flair"
+    assert segmentation["label_convention"] == "brats2023" and segmentation["labels_inferred"]
+    with open(out / "segmentation.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert sorted((r["subject"], r["region"]) for r in rows) == sorted(
+        (s, r) for s in ("BraTS2021_00001", "BraTS2021_00003") for r in ("WT", "TC", "ET")
+    )
+    # the untrained generator's FLAIR misleads the FLAIR-driven whole-tumour segmentation; T1c is untouched
+    wt = segmentation["regions"]["WT"]
+    assert wt["dice_drop"]["mean"] > 0
+    assert all(float(r["dice_drop"]) == 0 for r in rows if r["region"] == "ET")
+    page = (tmp_path / "r.html").read_text()
+    assert "Downstream segmentation: t1+t1ce+t2-&gt;flair" in page and "alt='segmentation scores'" in page
+
+
+def test_segmenter_errors_are_one_line(phantom_subjects, phantom_shards, tmp_path, capsys):
+    from medgan.__main__ import main
+
+    checkpoint = str(write_checkpoint(tmp_path / "model", arch="unet"))
+    common = [
+        "evaluate",
+        "--checkpoint",
+        checkpoint,
+        "--out",
+        str(tmp_path / "e"),
+        "--target_modality",
+        "flair",
+    ]
+    assert main([*common, "--data_path", str(phantom_shards), "--segmenter", "seg {input} {output}"]) == 2
+    assert "--segmenter needs --subjects DIR" in capsys.readouterr().err
+    failing = f"{sys.executable} -c 'import sys; sys.exit(3)' {{input}} {{output}}"
+    folder = _subject_folder(phantom_subjects, tmp_path / "one", ("BraTS2021_00001",))
+    assert main([*common, "--subjects", str(folder), "--segmenter", failing]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "exited with status 3" in error and "sys.exit(3)" in error, error
