@@ -8,8 +8,11 @@ Upstream (what this module follows, operation for operation)
     File        ``ssim.py``: ``__percentile_clip`` and ``compute_metrics``
     The 2025 tutorial (https://github.com/hongweilibran/BraSyn_tutorial, commit
     df9eb2af2904a1466faffc56f15f17d3714d6fe2) holds only the segmentation metrics (Dice, HD95); the image
-    score is ``ssim.py`` above. Participants' copies of it agree line for line on everything below (e.g.
-    AImageLab-zip/BraSyn25 ``final_eval/get_ssim.py``, commit ec02815257e6faeaa27ad4afbec6800bed45ee78).
+    score is ``ssim.py`` above. Participants' copies of it keep its normalisation, regions and SSIM call
+    unchanged: AImageLab-zip/BraSyn25 ``final_eval/get_ssim.py`` (commit
+    ec02815257e6faeaa27ad4afbec6800bed45ee78; it also leaves NaN tumour scores out of its means) and
+    duddns2048/ResViT ``metric_BRATS_3to1_real.py`` (commit 4a0d54a4fa9406fc99e0fead2d6e494015647545; it
+    adds SSIM on the whole volume and a PSNR of the zeroed volumes over all voxels).
 
 The computation, for one subject (``real`` the acquired contrast, ``pred`` the synthesized one, ``seg`` the
 BraTS label map)
@@ -32,20 +35,27 @@ BraTS label map)
 The torchmetrics version matters. torchmetrics before 1.4.2 (September 2024) averaged the SSIM map
 without its 5-voxel border (``[5:-5]`` on every axis); 1.4.2 and later average the whole map. The
 organisers' requirements do not pin a version, so which one scored a given year cannot be confirmed from
-their code: BraSyn 2023 and 2024 ran before 1.4.2 existed. ``legacy_border_crop=True`` gives the old
-average from the current torchmetrics' full SSIM map; :func:`brasyn_provenance` records the version used.
+their code: BraSyn 2023 and most of BraSyn 2024 predate 1.4.2. ``legacy_border_crop=True`` gives the old
+average from the current torchmetrics' full SSIM map (checked equal, to the last bit, to torchmetrics
+1.4.1 on our fixtures; 1.4.0 also began clamping negative rounding-error variances to 0, which older
+versions did not, a difference at rounding level). :func:`brasyn_provenance` records the version used.
 
 Also returned, not ranked by the challenge: ``ssim_whole`` (the same SSIM on the normalised volumes,
 nothing zeroed, as participants report it) and ``psnr_*`` / ``mse_*`` per region, computed on the
 normalised volumes over the region's voxels only with torchmetrics' ``PeakSignalNoiseRatio(data_range=1.0)``
 and ``MeanSquaredError``, as the organisers' ``evaluation_utils.py`` in the same repository does for its
-masked region.
+masked region (the BraTS inpainting score). Participants' PSNRs differ (see ResViT above), so compare
+PSNR/MSE only among numbers computed here.
 
-Arithmetic: everything in float64, which is what the upstream script does under NumPy 2
-(``np.percentile`` returns float64 and ``np.clip`` of a tensor with float64 bounds returns float64);
-torchmetrics' metric object then accumulates the SSIM into a float32 state, so the SSIM values are float32
-numbers. The upstream script reads volumes with SimpleITK, whose arrays are nibabel's transposed
-(``[k, j, i]``); we transpose the same way before the SSIM so that even its sums run in the same order.
+Arithmetic: the normalisation runs in float64, as the upstream script does under NumPy 2 (``np.percentile``
+returns float64 and ``np.clip`` of a tensor with float64 bounds returns a float64 tensor). The metrics run
+in ``dtype``: torch.float64 reproduces the upstream script under NumPy 2 bit for bit (tested), but is
+refused on the CPU for real volumes (see :func:`brasyn_scores`); torch.float32, the default, is within
+1e-6 of it on our fixtures. Either way torchmetrics' metric object accumulates the SSIM in a float32
+state, so SSIM values are float32 numbers. Files are read by ``data_prep.volumes.load_volume`` as float32:
+exact for the integer and float32 files BraTS and most models write, rounded for float64 predictions.
+The upstream script reads volumes with SimpleITK, whose arrays are nibabel's transposed (``[k, j, i]``);
+we transpose the same way before the metrics, so that even their sums run in the same order.
 
 torchmetrics is not a runtime dependency of this package: it is imported only when a score is computed,
 and its absence is a one-line :class:`UserError` saying how to install it.
