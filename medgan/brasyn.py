@@ -36,9 +36,10 @@ The torchmetrics version matters. torchmetrics before 1.4.2 (September 2024) ave
 without its 5-voxel border (``[5:-5]`` on every axis); 1.4.2 and later average the whole map. The
 organisers' requirements do not pin a version, so which one scored a given year cannot be confirmed from
 their code: BraSyn 2023 and most of BraSyn 2024 predate 1.4.2. ``legacy_border_crop=True`` gives the old
-average from the current torchmetrics' full SSIM map (checked equal, to the last bit, to torchmetrics
-1.4.1 on our fixtures; 1.4.0 also began clamping negative rounding-error variances to 0, which older
-versions did not, a difference at rounding level). :func:`brasyn_provenance` records the version used.
+average from the current torchmetrics' full SSIM map (in float64 equal, to the last bit, to the upstream
+script under torchmetrics 1.4.1 on our fixtures; 1.4.0 also began clamping negative rounding-error
+variances to 0, which older versions did not, a difference at rounding level). :func:`brasyn_provenance`
+records the version used.
 
 Also returned, not ranked by the challenge: ``ssim_whole`` (the same SSIM on the normalised volumes,
 nothing zeroed, as participants report it) and ``psnr_*`` / ``mse_*`` per region, computed on the
