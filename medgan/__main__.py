@@ -45,9 +45,11 @@ def _say(line: str) -> None:
 
 
 def evaluate_checkpoint(
-    checkpoint: str,
+    checkpoint: str | None,
     out: Path,
     *,
+    protocol: str = "default",
+    predictions: str | None = None,
     data_path: str | None = None,
     split: str = "test",
     subjects_folder: str | None = None,
@@ -65,11 +67,20 @@ def evaluate_checkpoint(
 ) -> None:
     """``evaluate``: score a checkpoint on a shard split or a NIfTI folder, print the headline and write
     the evaluation folder (and the HTML report when asked)."""
-    from medgan.evaluation import NiftiSubjects, ShardSubjects, evaluate, tasks_to_evaluate
+    from medgan.evaluation import EvaluationError, NiftiSubjects, ShardSubjects, evaluate, tasks_to_evaluate
     from medgan.inference import load_generator
     from medgan.report import write_report
 
     started = time.perf_counter()
+    if protocol == "brasyn":
+        return _evaluate_brasyn(
+            checkpoint, Path(out), subjects_folder, predictions, baseline_checkpoint, input_modalities,
+            target_modality, report, tag, batch_size, device, command,
+        )  # fmt: skip
+    if predictions:
+        raise EvaluationError("--predictions goes with --protocol brasyn")
+    if not checkpoint:
+        raise EvaluationError("give --checkpoint (or --protocol brasyn with --predictions DIR)")
     generator = load_generator(checkpoint, tag, _device(device))
     baseline = load_generator(baseline_checkpoint, None, _device(device)) if baseline_checkpoint else None
     selection = None
@@ -126,6 +137,60 @@ def evaluate_checkpoint(
     )
 
 
+def _evaluate_brasyn(
+    checkpoint,
+    out: Path,
+    subjects_folder,
+    predictions,
+    baseline_checkpoint,
+    inputs,
+    target,
+    report,
+    tag,
+    batch_size,
+    device,
+    command,
+) -> None:
+    """``--protocol brasyn``: whole NIfTI volumes of ``--subjects`` scored as the challenge scores them."""
+    from data_prep.volumes import canonical_modality
+    from medgan.brasyn_evaluation import BrasynEvaluationError, evaluate_brasyn
+    from medgan.inference import load_generator
+    from medgan.report import write_report
+
+    if not subjects_folder:
+        raise BrasynEvaluationError("--protocol brasyn needs --subjects DIR (whole volumes with a seg)")
+    generator = load_generator(checkpoint, tag, _device(device)) if checkpoint and not predictions else None
+    if target is None and generator is not None and generator.trained_target != "any":
+        target = generator.trained_target
+    if not target or target == "any":
+        raise BrasynEvaluationError("--protocol brasyn needs --target_modality M (the contrast to score)")
+    target = canonical_modality(target)
+    if inputs:
+        inputs = [canonical_modality(name) for name in inputs]
+    elif generator is not None and generator.trained_inputs:
+        inputs = list(generator.trained_inputs)
+    else:
+        inputs = [m for m in ("t1", "t1ce", "t2", "flair") if m != target]
+    if generator is not None and (reason := generator.serves(inputs, target)):
+        raise BrasynEvaluationError(reason)
+    baseline = load_generator(baseline_checkpoint, None, _device(device)) if baseline_checkpoint else None
+    summary = evaluate_brasyn(
+        subjects_folder, target, inputs, out, generator=generator, predictions_folder=predictions,
+        baseline=baseline, batch_size=batch_size, description={"command": command},
+    )  # fmt: skip
+    for method, values in summary["brasyn"]["methods"].items():
+        scores = ", ".join(
+            f"{name} {values[name]['mean']:.4f}" for name in ("ssim_tumour", "ssim_non_tumour")
+        )
+        _say(f"BraSyn {target}, {summary['subjects_evaluated']} subjects, {method}: {scores}")
+    for line in summary["failed_subjects"]:
+        print(f"medgan evaluate: left out {line}", file=sys.stderr)
+    if report:
+        write_report(out, report)
+        _say(f"report: {report}")
+    _say(f"wrote summary.json and brasyn.csv to {out}")
+
+
 def _segmentation_scores(generator, subjects_folder, tasks, command, labels, out: Path, batch_size) -> dict:
     """``--segmenter``: one task, on a NIfTI folder (a segmenter needs whole volumes)."""
     from medgan.downstream import segmentation_scores
@@ -149,6 +214,8 @@ def _run_evaluate(args, argv: list[str]) -> int:
     evaluate_checkpoint(
         args.checkpoint,
         Path(args.out),
+        protocol=args.protocol,
+        predictions=args.predictions,
         data_path=args.data_path,
         split=args.split,
         subjects_folder=args.subjects,
@@ -229,8 +296,8 @@ def _run_report(args, argv: list[str]) -> int:
     return 0
 
 
-def _add_common(parser: argparse.ArgumentParser, checkpoint_help: str) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="C", help=checkpoint_help)
+def _add_common(parser: argparse.ArgumentParser, checkpoint_help: str, required: bool = True) -> None:
+    parser.add_argument("--checkpoint", required=required, metavar="C", help=checkpoint_help)
     parser.add_argument(
         "--tag", metavar="T", help="checkpoint tag (default: best validation PSNR, else latest)"
     )
@@ -244,7 +311,16 @@ def build_tool_parser() -> argparse.ArgumentParser:
     either = "a checkpoint folder or an exported .safetensors file"
 
     evaluate = commands.add_parser("evaluate", help="PSNR/SSIM/MAE with baselines and paired statistics")
-    _add_common(evaluate, either)
+    _add_common(evaluate, either, required=False)
+    evaluate.add_argument(
+        "--protocol",
+        choices=["default", "brasyn"],
+        default="default",
+        help="brasyn: whole volumes of --subjects scored exactly as the BraSyn challenge does",
+    )
+    evaluate.add_argument(
+        "--predictions", metavar="DIR", help="with --protocol brasyn: score these synthesized volumes"
+    )
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--data_path", metavar="SHARDS", help="a shard folder (python -m data_prep shard)")
     source.add_argument("--subjects", metavar="DIR", help="a folder of NIfTI subjects that have the target")

@@ -211,6 +211,56 @@ def segmentation_chart(segmentation: dict[str, Any]) -> str:
     return _png(figure)
 
 
+BRASYN_COLUMNS = ("ssim_tumour", "ssim_non_tumour", "ssim_whole", "psnr_whole")
+
+
+def brasyn_plot(rows: list[dict[str, Any]], methods: list[str]) -> str:
+    """PNG data URI: per-subject BraSyn SSIM in and outside the tumour, one box per method."""
+    figure, axes = _figure(1, 2, figsize=(8.0, 3.2), squeeze=False)
+    for axis, name in zip(axes[0], ("ssim_tumour", "ssim_non_tumour")):
+        data = [
+            [float(r[name]) for r in rows if r["method"] == m and r[name] not in ("", "nan")] for m in methods
+        ]
+        axis.boxplot([[v for v in values if math.isfinite(v)] for values in data], showmeans=True)
+        axis.set_xticks(
+            range(1, len(methods) + 1), [METHOD_LABELS[m] for m in methods], fontsize=8, rotation=15
+        )
+        axis.set_title(f"BraSyn {name.replace('_', ' ')} ↑", fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _brasyn_section(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The BraSyn protocol's table per method, paired differences and the box plots."""
+    brasyn = summary["brasyn"]
+    header = "".join(f"<th>{name}</th>" for name in BRASYN_COLUMNS)
+    lines = [
+        f"<h2>BraSyn protocol: {html.escape(brasyn['target'])}</h2>",
+        f"<p>{summary['subjects_evaluated']} subjects; mean ± sample SD over subjects (NaN tumour scores of "
+        "subjects without tumour are skipped and counted). The challenge ranks ssim_tumour and "
+        f"ssim_non_tumour.</p><table><tr><th>method</th><th>n</th>{header}</tr>",
+    ]
+    for method, values in brasyn["methods"].items():
+        label = METHOD_LABELS[method] + (f" ({brasyn['copy_input'].upper()})" if method == COPY else "")
+        cells = "".join(
+            f"<td>{_mean_sd(values, name, 4 if 'ssim' in name else 2)}</td>" for name in BRASYN_COLUMNS
+        )
+        lines.append(
+            f"<tr><td>{html.escape(label)}</td><td>{values['ssim_non_tumour']['n']}</td>{cells}</tr>"
+        )
+    lines.append("</table><p>Paired over subjects: model minus baseline, mean [95% CI], Wilcoxon p.</p>")
+    lines.append(f"<table><tr><th>MedGAN-SSM minus</th>{header}</tr>")
+    for method, by_metric in brasyn["paired"].items():
+        cells = "".join(
+            f"<td>{_paired_cell(by_metric[name], 4 if 'ssim' in name else 2)}</td>" for name in BRASYN_COLUMNS
+        )
+        lines.append(f"<tr><td>{METHOD_LABELS[method]}</td>{cells}</tr>")
+    lines.append("</table>")
+    lines.append(f"<img alt='BraSyn scores' src='{brasyn_plot(rows, list(brasyn['methods']))}'>")
+    return "\n".join(lines)
+
+
 def _mean_sd(values: dict[str, Any], column: str, digits: int) -> str:
     return f"{_number(values[column]['mean'], digits)} ± {_number(values[column]['std'], digits)}"
 
@@ -310,13 +360,14 @@ def write_report(eval_dir: str | Path, out: str | Path) -> Path:
             f"--eval {eval_dir}: no summary.json (run python -m medgan evaluate --out {eval_dir})"
         )
     summary = json.loads(summary_path.read_text())
-    volume_csv = eval_dir / "per_volume.csv"
-    if not volume_csv.is_file():
-        raise ReportError(f"--eval {eval_dir}: no per_volume.csv")
-    with open(volume_csv, newline="") as stream:
+    brasyn = summary.get("protocol") == "brasyn"
+    table = eval_dir / ("brasyn.csv" if brasyn else "per_volume.csv")
+    if not table.is_file():
+        raise ReportError(f"--eval {eval_dir}: no {table.name}")
+    with open(table, newline="") as stream:
         rows = list(csv.DictReader(stream))
     for row in rows:
-        for name in METRICS:
+        for name in METRICS if not brasyn else ():
             row[name] = float(row[name]) if row[name] not in ("", "nan") else math.nan
 
     parts = [
@@ -335,6 +386,8 @@ def write_report(eval_dir: str | Path, out: str | Path) -> Path:
         parts.append(f"<dt>subjects left out</dt><dd>{failed}</dd>")
     parts.append("</dl>")
 
+    if brasyn:
+        parts.append(_brasyn_section(summary, rows))
     matrix = bool(summary.get("all_subsets"))
     if matrix:
         parts.append(

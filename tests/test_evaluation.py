@@ -184,3 +184,50 @@ def test_segmenter_errors_are_one_line(phantom_subjects, phantom_shards, tmp_pat
     assert main([*common, "--subjects", str(folder), "--segmenter", failing]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "exited with status 3" in error and "sys.exit(3)" in error, error
+
+
+@pytest.mark.slow
+def test_brasyn_protocol_from_a_checkpoint_and_from_predictions(phantom_subjects, tmp_path, capsys):
+    from medgan.__main__ import main
+    from medgan.brasyn import score_brasyn_folder
+
+    folder = _subject_folder(phantom_subjects, tmp_path / "subjects", ("BraTS2021_00001", "BraTS2021_00002"))
+    checkpoint = str(write_checkpoint(tmp_path / "model", arch="unet"))
+    common = ["evaluate", "--protocol", "brasyn", "--subjects", str(folder), "--target_modality", "flair"]
+    out = tmp_path / "from_checkpoint"
+    assert (
+        main([*common, "--checkpoint", checkpoint, "--out", str(out), "--report", str(tmp_path / "r.html")])
+        == 0
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"] == "brasyn" and summary["subjects_evaluated"] == 2
+    assert summary["brasyn"]["provenance"]["upstream_commit"] == "890804083b446f3d6fa0b17a4ef09b174bcd0209"
+    assert set(summary["brasyn"]["methods"]) == {"model", COPY} and set(summary["brasyn"]["paired"]) == {COPY}
+    with open(out / "brasyn.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    model_rows = {r["subject"]: r for r in rows if r["method"] == "model"}
+    predictions = sorted((out / "predictions").glob("*_flair.nii.gz"))
+    assert len(predictions) == 2 == len(model_rows)
+    # the model's rows are BraSyn's score of the files it wrote, against the real FLAIR and seg
+    references = {s: (folder / s / f"{s}_flair.nii.gz", folder / s / f"{s}_seg.nii.gz") for s in model_rows}
+    direct = score_brasyn_folder({p.name.removesuffix("_flair.nii.gz"): p for p in predictions}, references)
+    for row in direct:
+        assert float(model_rows[row["subject"]]["ssim_non_tumour"]) == pytest.approx(row["ssim_non_tumour"])
+    assert "BraSyn protocol: flair" in (tmp_path / "r.html").read_text()
+
+    # someone else's volumes: the same numbers without a checkpoint
+    again = tmp_path / "from_predictions"
+    assert main([*common, "--predictions", str(out / "predictions"), "--out", str(again)]) == 0
+    with open(again / "brasyn.csv", newline="") as stream:
+        rerun = {r["subject"]: r for r in csv.DictReader(stream) if r["method"] == "model"}
+    assert {s: r["ssim_tumour"] for s, r in rerun.items()} == {
+        s: r["ssim_tumour"] for s, r in model_rows.items()
+    }
+    capsys.readouterr()
+
+    shards = ["evaluate", "--protocol", "brasyn", "--data_path", str(tmp_path), "--checkpoint", checkpoint]
+    assert main([*shards, "--out", str(again)]) == 2
+    assert "--protocol brasyn needs --subjects DIR" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", checkpoint, "--subjects", str(folder), "--predictions", str(out),
+                 "--out", str(again)]) == 2  # fmt: skip
+    assert "--predictions goes with --protocol brasyn" in capsys.readouterr().err

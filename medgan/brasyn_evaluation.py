@@ -1,0 +1,225 @@
+"""``evaluate --protocol brasyn``: a folder of NIfTI subjects scored the way the BraSyn challenge scores
+(``medgan.brasyn``), for the model and the baselines, with paired statistics.
+
+Predictions come from ``--predictions DIR`` (volumes someone else synthesized, named as data_prep's
+discovery reads them: ``<subject>-t2f.nii.gz``, ``<subject>_flair.nii.gz``, ...) or are synthesized here
+from the checkpoint into ``OUT/predictions``. Baselines: every input contrast copied as it is (the one
+with the best mean ranked score is reported as the copied baseline), and ``--baseline-checkpoint``
+synthesized into ``OUT/baseline_predictions``. Outputs: ``brasyn.csv`` (a row per subject and method),
+``summary.json`` (``brasyn`` section) for the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from data_prep.errors import UserError
+from data_prep.volumes import SEGMENTATION, VolumeError, canonical_modality, discover_nifti_subjects
+from medgan import metrics
+from medgan.brasyn import METRICS, RANKED_METRICS, brasyn_provenance, score_brasyn_folder
+from medgan.evaluation import json_safe
+from medgan.inference import LoadedGenerator
+from medgan.scoring import COPY, MODEL, UNET, paired_statistics
+from medgan.synthesis import SynthesisError, synthesize_volume
+
+PAIRED_METRICS = (*RANKED_METRICS, "ssim_whole", "psnr_whole")
+
+
+class BrasynEvaluationError(UserError):
+    """The folders or flags given to ``--protocol brasyn`` cannot be scored (one line naming them)."""
+
+
+def reference_volumes(folder: str | Path, target: str) -> tuple[dict[str, dict[str, Path]], list[str]]:
+    """Per subject of ``folder`` with the real ``target`` and a segmentation: all its files; and one line
+    per subject left out, saying why."""
+    usable, left_out = {}, []
+    for entry in discover_nifti_subjects(folder, flag="--subjects").subjects:
+        missing = [m for m in (target, SEGMENTATION) if m not in entry.files]
+        if missing:
+            left_out.append(f"{entry.subject}: no {' '.join(missing)} file")
+        else:
+            usable[entry.subject] = dict(entry.files)
+    if not usable:
+        raise BrasynEvaluationError(f"--subjects {folder}: no subject has both a {target} and a seg file")
+    return usable, left_out
+
+
+def prediction_files(folder: str | Path, target: str) -> dict[str, Path]:
+    """Per subject, the synthesized ``target`` in ``folder`` (``--predictions``)."""
+    found = discover_nifti_subjects(folder, flag="--predictions").subjects
+    predictions = {entry.subject: entry.files[target] for entry in found if target in entry.files}
+    if not predictions:
+        raise BrasynEvaluationError(f"--predictions {folder}: no {target} volume (e.g. SUBJECT-t2f.nii.gz)")
+    return predictions
+
+
+def synthesize_predictions(
+    generator: LoadedGenerator,
+    subjects: dict[str, dict[str, Path]],
+    inputs: list[str],
+    target: str,
+    out: Path,
+    batch_size: int,
+    left_out: list[str],
+) -> dict[str, Path]:
+    """Synthesize ``target`` for every subject into ``out/<subject>_<target>.nii.gz``; a subject that
+    cannot be synthesized is added to ``left_out`` with the reason."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for subject, files in tqdm(
+        subjects.items(), desc=f"synthesize into {out.name}", unit="subject", disable=None
+    ):
+        missing = [m for m in inputs if m not in files]
+        if missing:
+            left_out.append(f"{subject}: no {' '.join(missing)} file to synthesize from")
+            continue
+        try:
+            result = synthesize_volume(
+                generator, {m: files[m] for m in inputs}, target, batch_size=batch_size
+            )
+        except (SynthesisError, VolumeError) as error:
+            left_out.append(f"{subject}: {error}")
+            continue
+        written[subject] = out / f"{subject}_{target}.nii.gz"
+        nib.save(result.image, written[subject])
+    return written
+
+
+def _score(method: str, predictions: dict[str, Path], subjects: dict[str, dict[str, Path]], target: str):
+    references = {s: (subjects[s][target], subjects[s][SEGMENTATION]) for s in predictions}
+    return [{"method": method, **row} for row in score_brasyn_folder(predictions, references)]
+
+
+def _mean_ranked(rows: list[dict[str, Any]]) -> float:
+    values = [np.nanmean([row[name] for name in RANKED_METRICS]) for row in rows]
+    finite = [value for value in values if math.isfinite(value)]
+    return float(np.mean(finite)) if finite else -math.inf
+
+
+def evaluate_brasyn(
+    subjects_folder: str | Path,
+    target: str,
+    inputs: list[str],
+    out: Path,
+    *,
+    generator: LoadedGenerator | None = None,
+    predictions_folder: str | Path | None = None,
+    baseline: LoadedGenerator | None = None,
+    batch_size: int = 8,
+    description: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score the model's (or the given) predictions of ``target`` and the baselines with BraSyn's
+    protocol; write ``brasyn.csv`` and ``summary.json`` into ``out`` and return the summary."""
+    target = canonical_modality(target)
+    out.mkdir(parents=True, exist_ok=True)
+    subjects, left_out = reference_volumes(subjects_folder, target)
+    if predictions_folder is not None:
+        predictions = prediction_files(predictions_folder, target)
+        unknown = sorted(set(predictions) - set(subjects))
+        left_out += [f"{s}: a prediction but no reference {target} and seg in --subjects" for s in unknown]
+        predictions = {s: p for s, p in predictions.items() if s in subjects}
+        source = f"the volumes in {predictions_folder}"
+    elif generator is not None:
+        predictions = synthesize_predictions(
+            generator, subjects, inputs, target, out / "predictions", batch_size, left_out
+        )
+        source = generator.source
+    else:
+        raise BrasynEvaluationError("--protocol brasyn needs --checkpoint or --predictions DIR")
+    if not predictions:
+        raise BrasynEvaluationError(
+            f"no subject could be scored ({left_out[0] if left_out else 'none found'})"
+        )
+    rows = _score(MODEL, predictions, subjects, target)
+    scored = sorted(predictions)
+    copies = {
+        name: _score(f"{COPY}:{name}", {s: subjects[s][name] for s in scored}, subjects, target)
+        for name in inputs
+        if all(name in subjects[s] for s in scored)
+    }
+    copy_input = max(copies, key=lambda name: _mean_ranked(copies[name])) if copies else None
+    if copy_input is not None:
+        rows += [{**row, "method": COPY} for row in copies[copy_input]]
+    if baseline is not None:
+        baseline_files = synthesize_predictions(
+            baseline, {s: subjects[s] for s in scored}, inputs, target, out / "baseline_predictions",
+            batch_size, left_out,
+        )  # fmt: skip
+        rows += _score(UNET, baseline_files, subjects, target)
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    by_method = {
+        method: {row["subject"]: row for row in rows if row["method"] == method} for method in methods
+    }
+    summary = {
+        **(description or {}),
+        "protocol": "brasyn",
+        "scope": f"whole NIfTI volumes of the subjects in {subjects_folder} that have {target} and a seg",
+        "checkpoint": source,
+        "baseline_checkpoint": baseline.source if baseline is not None else None,
+        "subjects_evaluated": len(scored),
+        "failed_subjects": left_out,
+        "methods": {
+            MODEL: f"the synthesized {target}: {source}",
+            **(
+                {COPY: f"the input {copy_input} copied as it is (best mean ranked SSIM)"}
+                if copy_input
+                else {}
+            ),
+            **({UNET: "the generator of --baseline-checkpoint"} if baseline is not None else {}),
+        },
+        "definitions": brasyn_definitions(),
+        "tasks": {},
+        "brasyn": {
+            "target": target,
+            "inputs": inputs,
+            "copy_input": copy_input,
+            "provenance": brasyn_provenance(),
+            "methods": {
+                method: {
+                    name: metrics.summarize([row[name] for row in by_method[method].values()])
+                    for name in METRICS
+                }
+                for method in methods
+            },
+            "paired": {
+                method: {
+                    name: paired_statistics(
+                        [by_method[MODEL][s][name] for s in scored],
+                        [by_method[method].get(s, {}).get(name, math.nan) for s in scored],
+                    )
+                    for name in PAIRED_METRICS
+                }
+                for method in methods[1:]
+            },
+        },
+    }
+    with open(out / "brasyn.csv", "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
+    return summary
+
+
+def brasyn_definitions() -> dict[str, str]:
+    """How the BraSyn numbers were computed, for summary.json and the report (docs/evaluation.md)."""
+    upstream = brasyn_provenance()
+    return {
+        "protocol": f"BraSyn's ssim.py ({upstream['upstream_repository']} at {upstream['upstream_commit']})",
+        "normalisation": "each volume by its own 0.5 / 99.5 percentiles over the whole volume, background "
+        "included (a negative lower percentile becomes 0), clipped into [0, 1]",
+        "regions": "tumour: seg > 0; non_tumour: everything else, background included; each region's "
+        "score on the normalised volumes with the other region set to zero",
+        "ssim": f"torchmetrics {upstream['torchmetrics']} StructuralSimilarityIndexMeasure, 3D, its defaults "
+        "(Gaussian sigma 1.5, 11 taps); NaN for a subject without tumour (skipped and counted in means)",
+        "psnr_mse": "over each region's voxels, data_range 1 (not ranked by the challenge)",
+        "paired": "over subjects, model minus baseline: mean with a 95% t interval, Wilcoxon signed-rank p",
+    }
