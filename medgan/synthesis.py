@@ -20,6 +20,7 @@ misses exactly one of its dataset's contrasts, and that one is synthesized).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,11 +372,8 @@ def load_for_synthesis(
 
 def spread_path(path: Path) -> Path:
     """``y.nii.gz`` -> ``y_spread.nii.gz`` beside it."""
-    path = Path(path)
-    for suffix in _NIFTI_SUFFIXES:
-        if path.name.lower().endswith(suffix):
-            return path.with_name(path.name[: -len(suffix)] + SPREAD_SUFFIX + path.name[-len(suffix) :])
-    return path.with_name(path.name + SPREAD_SUFFIX)
+    stem, suffix = _split_nifti_name(Path(path))
+    return Path(path).with_name(stem + SPREAD_SUFFIX + suffix)
 
 
 def _weights_record(generator: LoadedGenerator) -> dict[str, Any]:
@@ -459,41 +457,51 @@ def folder_inputs(generator: LoadedGenerator, files: dict[str, Path], target: st
     }
 
 
-def uses_brats_2023_names(files: dict[str, Path]) -> bool:
-    """Whether a subject's files are named the BraTS 2023+ way (``...-t2f.nii.gz``): the last word of
-    some image file's name is one of t1n t1c t2w t2f."""
+def _split_nifti_name(path: Path) -> tuple[str, str]:
+    """(stem, suffix) of a NIfTI file name: ``a_t1.nii.gz`` -> (``a_t1``, ``.nii.gz``); no suffix when
+    the name has neither ``.nii.gz`` nor ``.nii``."""
+    for suffix in _NIFTI_SUFFIXES:
+        if path.name.lower().endswith(suffix):
+            return path.name[: -len(suffix)], path.name[-len(suffix) :]
+    return path.name, ""
+
+
+def contrast_spelling(files: dict[str, Path]) -> dict[str, str]:
+    """How a subject's files spell the contrasts: canonical name -> name. BraTS 2023+ names when the
+    last word of one of its image files' names is t1n, t1c, t2w or t2f (``t2f`` for flair), else the
+    canonical names themselves."""
+    canonical = {name: name for name in MODALITIES}
     for name, path in files.items():
-        stem = next((path.name[: -len(s)] for s in _NIFTI_SUFFIXES if path.name.lower().endswith(s)), "")
-        word = stem.replace("_", "-").replace(".", "-").rsplit("-", 1)[-1].lower()
+        word = re.split(r"[-_.]", _split_nifti_name(path)[0])[-1].lower()
         if name != SEGMENTATION and word in BRATS_2023_NAMES.values():
-            return True
-    return False
+            return {**canonical, **BRATS_2023_NAMES}
+    return canonical
 
 
 def missing_contrast(generator: LoadedGenerator, files: dict[str, Path]) -> str:
     """BraSyn mode: the one contrast of the subject's dataset (BraTS: t1 t1ce t2 flair) that the
     subject has no file for and the generator can synthesize; a one-line SynthesisError when it misses
     none, several, or one the generator was not trained to fill."""
-    style = BRATS_2023_NAMES if uses_brats_2023_names(files) else {}
+    style = contrast_spelling(files)
     expected = [
         name for name in DATASET_MODALITIES[_preparation(generator, files)] if name in generator.modalities
     ]
     missing = [name for name in expected if name not in files]
-    spelled = " ".join(style.get(name, name) for name in expected)
+    spelled = " ".join(style[name] for name in expected)
     if not missing:
         raise SynthesisError(
             f"has all of {spelled}: BraSyn mode fills exactly one missing contrast (--target picks one)"
         )
     if len(missing) > 1:
-        listed = " ".join(style.get(name, name) for name in missing)
+        listed = " ".join(style[name] for name in missing)
         raise SynthesisError(
             f"misses {len(missing)} of {spelled} ({listed}): BraSyn mode fills exactly one missing contrast"
         )
     target = missing[0]
     if generator.trained_target not in ("any", target):
-        trained = style.get(generator.trained_target, generator.trained_target)
+        trained = style[generator.trained_target]
         raise SynthesisError(
-            f"misses {style.get(target, target)}, but the checkpoint was trained to synthesize {trained} only"
+            f"misses {style[target]}, but the checkpoint was trained to synthesize {trained} only"
         )
     return target
 
@@ -545,8 +553,7 @@ def synthesize_folder(
         if target:
             path = out / f"{subject}_{target}.nii.gz"
         else:
-            style = BRATS_2023_NAMES if uses_brats_2023_names(files) else {}
-            path = out / f"{subject}-{style.get(wanted, wanted)}.nii.gz"
+            path = out / f"{subject}-{contrast_spelling(files)[wanted]}.nii.gz"
         write_synthesized(result, path, command)
         written.append(path)
     return written, failures
