@@ -166,15 +166,20 @@ def test_brasyn_mode_fills_each_subjects_one_missing_contrast_in_its_naming_styl
     folder = write_brats2023_subjects(
         phantom_subjects,
         tmp_path / "in",
-        numbers=(2, 3, 4, 5),
-        leave_out={2: ("t2f",), 3: ("t1c", "seg"), 5: ("t1n", "t2w")},
+        numbers=(2, 3, 4, 5, 6),
+        leave_out={2: ("t2f",), 3: ("t1c", "seg"), 5: ("t1n", "t2w"), 6: ("t2f",)},
     )
+    broken = folder / "BraTS-GLI-00006-000" / "BraTS-GLI-00006-000-t1c.nii.gz"
+    broken.unlink()
+    broken.write_bytes(b"not a NIfTI")
     written, failures = synthesize_folder(generator, folder, None, tmp_path / "out")
     assert [path.name for path in written] == [
         "BraTS-GLI-00002-000-t2f.nii.gz",
         "BraTS-GLI-00003-000-t1c.nii.gz",
     ]
-    assert failures == [
+    assert len(failures) == 3 and failures[2].startswith(f"BraTS-GLI-00006-000: {broken}: ")
+    assert "\n" not in failures[2]
+    assert failures[:2] == [
         "BraTS-GLI-00004-000: has all of t1n t1c t2w t2f: BraSyn mode fills exactly one missing contrast "
         "(--target picks one)",
         "BraTS-GLI-00005-000: misses 2 of t1n t1c t2w t2f (t1n t2w): BraSyn mode fills exactly one missing "
