@@ -165,7 +165,7 @@ def _run_synthesize(args, argv: list[str]) -> int:
         mode = (
             f"{args.target} for every subject" if args.target else "each subject's missing contrast (BraSyn)"
         )
-        spread = f", each with its {args.spread} spread" if args.spread else ""
+        spread = f", each with its spread ({args.spread})" if args.spread else ""
         _say(
             f"wrote {len(written)} synthesized volumes ({mode}{spread}) with JSON sidecars to {args.out} "
             f"in {time.perf_counter() - started:.0f} s"
