@@ -235,14 +235,25 @@ def _run_evaluate(args, argv: list[str]) -> int:
 
 
 def _run_synthesize(args, argv: list[str]) -> int:
-    import nibabel as nib
-
-    from medgan.inference import load_generator
-    from medgan.synthesis import parse_input_flags, synthesize_folder, synthesize_volume
+    from medgan.synthesis import (
+        load_for_synthesis,
+        parse_input_flags,
+        spread_path,
+        synthesize_folder,
+        synthesize_volume,
+        write_synthesized,
+    )
 
     if bool(args.subjects) == bool(args.input):
         raise SynthesisError("give either --input MODALITY=FILE (one subject) or --subjects DIR (a folder)")
-    generator = load_generator(args.checkpoint, args.tag, _device(args.device))
+    if args.input and not args.target:
+        raise SynthesisError(
+            "--target: needed with --input (only --subjects DIR works without it: BraSyn mode)"
+        )
+    generator, other_weights = load_for_synthesis(
+        args.checkpoint, args.tag, _device(args.device), args.spread
+    )
+    command = "python -m medgan " + shlex.join(argv)
     started = time.perf_counter()
     if args.subjects:
         written, failures = synthesize_folder(
@@ -252,11 +263,19 @@ def _run_synthesize(args, argv: list[str]) -> int:
             Path(args.out),
             reference=args.reference,
             batch_size=args.batch_size,
+            spread=args.spread,
+            other_weights=other_weights,
+            command=command,
         )
         for line in failures:
             print(f"medgan synthesize: {line}", file=sys.stderr)
+        mode = (
+            f"{args.target} for every subject" if args.target else "each subject's missing contrast (BraSyn)"
+        )
+        spread = f", each with its spread ({args.spread})" if args.spread else ""
         _say(
-            f"wrote {len(written)} synthesized volumes to {args.out} in {time.perf_counter() - started:.0f} s"
+            f"wrote {len(written)} synthesized volumes ({mode}{spread}) with JSON sidecars to {args.out} "
+            f"in {time.perf_counter() - started:.0f} s"
         )
         if not written:
             return EXIT_INPUT_ERROR
@@ -269,15 +288,21 @@ def _run_synthesize(args, argv: list[str]) -> int:
         reference=args.reference,
         batch_size=args.batch_size,
         progress="synthesize",
+        spread=args.spread,
+        other_weights=other_weights,
     )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(result.image, out)
+    write_synthesized(result, out, command)
     _say(
         f"wrote {out}: {result.target} from {' '.join(result.inputs)}, shape {result.image.shape} on the "
         f"{result.reference} grid, {result.synthesized.shape[0]} slices in "
         f"{time.perf_counter() - started:.1f} s"
     )
+    if result.spread is not None:
+        _say(
+            f"wrote {spread_path(out)}: SD over {len(result.variants)} variants ({args.spread}), "
+            "a spread, not a calibrated uncertainty"
+        )
     return 0
 
 
@@ -353,11 +378,21 @@ def build_tool_parser() -> argparse.ArgumentParser:
     _add_common(synthesize, either)
     synthesize.add_argument("--input", action="append", default=[], metavar="MOD=FILE")
     synthesize.add_argument("--subjects", metavar="DIR", help="synthesize every subject in a folder")
-    synthesize.add_argument("--target", required=True, metavar="M")
+    synthesize.add_argument(
+        "--target",
+        metavar="M",
+        help="contrast to synthesize; without it, --subjects is BraSyn mode (each subject's missing one)",
+    )
     synthesize.add_argument(
         "--out", required=True, metavar="FILE|DIR", help="a .nii.gz, or a folder with --subjects"
     )
     synthesize.add_argument("--reference", metavar="MOD", help="input whose grid the output takes")
+    synthesize.add_argument(
+        "--spread",
+        choices=["flip", "weights", "both"],
+        help="also write OUT_spread.nii.gz: the voxelwise SD over flipped inputs and/or EMA and raw weights "
+        "(a spread, not a calibrated uncertainty)",
+    )
     synthesize.set_defaults(run=_run_synthesize)
 
     export = commands.add_parser("export", help="checkpoint folder -> .safetensors + .json")

@@ -26,7 +26,10 @@ from torch import nn
 from tqdm import tqdm
 
 from medgan.checkpointing import (
+    EMA_FILE,
+    MODEL_STATES_FILE,
     CheckpointError,
+    CheckpointLayout,
     read_generator_weights,
     read_run,
     read_safetensors,
@@ -34,9 +37,12 @@ from medgan.checkpointing import (
 )
 from medgan.config import Config, ConfigError, build_config
 from medgan.models.generator import GeneratorConfig, build_generator
+from medgan.provenance import weights_sha256
 
 EXPORT_FORMAT = "medgan-ssm generator"
 EXPORT_FORMAT_VERSION = "1"
+# Which of a checkpoint folder's weights to load: the EMA (averaged) or DeepSpeed's own (raw) weights.
+WEIGHT_SETS = ("ema", "raw")
 
 
 @dataclass(slots=True)
@@ -51,6 +57,8 @@ class LoadedGenerator:
     training_data: what the run trained on (``dataset``: ``brats`` or ``ixi``, which selects data_prep's
     preparation; the shards' modality order and normalisation); empty for checkpoints that predate it.
     source: one line saying which weights these are, for reports.
+    weights_sha256: sha256 of the state_dict loaded into ``module`` (`medgan.provenance.weights_sha256`),
+    so a synthesized file can name the exact weights that made it.
     """
 
     module: nn.Module
@@ -60,6 +68,7 @@ class LoadedGenerator:
     trained_target: str
     source: str
     training_data: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str = ""
 
     @property
     def generator_config(self) -> GeneratorConfig:
@@ -177,6 +186,8 @@ def _build(
         raise CheckpointError(
             f"{path}: weights do not fit the generator its config describes ({first})"
         ) from None
+    # Hashed as loaded into the module (fp32, the network's own names), before it moves to a device.
+    digest = weights_sha256(module.state_dict())
     module.to(device).eval()
     return LoadedGenerator(
         module=module,
@@ -186,23 +197,63 @@ def _build(
         trained_target=config.data.target_modality,
         source=source,
         training_data=training_data,
+        weights_sha256=digest,
     )
 
 
 def load_generator(
-    path: str | Path, tag: str | None = None, device: str | torch.device = "cpu"
+    path: str | Path,
+    tag: str | None = None,
+    device: str | torch.device = "cpu",
+    weights: str | None = None,
 ) -> LoadedGenerator:
-    """The generator in a checkpoint folder (``tag``: default best, else latest) or an exported file."""
+    """The generator in a checkpoint folder (``tag``: default best, else latest) or an exported file.
+
+    weights: None for the EMA weights when the checkpoint folder has them, else DeepSpeed's raw weights;
+    ``"ema"`` or ``"raw"`` to load that set (a CheckpointError naming the path when the folder lacks it).
+    An exported file holds one set and takes None only.
+    """
     path = Path(path)
+    if weights not in (None, *WEIGHT_SETS):
+        raise ValueError(f"weights={weights!r}: expected None, 'ema' or 'raw'")
     if path.is_file():
+        if weights is not None:
+            raise CheckpointError(
+                f"{path}: an exported file holds one set of weights; for the {weights} weights "
+                "give the checkpoint folder"
+            )
         return _load_exported(path, device)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
     config, training_data = read_run(path)
     tag, why = resolve_tag(path, tag)
-    state, weights = read_generator_weights(path, tag)
-    source = f"{'EMA' if weights == 'ema' else 'raw'} weights of {tag} ({why}) in {path}"
+    layout = CheckpointLayout(path)
+    if weights == "ema" and not layout.ema_file(tag).is_file():
+        raise CheckpointError(f"{layout.tag_dir(tag)}: no {EMA_FILE}, so it holds raw weights only")
+    if weights == "raw":
+        state, kind = _read_raw_weights(layout, tag), "raw"
+    else:
+        state, kind = read_generator_weights(path, tag)
+    source = f"{'EMA' if kind == 'ema' else 'raw'} weights of {tag} ({why}) in {path}"
     return _build(config, state, path, source, training_data, device)
+
+
+def _read_raw_weights(layout: CheckpointLayout, tag: str) -> dict[str, torch.Tensor]:
+    """DeepSpeed's own fp32 weights at ``tag`` even where an EMA file sits beside them (for the weights
+    spread of ``synthesize``). `read_generator_weights` prefers the EMA, so this reads what it reads
+    when there is none."""
+    tag_dir = layout.tag_dir(tag)
+    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(layout.generator_dir), tag=tag)
+        return {name: tensor.float() for name, tensor in state.items()}
+    model_states = tag_dir / MODEL_STATES_FILE
+    if not model_states.is_file():
+        raise CheckpointError(f"{tag_dir}: holds no DeepSpeed model states (raw weights), only {EMA_FILE}")
+    # DeepSpeed's own file: it pickles optimizer and RNG state, so weights_only loading cannot read it.
+    state = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+    return {name: tensor.float() for name, tensor in state.items()}
 
 
 def _load_exported(path: Path, device) -> LoadedGenerator:

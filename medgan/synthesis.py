@@ -8,12 +8,22 @@ slices into the crop box and undoes the reorientation; when the chosen reference
 contrast (IXI T1), ``resample_from`` maps the volume onto that contrast's own grid. The result has the
 reference file's shape, affine and orientation, float32 values in the normalised ``[0, 1]`` scale inside
 the brain (head for IXI) mask and 0 outside, as its header description says.
+
+Test-time spread (``spread=``): the voxelwise standard deviation over up to 4 variants of the same
+prediction (the in-plane flip training augments with, and the checkpoint's EMA and raw weights). It
+shows where the prediction is fragile; it is a spread, not a calibrated uncertainty.
+
+`write_synthesized` writes a result with its BIDS-derivatives-style JSON sidecars (`medgan.provenance`);
+`synthesize_folder` does a whole folder, by a given target or, without one, in BraSyn mode (each subject
+misses exactly one of its dataset's contrasts, and that one is synthesized).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -22,7 +32,9 @@ from tqdm import tqdm
 
 from data_prep.errors import UserError
 from data_prep.volumes import (
+    DATASET_MODALITIES,
     MODALITIES,
+    MODALITY_ALIASES,
     SEGMENTATION,
     PreparedSubject,
     VolumeError,
@@ -37,15 +49,40 @@ from data_prep.volumes import (
     to_canonical,
     uncrop,
 )
-from medgan.inference import LoadedGenerator
+from medgan import __version__, provenance
+from medgan.inference import LoadedGenerator, load_generator
 
 # NIfTI's descrip field holds 80 bytes.
 DESCRIPTION = "MedGAN-SSM synthesized {target}: normalised [0,1] scale, 0 outside the mask"
+SPREAD_DESCRIPTION = "MedGAN-SSM spread of {target}: SD over {count} variants, not calibrated"
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
+SPREADS = ("flip", "weights", "both")
+SPREAD_SUFFIX = "_spread"
+# The axis data.py's random_flips flips in training: the last (W) axis of the [.., H, W] model slices,
+# which is the canonical (RAS) y axis of the volume.
+FLIP_AXIS = -1
+# BraTS 2023+ file names of the canonical contrasts (data_prep's aliases, read backwards).
+BRATS_2023_NAMES = {MODALITY_ALIASES[name]: name for name in ("t1n", "t1c", "t2w", "t2f")}
 
 
 class SynthesisError(UserError):
     """An input a user gave cannot be synthesized from; the one-line message names it and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One way of running the prediction for the spread: these weights, on flipped slices or not."""
+
+    generator: LoadedGenerator
+    flipped: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        """What a sidecar says of this variant."""
+        return {
+            "Weights": self.generator.source,
+            "WeightsSHA256": self.generator.weights_sha256,
+            "Flipped": "W axis of the slices (canonical y), flipped back after" if self.flipped else None,
+        }
 
 
 @dataclass(slots=True)
@@ -56,6 +93,12 @@ class SynthesisResult:
     prepared: data_prep's prepared subject (model slices [M, Z, H, W], mask [Z, H, W], geometry).
     synthesized: float32 [Z, H, W] in [0, 1], the model's slices (zero outside the mask).
     reference: the contrast whose grid `image` is on. inputs: the contrasts the model was given.
+    input_files: those contrasts' files (and the reference's among them).
+    variants: the predictions made; ``variants[0]`` (the generator as given, unflipped) made
+    `synthesized`, the others only enter the spread.
+    spread: float32 [Z, H, W] >= 0 (at most 0.5), the voxelwise standard deviation over `variants` on
+    the model slices, 0 outside the mask; None unless a spread was asked for.
+    spread_image: `spread` on the same grid as `image`, float32; None unless a spread was asked for.
     """
 
     image: nib.Nifti1Image
@@ -64,6 +107,10 @@ class SynthesisResult:
     reference: str
     inputs: list[str]
     target: str
+    input_files: dict[str, Path] = field(default_factory=dict)
+    variants: list[Variant] = field(default_factory=list)
+    spread: np.ndarray | None = None
+    spread_image: nib.Nifti1Image | None = None
 
 
 def parse_input_flags(values: list[str]) -> dict[str, Path]:
@@ -133,16 +180,84 @@ def _registered_grid_image(
     return image
 
 
-def _as_synthesized_image(image: nib.Nifti1Image, target: str) -> nib.Nifti1Image:
-    """Float32 data with no intensity scaling, display range [0, 1] and a description saying so."""
-    data = np.clip(np.asarray(image.dataobj, dtype=np.float32), 0.0, 1.0)
+def _as_float_image(image: nib.Nifti1Image, description: str, high: float) -> nib.Nifti1Image:
+    """Float32 data clipped to [0, high], no intensity scaling, display range [0, high], ``description``."""
+    data = np.clip(np.asarray(image.dataobj, dtype=np.float32), 0.0, high)
     result = nib.Nifti1Image(data, image.affine, header=image.header)
     # The reference's header may say int16 with a slope: writing [0, 1] floats through it would quantise.
     result.set_data_dtype(np.float32)
     result.header.set_slope_inter(1.0, 0.0)
-    result.header["cal_min"], result.header["cal_max"] = 0.0, 1.0
-    result.header["descrip"] = DESCRIPTION.format(target=target.upper()).encode()[:80]
+    result.header["cal_min"], result.header["cal_max"] = 0.0, high
+    result.header["descrip"] = description.encode()[:80]
     return result
+
+
+def _as_synthesized_image(image: nib.Nifti1Image, target: str) -> nib.Nifti1Image:
+    """Float32 data with no intensity scaling, display range [0, 1] and a description saying so."""
+    return _as_float_image(image, DESCRIPTION.format(target=target.upper()), 1.0)
+
+
+def _on_reference_grid(
+    slices: np.ndarray, prepared: PreparedSubject, reference: str, header: nib.Nifti1Header
+) -> nib.Nifti1Image:
+    """Model slices [Z, H, W] put back on the reference input's own grid (0 outside the crop box)."""
+    if reference in prepared.geometry.registered:
+        return _registered_grid_image(slices, prepared, reference, header)
+    return restore_volume(slices, prepared.geometry, header=header, fill=0.0)
+
+
+def spread_variants(
+    generator: LoadedGenerator, spread: str | None, other_weights: LoadedGenerator | None = None
+) -> list[Variant]:
+    """The predictions a spread takes: the generator itself first, then with ``spread`` "flip" its
+    prediction on flipped slices, "weights" ``other_weights`` (the same checkpoint's other set: raw
+    when ``generator`` has the EMA), "both" all four combinations. None: the generator alone."""
+    if spread is None:
+        return [Variant(generator)]
+    if spread not in SPREADS:
+        raise SynthesisError(f"--spread {spread}: expected one of {' '.join(SPREADS)}")
+    if spread in ("weights", "both") and other_weights is None:
+        raise SynthesisError(f"--spread {spread}: needs the checkpoint's EMA and raw weights, got one set")
+    weight_sets = [generator] + ([other_weights] if spread in ("weights", "both") else [])
+    flips = (False, True) if spread in ("flip", "both") else (False,)
+    return [Variant(weights, flipped) for weights in weight_sets for flipped in flips]
+
+
+def _predict_variant(
+    variant: Variant,
+    images: np.ndarray,
+    inputs: list[str],
+    target: str,
+    batch_size: int,
+    progress: str | None,
+) -> np.ndarray:
+    """[Z, H, W] in [0, 1] from slices [Z, M, H, W]; a flipped variant predicts on flipped slices and
+    flips its prediction back, so every variant is on the same pixels."""
+    if not variant.flipped:
+        return variant.generator.predict(images, inputs, target, batch_size, progress)
+    flipped = np.flip(images, axis=FLIP_AXIS)
+    predicted = variant.generator.predict(flipped, inputs, target, batch_size, progress)
+    return np.ascontiguousarray(np.flip(predicted, axis=FLIP_AXIS))
+
+
+def predict_with_spread(
+    variants: list[Variant],
+    images: np.ndarray,
+    inputs: list[str],
+    target: str,
+    *,
+    batch_size: int = 8,
+    progress: str | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the first variant's prediction, the voxelwise population standard deviation over all variants,
+    or None for a single variant), both float32 [Z, H, W] from slices [Z, M, H, W] in [0, 1]."""
+    predictions = []
+    for index, variant in enumerate(variants):
+        label = f"{progress} ({index + 1}/{len(variants)})" if progress and len(variants) > 1 else progress
+        predictions.append(_predict_variant(variant, images, inputs, target, batch_size, label))
+    if len(predictions) == 1:
+        return predictions[0], None
+    return predictions[0], np.std(np.stack(predictions), axis=0).astype(np.float32)
 
 
 def prepare_nifti_subject(
@@ -177,13 +292,19 @@ def synthesize_volume(
     extra_files: dict[str, Path] | None = None,
     seed: int = 0,
     progress: str | None = None,
+    spread: str | None = None,
+    other_weights: LoadedGenerator | None = None,
 ) -> SynthesisResult:
     """Synthesize ``target`` for one subject from its NIfTI ``inputs`` (modality -> file).
 
     reference: the input whose grid the output takes (default `default_reference`). extra_files: more
     files prepared with the subject but not shown to the model (the real target and ``seg`` for
-    evaluation). Raises SynthesisError or data_prep's VolumeError with a one-line reason.
+    evaluation). spread: None, "flip", "weights" or "both" (see `spread_variants`; "weights" and "both"
+    need ``other_weights``, e.g. ``load_generator(C, weights="raw")`` beside the EMA ``generator``):
+    the result then has ``spread`` [Z, H, W] and ``spread_image``, while ``synthesized`` stays the
+    generator's own prediction. Raises SynthesisError or data_prep's VolumeError with a one-line reason.
     """
+    variants = spread_variants(generator, spread, other_weights)
     target = canonical_modality(target)
     names = [canonical_modality(name) for name in inputs]
     if not names:
@@ -199,15 +320,26 @@ def synthesize_volume(
     files = {canonical_modality(name): Path(path) for name, path in inputs.items()}
     files.update(extra_files or {})
     prepared = prepare_nifti_subject(generator, files, reference, seed)
-    synthesized = generator.predict(
-        prepared.images.transpose(1, 0, 2, 3), names, target, batch_size, progress
+    synthesized, spread_slices = predict_with_spread(
+        variants,
+        prepared.images.transpose(1, 0, 2, 3),
+        names,
+        target,
+        batch_size=batch_size,
+        progress=progress,
     )
-    synthesized *= prepared.mask.astype(np.float32)
+    mask = prepared.mask.astype(np.float32)
+    synthesized *= mask
     header = nib.load(files[reference]).header.copy()
-    if reference in prepared.geometry.registered:
-        image = _registered_grid_image(synthesized, prepared, reference, header)
-    else:
-        image = restore_volume(synthesized, prepared.geometry, header=header, fill=0.0)
+    image = _on_reference_grid(synthesized, prepared, reference, header)
+    spread_image = None
+    if spread_slices is not None:
+        spread_slices *= mask
+        description = SPREAD_DESCRIPTION.format(target=target.upper(), count=len(variants))
+        # Values in [0, 1] have a standard deviation of at most 0.5: the display range.
+        spread_image = _as_float_image(
+            _on_reference_grid(spread_slices, prepared, reference, header), description, 0.5
+        )
     return SynthesisResult(
         image=_as_synthesized_image(image, target),
         prepared=prepared,
@@ -215,7 +347,99 @@ def synthesize_volume(
         reference=reference,
         inputs=names,
         target=target,
+        input_files={name: files[name] for name in names},
+        variants=variants,
+        spread=spread_slices,
+        spread_image=spread_image,
     )
+
+
+def load_for_synthesis(
+    checkpoint: str | Path, tag: str | None = None, device: str = "cpu", spread: str | None = None
+) -> tuple[LoadedGenerator, LoadedGenerator | None]:
+    """(generator, other weights) for `synthesize_volume`: the checkpoint's default weights, or for a
+    "weights"/"both" spread its EMA and its raw weights (a checkpoint folder with both; an exported
+    file holds one set, a one-line SynthesisError)."""
+    if spread not in ("weights", "both"):
+        return load_generator(checkpoint, tag, device), None
+    if Path(checkpoint).is_file():
+        raise SynthesisError(
+            f"--spread {spread}: {checkpoint} is an exported file, which holds one set of weights; "
+            "give the checkpoint folder (it has the EMA and the raw weights)"
+        )
+    return load_generator(checkpoint, tag, device, "ema"), load_generator(checkpoint, tag, device, "raw")
+
+
+def spread_path(path: Path) -> Path:
+    """``y.nii.gz`` -> ``y_spread.nii.gz`` beside it."""
+    stem, suffix = _split_nifti_name(Path(path))
+    return Path(path).with_name(stem + SPREAD_SUFFIX + suffix)
+
+
+def _weights_record(generator: LoadedGenerator) -> dict[str, Any]:
+    return {
+        "Source": generator.source,
+        "WeightsSHA256": generator.weights_sha256,
+        "Modalities": generator.modalities,
+        "TrainedTask": {"Inputs": generator.trained_inputs, "Target": generator.trained_target},
+    }
+
+
+def synthesized_sidecar(result: SynthesisResult, command: str) -> dict[str, Any]:
+    """The JSON sidecar of a synthesized volume: synthetic, from which files, by which weights (their
+    sha256 as loaded), with which normalisation, by which command."""
+    generator = result.variants[0].generator
+    inputs = provenance.input_record(result.input_files)
+    return {
+        "Description": (
+            f"Synthetic {result.target.upper()} MRI predicted by MedGAN-SSM from "
+            f"{' '.join(name.upper() for name in result.inputs)}; not an acquired image."
+        ),
+        "Synthetic": True,
+        "SynthesizedContrast": result.target,
+        "Sources": [entry["Path"] for entry in inputs.values()],
+        "Inputs": inputs,
+        "ReferenceGrid": inputs[result.reference]["Path"],
+        "Intensity": "the training data's normalised [0, 1] scale (not scanner units), 0 outside the mask",
+        "Normalisation": {
+            "Training": generator.training_data.get("normalisation"),
+            "Inputs": {name: scaling.to_dict() for name, scaling in result.prepared.scaling.items()},
+        },
+        "Model": _weights_record(generator),
+        "GeneratedBy": {"Name": provenance.GENERATOR_NAME, "Version": __version__},
+        "Command": command or None,
+    }
+
+
+def spread_sidecar(result: SynthesisResult, synthesized: Path, command: str) -> dict[str, Any]:
+    """The JSON sidecar of a spread volume: which variants, of which synthesized file."""
+    return {
+        "Description": (
+            f"Voxelwise standard deviation over {len(result.variants)} test-time variants of the synthetic "
+            f"{result.target.upper()} in {synthesized.name}. A spread, not a calibrated uncertainty."
+        ),
+        "Synthetic": True,
+        "Sources": [str(synthesized.resolve())],
+        "Intensity": "standard deviation in the normalised [0, 1] scale, 0 outside the mask",
+        "Variants": [variant.describe() for variant in result.variants],
+        "Command": command or None,
+    }
+
+
+def write_synthesized(result: SynthesisResult, path: Path, command: str = "") -> list[Path]:
+    """Write ``result.image`` to ``path`` (.nii.gz), its spread (if any) to `spread_path`, each with
+    its JSON sidecar, and the folder's ``dataset_description.json`` unless it has one. Returns the
+    files written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(result.image, path)
+    written = [path, provenance.write_sidecar(path, synthesized_sidecar(result, command))]
+    if result.spread_image is not None:
+        spread_file = spread_path(path)
+        nib.save(result.spread_image, spread_file)
+        written += [spread_file, provenance.write_sidecar(spread_file, spread_sidecar(result, path, command))]
+    description = provenance.write_dataset_description(path.parent)
+    return written + ([description] if description else [])
 
 
 def folder_inputs(generator: LoadedGenerator, files: dict[str, Path], target: str) -> dict[str, Path]:
@@ -233,33 +457,103 @@ def folder_inputs(generator: LoadedGenerator, files: dict[str, Path], target: st
     }
 
 
+def _split_nifti_name(path: Path) -> tuple[str, str]:
+    """(stem, suffix) of a NIfTI file name: ``a_t1.nii.gz`` -> (``a_t1``, ``.nii.gz``); no suffix when
+    the name has neither ``.nii.gz`` nor ``.nii``."""
+    for suffix in _NIFTI_SUFFIXES:
+        if path.name.lower().endswith(suffix):
+            return path.name[: -len(suffix)], path.name[-len(suffix) :]
+    return path.name, ""
+
+
+def contrast_spelling(files: dict[str, Path]) -> dict[str, str]:
+    """How a subject's files spell the contrasts: canonical name -> name. BraTS 2023+ names when the
+    last word of one of its image files' names is t1n, t1c, t2w or t2f (``t2f`` for flair), else the
+    canonical names themselves."""
+    canonical = {name: name for name in MODALITIES}
+    for name, path in files.items():
+        word = re.split(r"[-_.]", _split_nifti_name(path)[0])[-1].lower()
+        if name != SEGMENTATION and word in BRATS_2023_NAMES.values():
+            return {**canonical, **BRATS_2023_NAMES}
+    return canonical
+
+
+def missing_contrast(generator: LoadedGenerator, files: dict[str, Path]) -> str:
+    """BraSyn mode: the one contrast of the subject's dataset (BraTS: t1 t1ce t2 flair) that the
+    subject has no file for and the generator can synthesize; a one-line SynthesisError when it misses
+    none, several, or one the generator was not trained to fill."""
+    style = contrast_spelling(files)
+    expected = [
+        name for name in DATASET_MODALITIES[_preparation(generator, files)] if name in generator.modalities
+    ]
+    missing = [name for name in expected if name not in files]
+    spelled = " ".join(style[name] for name in expected)
+    if not missing:
+        raise SynthesisError(
+            f"has all of {spelled}: BraSyn mode fills exactly one missing contrast (--target picks one)"
+        )
+    if len(missing) > 1:
+        listed = " ".join(style[name] for name in missing)
+        raise SynthesisError(
+            f"misses {len(missing)} of {spelled} ({listed}): BraSyn mode fills exactly one missing contrast"
+        )
+    target = missing[0]
+    if generator.trained_target not in ("any", target):
+        trained = style[generator.trained_target]
+        raise SynthesisError(
+            f"misses {style[target]}, but the checkpoint was trained to synthesize {trained} only"
+        )
+    return target
+
+
 def synthesize_folder(
     generator: LoadedGenerator,
     folder: Path,
-    target: str,
+    target: str | None,
     out: Path,
     *,
     reference: str | None = None,
     batch_size: int = 8,
+    spread: str | None = None,
+    other_weights: LoadedGenerator | None = None,
+    command: str = "",
 ) -> tuple[list[Path], list[str]]:
-    """Synthesize ``target`` for every subject under ``folder`` into ``out/SUBJECT_TARGET.nii.gz``.
+    """Synthesize a contrast for every subject under ``folder`` into ``out``, with JSON sidecars.
 
-    Returns (files written, one line per subject that failed); a bad subject never stops the others.
+    target: that contrast, written as ``out/SUBJECT_TARGET.nii.gz``; None for BraSyn mode: each
+    subject's one missing contrast (`missing_contrast`) as ``out/SUBJECT-MOD.nii.gz``, MOD spelled as
+    the subject's files are (``t2f`` for BraTS 2023+ names, ``flair`` otherwise), on the subject's grid.
+    spread / other_weights: as for `synthesize_volume`; the spread goes to ``..._spread.nii.gz``.
+    command: the command line, for the sidecars. Returns (synthesized volumes written, one line per
+    subject that failed); a bad subject never stops the others.
     """
-    target = canonical_modality(target)
+    target = canonical_modality(target) if target else None
+    spread_variants(generator, spread, other_weights)  # a bad spread fails once, before any subject
     found = discover_nifti_subjects(folder, flag="--subjects")
     out.mkdir(parents=True, exist_ok=True)
     written, failures = [], []
     for entry in tqdm(found.subjects, desc="synthesize", unit="subject", disable=None):
         subject, files = entry.subject, entry.files
         try:
-            inputs = folder_inputs(generator, files, target)
+            wanted = target or missing_contrast(generator, files)
+            inputs = folder_inputs(generator, files, wanted)
             chosen = reference if reference in inputs else None
-            result = synthesize_volume(generator, inputs, target, reference=chosen, batch_size=batch_size)
+            result = synthesize_volume(
+                generator,
+                inputs,
+                wanted,
+                reference=chosen,
+                batch_size=batch_size,
+                spread=spread,
+                other_weights=other_weights,
+            )
         except (SynthesisError, VolumeError) as error:
             failures.append(f"{subject}: {error}")
             continue
-        path = out / f"{subject}_{target}.nii.gz"
-        nib.save(result.image, path)
+        if target:
+            path = out / f"{subject}_{target}.nii.gz"
+        else:
+            path = out / f"{subject}-{contrast_spelling(files)[wanted]}.nii.gz"
+        write_synthesized(result, path, command)
         written.append(path)
     return written, failures

@@ -111,3 +111,30 @@ def write_checkpoint(
     if training_data is not None:
         layout.training_data_file.write_text(json.dumps(training_data))
     return directory
+
+
+# BraTS 2023+ file names of the phantom's BraTS 2021 ones (data_prep reads them back as t1 t1ce t2 flair).
+BRATS_2023_NAMES = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"}
+
+
+def write_brats2023_subjects(
+    phantom_subjects: Path, out: Path, numbers=range(8), leave_out: dict[int, tuple[str, ...]] | None = None
+) -> Path:
+    """Phantom subjects ``BraTS2021_0000N`` under BraTS 2023+ names, as symbolic links:
+    ``out/BraTS-GLI-0000N-000/BraTS-GLI-0000N-000-{t1n,t1c,t2w,t2f,seg}.nii.gz`` for each N in
+    ``numbers``, without the files whose 2023 names ``leave_out[N]`` lists (e.g. ``{2: ("t2f",)}``)."""
+    leave_out = leave_out or {}
+    for number in numbers:
+        old, new = f"BraTS2021_{number:05d}", f"BraTS-GLI-{number:05d}-000"
+        (out / new).mkdir(parents=True)
+        for name, name_2023 in BRATS_2023_NAMES.items():
+            if name_2023 not in leave_out.get(number, ()):
+                target = phantom_subjects / old / f"{old}_{name}.nii.gz"
+                (out / new / f"{new}-{name_2023}.nii.gz").symlink_to(target)
+    return out
+
+
+@pytest.fixture(scope="session")
+def phantom_subjects_2023(phantom_subjects, tmp_path_factory) -> Path:
+    """The 8 phantom subjects of `phantom_subjects` under BraTS 2023+ names (`write_brats2023_subjects`)."""
+    return write_brats2023_subjects(phantom_subjects, tmp_path_factory.mktemp("phantom2023") / "brats2023")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 import subprocess
 import sys
 
 import nibabel as nib
+import numpy as np
 import pytest
 from conftest import REPO, write_checkpoint
 
 from medgan.__main__ import main
+from medgan.export import export_generator
 
 
 def _error_line(capsys, argv) -> str:
@@ -48,11 +52,54 @@ def test_user_errors_are_one_line_with_exit_2(capsys, tmp_path, phantom_subjects
         "no summary.json": ["report", "--eval", str(tmp_path), "--out", str(tmp_path / "r.html")],
         "data.batch_size": ["--mode", "test", "--data_path", str(tmp_path), "--batch_size", "zero"],
         "give a command": ["--data_path", str(tmp_path)],
-    }
+        "--target: needed with --input": [
+            "synthesize", "--checkpoint", checkpoint, "--input", f"t1={t1}", "--out", str(tmp_path / "y.nii")
+        ],
+        "holds no DeepSpeed model states": [*synthesize, "--input", f"t1={t1}", "--spread", "weights"],
+        "exported file, which holds one set of weights": [
+            *synthesize[:2], str(export_generator(checkpoint, tmp_path / "G.safetensors")[0]),
+            *synthesize[3:], "--input", f"t1={t1}", "--spread", "both",
+        ],
+    }  # fmt: skip
     for expected, argv in cases.items():
         assert expected in _error_line(capsys, argv)
     assert main([*synthesize, "--input", f"t1={t1}"]) == 0
     assert nib.load(tmp_path / "y.nii.gz").shape == nib.load(t1).shape
+    assert json.loads((tmp_path / "y.json").read_text())["Synthetic"] is True
+    assert json.loads((tmp_path / "dataset_description.json").read_text())["DatasetType"] == "derivative"
+
+
+def test_synthesize_brasyn_folder_one_line_per_bad_subject_with_spread_and_sidecars(
+    capsys, tmp_path, phantom_subjects
+):
+    checkpoint = str(write_checkpoint(tmp_path / "run", arch="unet"))
+    folder = tmp_path / "in"
+    for number, leave_out in ((2, ("flair",)), (3, ()), (4, ("t1ce", "t2"))):
+        subject = f"BraTS2021_{number:05d}"
+        (folder / subject).mkdir(parents=True)
+        for name in ("t1", "t1ce", "t2", "flair", "seg"):
+            if name not in leave_out:
+                link = folder / subject / f"{subject}_{name}.nii.gz"
+                link.symlink_to(phantom_subjects / subject / link.name)
+    out = tmp_path / "out"
+    argv = ["synthesize", "--checkpoint", checkpoint, "--subjects", str(folder), "--out", str(out)]
+    argv += ["--spread", "flip"]
+    assert main(argv) == 1  # as in folder mode: some subjects failed, the others were written
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2, errors
+    assert errors[0].startswith("medgan synthesize: BraTS2021_00003: has all of t1 t1ce t2 flair: ")
+    assert errors[1].startswith("medgan synthesize: BraTS2021_00004: misses 2 of t1 t1ce t2 flair (t1ce t2)")
+    assert sorted(path.name for path in out.iterdir()) == [
+        "BraTS2021_00002-flair.json", "BraTS2021_00002-flair.nii.gz", "BraTS2021_00002-flair_spread.json",
+        "BraTS2021_00002-flair_spread.nii.gz", "dataset_description.json",
+    ]  # fmt: skip
+    reference = nib.load(folder / "BraTS2021_00002" / "BraTS2021_00002_t2.nii.gz")
+    for name in ("BraTS2021_00002-flair.nii.gz", "BraTS2021_00002-flair_spread.nii.gz"):
+        written = nib.load(out / name)
+        assert written.shape == reference.shape and written.get_data_dtype() == np.float32
+        np.testing.assert_allclose(written.affine, reference.affine, atol=1e-5)
+    sidecar = json.loads((out / "BraTS2021_00002-flair.json").read_text())
+    assert sidecar["Command"] == "python -m medgan " + shlex.join(argv)
 
 
 def test_export_from_the_command_line(tmp_path):

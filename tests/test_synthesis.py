@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
+import json
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import run_module, write_checkpoint
+import torch
+from conftest import run_module, write_brats2023_subjects, write_checkpoint
+from torch import nn
 
 from data_prep.volumes import VolumeError, discover_nifti_subjects
+from medgan.checkpointing import MODEL_STATES_FILE, CheckpointError, CheckpointLayout, read_safetensors
 from medgan.export import export_generator
 from medgan.inference import load_generator
+from medgan.provenance import weights_sha256, write_dataset_description
 from medgan.synthesis import (
     SynthesisError,
+    load_for_synthesis,
     parse_input_flags,
     synthesize_folder,
     synthesize_volume,
+    write_synthesized,
 )
 
 
@@ -133,9 +142,201 @@ def test_each_bad_input_is_one_line(generator, phantom_subjects, ixi_subject, tm
         (lambda: synthesize(generator, {"t1": tiny, "t2": ixi_subject["t2"]}, "pd"), "could not register"),
         (lambda: synthesize(generator, {"t1": t1}, "flair", reference="t2"), "not among the inputs"),
         (lambda: synthesize(generator, {"t1": t1, "flair": t2}, "flair"), "is also an input"),
+        (lambda: synthesize(generator, {"t1": t1}, "flair", spread="dropout"), "expected one of flip"),
+        (lambda: synthesize(generator, {"t1": t1}, "flair", spread="weights"), "EMA and raw weights"),
     ]  # fmt: skip
     for call, expected in cases:
         with pytest.raises((SynthesisError, VolumeError)) as caught:
             call()
         message = str(caught.value)
         assert expected in message and "\n" not in message, message
+
+
+def test_phantom_2023_fixture_is_read_with_brats_2023_names(phantom_subjects_2023):
+    found = discover_nifti_subjects(phantom_subjects_2023).subjects
+    assert [entry.subject for entry in found][:2] == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000"]
+    assert len(found) == 8 and all(entry.dataset == "brats" for entry in found)
+    assert list(found[0].files) == ["t1", "t1ce", "t2", "flair", "seg"]
+    assert found[0].files["flair"].name == "BraTS-GLI-00000-000-t2f.nii.gz"
+
+
+def test_brasyn_mode_fills_each_subjects_one_missing_contrast_in_its_naming_style(
+    generator, phantom_subjects, tmp_path
+):
+    folder = write_brats2023_subjects(
+        phantom_subjects,
+        tmp_path / "in",
+        numbers=(2, 3, 4, 5, 6),
+        leave_out={2: ("t2f",), 3: ("t1c", "seg"), 5: ("t1n", "t2w"), 6: ("t2f",)},
+    )
+    broken = folder / "BraTS-GLI-00006-000" / "BraTS-GLI-00006-000-t1c.nii.gz"
+    broken.unlink()
+    broken.write_bytes(b"not a NIfTI")
+    written, failures = synthesize_folder(generator, folder, None, tmp_path / "out")
+    assert [path.name for path in written] == [
+        "BraTS-GLI-00002-000-t2f.nii.gz",
+        "BraTS-GLI-00003-000-t1c.nii.gz",
+    ]
+    assert len(failures) == 3 and failures[2].startswith(f"BraTS-GLI-00006-000: {broken}: ")
+    assert "\n" not in failures[2]
+    assert failures[:2] == [
+        "BraTS-GLI-00004-000: has all of t1n t1c t2w t2f: BraSyn mode fills exactly one missing contrast "
+        "(--target picks one)",
+        "BraTS-GLI-00005-000: misses 2 of t1n t1c t2w t2f (t1n t2w): BraSyn mode fills exactly one missing "
+        "contrast",
+    ]
+    for path in written:
+        subject = path.name[: len("BraTS-GLI-00002-000")]
+        _check_on_grid_of(nib.load(path), folder / subject / f"{subject}-t2w.nii.gz", tmp_path)
+    sidecar = json.loads((tmp_path / "out" / "BraTS-GLI-00003-000-t1c.json").read_text())
+    assert sidecar["SynthesizedContrast"] == "t1ce" and sorted(sidecar["Inputs"]) == ["flair", "t1", "t2"]
+    # what evaluate --predictions reads back: subject and contrast, the sidecars left aside
+    back = {entry.subject: list(entry.files) for entry in discover_nifti_subjects(tmp_path / "out").subjects}
+    assert back == {"BraTS-GLI-00002-000": ["flair"], "BraTS-GLI-00003-000": ["t1ce"]}
+
+    flair_only = load_generator(
+        write_checkpoint(tmp_path / "flair_only", arch="unet", data={"target_modality": "flair"})
+    )
+    written, failures = synthesize_folder(flair_only, folder, None, tmp_path / "flair_only_out")
+    assert [path.name for path in written] == ["BraTS-GLI-00002-000-t2f.nii.gz"]
+    assert (
+        "BraTS-GLI-00003-000: misses t1c, but the checkpoint was trained to synthesize t2f only" in failures
+    )
+
+
+class _FlipSymmetrised(nn.Module):
+    """A generator made exactly equivariant to the spread's flip: the mean of it and its flipped twin."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, images, available, target_index):
+        flipped = self.module(images.flip(-1), available, target_index).flip(-1)
+        return (self.module(images, available, target_index) + flipped) / 2
+
+
+def _symmetric_subject(folder, rng) -> dict:
+    """t1 and t2 NIfTI (RAS, 40 x 40 x 12 voxels) mirror-symmetric in y, the axis the flip reverses."""
+    folder.mkdir()
+    x, y, z = np.meshgrid(np.arange(40), np.arange(40), np.arange(12), indexing="ij")
+    inside = ((x - 19.5) / 14) ** 2 + ((y - 19.5) / 16) ** 2 + ((z - 5.5) / 7) ** 2 < 1
+    files = {}
+    for name in ("t1", "t2"):
+        data = (rng.integers(100, 1000, (40, 40, 12)) * inside).astype(np.int16)
+        data = np.maximum(data, data[:, ::-1, :])
+        files[name] = folder / f"sym_{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0])), files[name])
+    return files
+
+
+def test_flip_spread_is_the_asymmetry_of_the_prediction_and_zero_for_a_flip_equivariant_model(
+    generator, phantom_subjects, tmp_path
+):
+    files = _symmetric_subject(tmp_path / "sym", np.random.default_rng(0))
+    result = synthesize_volume(generator, files, "flair", spread="flip")
+    images = result.prepared.images
+    assert np.array_equal(images, images[..., ::-1])  # the model sees an exactly symmetric input
+    # two variants, the prediction and its mirror: their SD is half their difference
+    synthesized, mask = result.synthesized, result.prepared.mask
+    expected = np.abs(synthesized - synthesized[..., ::-1]) / 2 * mask
+    assert result.spread.dtype == np.float32 and result.spread.shape == synthesized.shape
+    np.testing.assert_allclose(result.spread, expected, atol=1e-6)
+    assert result.spread.max() > 1e-4  # an untrained network is not symmetric
+
+    brats = _brats_files(phantom_subjects)
+    inputs = {"t1": brats["t1"], "t2": brats["t2"]}
+    equivariant = dataclasses.replace(generator, module=_FlipSymmetrised(generator.module).eval())
+    assert synthesize_volume(equivariant, inputs, "flair", spread="flip").spread.max() < 1e-5
+    plain = synthesize_volume(generator, inputs, "flair", spread="flip")
+    assert plain.spread.max() > 1e-3
+    np.testing.assert_array_equal(
+        plain.synthesized, synthesize_volume(generator, inputs, "flair").synthesized
+    )
+    spread_image = plain.spread_image
+    assert spread_image.shape == plain.image.shape and spread_image.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(spread_image.affine, plain.image.affine)
+
+
+def _add_raw_weights(checkpoint, noise: float):
+    """Give an EMA-only checkpoint DeepSpeed raw weights too: the EMA's plus seeded noise (0: the same)."""
+    layout = CheckpointLayout(checkpoint)
+    state = read_safetensors(layout.ema_file("step_000002"))
+    torch.manual_seed(1)
+    raw = {name: t + noise * torch.randn_like(t) if t.is_floating_point() else t for name, t in state.items()}
+    torch.save({"module": raw}, layout.tag_dir("step_000002") / MODEL_STATES_FILE)
+
+
+def test_weights_spread_over_ema_and_raw_weights(phantom_subjects, tmp_path):
+    inputs = {name: path for name, path in _brats_files(phantom_subjects).items() if name in ("t1", "t2")}
+    checkpoint = write_checkpoint(tmp_path / "run", arch="unet")
+    with pytest.raises(CheckpointError, match="no DeepSpeed model states"):
+        load_for_synthesis(checkpoint, spread="weights")
+    exported, _, _ = export_generator(checkpoint, tmp_path / "G.safetensors")
+    with pytest.raises(SynthesisError, match="exported file, which holds one set of weights"):
+        load_for_synthesis(exported, spread="weights")
+
+    _add_raw_weights(checkpoint, 0.0)
+    ema, raw = load_for_synthesis(checkpoint, spread="weights")
+    assert ema.source.startswith("EMA") and raw.source.startswith("raw")
+    assert synthesize_volume(ema, inputs, "flair", spread="weights", other_weights=raw).spread.max() == 0.0
+
+    _add_raw_weights(checkpoint, 0.05)
+    ema, raw = load_for_synthesis(checkpoint, spread="both")
+    assert ema.weights_sha256 != raw.weights_sha256
+    assert load_generator(checkpoint).weights_sha256 == ema.weights_sha256  # the default stays the EMA
+    result = synthesize_volume(ema, inputs, "flair", spread="both", other_weights=raw)
+    assert len(result.variants) == 4 and result.spread.max() > 1e-3
+    assert [(v.generator is raw, v.flipped) for v in result.variants] == [
+        (False, False), (False, True), (True, False), (True, True)
+    ]  # fmt: skip
+
+
+def test_sidecars_say_synthetic_and_name_inputs_weights_normalisation_and_command(phantom_subjects, tmp_path):
+    normalisation = {"method": "healthy-tissue reference", "range": [0, 1]}
+    checkpoint = write_checkpoint(
+        tmp_path / "run", arch="unet", training_data={"dataset": "brats", "normalisation": normalisation}
+    )
+    generator = load_generator(checkpoint)
+    files = _brats_files(phantom_subjects)
+    result = synthesize_volume(generator, {"t1": files["t1"], "t2": files["t2"]}, "flair", spread="flip")
+    out = tmp_path / "out" / "y.nii.gz"
+    written = write_synthesized(result, out, "python -m medgan synthesize --spread flip")
+    assert [path.name for path in written] == [
+        "y.nii.gz", "y.json", "y_spread.nii.gz", "y_spread.json", "dataset_description.json"
+    ]  # fmt: skip
+    sidecar = json.loads((tmp_path / "out" / "y.json").read_text())
+    assert sidecar["Synthetic"] is True and sidecar["Description"].startswith("Synthetic FLAIR")
+    assert sidecar["Sources"] == [str(files["t1"].resolve()), str(files["t2"].resolve())]
+    assert sidecar["Inputs"]["t2"]["SHA256"] == hashlib.sha256(files["t2"].read_bytes()).hexdigest()
+    assert sidecar["ReferenceGrid"] == str(files["t2"].resolve())
+    assert sidecar["Model"]["WeightsSHA256"] == weights_sha256(generator.module.state_dict())
+    assert sidecar["Model"]["Source"] == generator.source
+    assert sidecar["Normalisation"]["Training"] == normalisation
+    assert set(sidecar["Normalisation"]["Inputs"]) == {"t1", "t2"}
+    assert sidecar["Command"] == "python -m medgan synthesize --spread flip"
+    spread = json.loads((tmp_path / "out" / "y_spread.json").read_text())
+    assert "not a calibrated uncertainty" in spread["Description"] and len(spread["Variants"]) == 2
+    description = json.loads((tmp_path / "out" / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["BIDSVersion"]
+    assert description["GeneratedBy"][0]["Name"] == "MedGAN-SSM"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "dataset_description.json").write_text("{}")
+    assert write_dataset_description(tmp_path / "other") is None
+    assert (tmp_path / "other" / "dataset_description.json").read_text() == "{}"
+
+
+def test_weights_hash_follows_the_weights_not_the_file(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "a", arch="unet", seed=0)
+    loaded = load_generator(checkpoint)
+    exported, _, _ = export_generator(checkpoint, tmp_path / "G.safetensors")
+    assert load_generator(exported).weights_sha256 == loaded.weights_sha256
+    assert load_generator(write_checkpoint(tmp_path / "b", arch="unet", seed=1)).weights_sha256 != (
+        loaded.weights_sha256
+    )
+    state = dict(loaded.module.state_dict())
+    name = next(iter(state))
+    changed = {**state, name: state[name].clone()}
+    changed[name].view(-1)[0] += 1e-3
+    assert weights_sha256(changed) != weights_sha256(state) == loaded.weights_sha256
+    assert weights_sha256({"w": torch.zeros(2, 3)}) != weights_sha256({"w": torch.zeros(3, 2)})
