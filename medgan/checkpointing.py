@@ -221,12 +221,20 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
 
 
-def read_generator_weights(checkpoint_dir: Path, tag: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The generator's full fp32 state_dict at ``tag`` and which weights they are (``ema`` or ``raw``):
-    the EMA file when there is one, else DeepSpeed's shards (consolidated by ``zero_to_fp32`` under ZeRO)."""
+def read_generator_weights(
+    checkpoint_dir: Path, tag: str, weights: str | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The generator's full fp32 state_dict at ``tag`` and which weights they are (``ema`` or ``raw``).
+
+    weights: None for the EMA when the tag has one, else DeepSpeed's shards (consolidated by
+    ``zero_to_fp32`` under ZeRO); ``"ema"`` or ``"raw"`` for that set, a CheckpointError when the tag
+    does not hold it."""
     layout = CheckpointLayout(Path(checkpoint_dir))
     tag_dir = layout.tag_dir(tag)
-    if layout.ema_file(tag).is_file():
+    has_ema = layout.ema_file(tag).is_file()
+    if weights == "ema" and not has_ema:
+        raise CheckpointError(f"{tag_dir}: no {EMA_FILE}, so it holds raw weights only")
+    if has_ema and weights != "raw":
         return read_safetensors(layout.ema_file(tag)), "ema"
     if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -235,7 +243,12 @@ def read_generator_weights(checkpoint_dir: Path, tag: str) -> tuple[dict[str, to
         return {name: tensor.float() for name, tensor in state.items()}, "raw"
     model_states = tag_dir / MODEL_STATES_FILE
     if not model_states.is_file():
-        raise CheckpointError(f"{tag_dir}: holds neither {EMA_FILE} nor DeepSpeed model states")
+        held = (
+            f"no DeepSpeed model states (raw weights), only {EMA_FILE}"
+            if has_ema
+            else (f"neither {EMA_FILE} nor DeepSpeed model states")
+        )
+        raise CheckpointError(f"{tag_dir}: holds {held}")
     # DeepSpeed's own file: it pickles optimizer and RNG state, so weights_only loading cannot read it.
     state = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
     return {name: tensor.float() for name, tensor in state.items()}, "raw"

@@ -67,6 +67,11 @@ def _validation_task(present: list[int], task: TaskSpec, index: int) -> tuple[li
     return [m for m in present if m != target], target
 
 
+# Slices are [..., H, W] with H the canonical (RAS) x axis, left to right, and W the y axis, posterior to
+# anterior (data_prep's shard format): the one flip training uses, and test-time spread repeats, is along H.
+LEFT_RIGHT_AXIS = -2
+
+
 class SliceStream(IterableDataset):
     """Batches ``dict(images [B,M,H,W], available [B,M], target_index [B], target [B,1,H,W], mask [B,1,H,W],
     key)`` in the canonical modality order (float32 in ``[0, 1]``).
@@ -156,8 +161,9 @@ class SliceStream(IterableDataset):
         inputs, target = choice
         images, mask = sample.images, sample.mask.astype(np.float32)[None]
         if self.train and self.random_flips and rng.random() < 0.5:
-            # left-right flips keep anatomy plausible (the brain is roughly symmetric); up-down would not
-            images, mask = images[..., ::-1].copy(), mask[..., ::-1].copy()
+            # left-right flips keep anatomy plausible (the brain is roughly symmetric); front-back would not
+            images = np.flip(images, LEFT_RIGHT_AXIS).copy()
+            mask = np.flip(mask, LEFT_RIGHT_AXIS).copy()
         available = np.zeros(len(self.canonical), dtype=bool)
         available[inputs] = True
         return {

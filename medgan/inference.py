@@ -26,10 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from medgan.checkpointing import (
-    EMA_FILE,
-    MODEL_STATES_FILE,
     CheckpointError,
-    CheckpointLayout,
     read_generator_weights,
     read_run,
     read_safetensors,
@@ -227,33 +224,9 @@ def load_generator(
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
     config, training_data = read_run(path)
     tag, why = resolve_tag(path, tag)
-    layout = CheckpointLayout(path)
-    if weights == "ema" and not layout.ema_file(tag).is_file():
-        raise CheckpointError(f"{layout.tag_dir(tag)}: no {EMA_FILE}, so it holds raw weights only")
-    if weights == "raw":
-        state, kind = _read_raw_weights(layout, tag), "raw"
-    else:
-        state, kind = read_generator_weights(path, tag)
+    state, kind = read_generator_weights(path, tag, weights)
     source = f"{'EMA' if kind == 'ema' else 'raw'} weights of {tag} ({why}) in {path}"
     return _build(config, state, path, source, training_data, device)
-
-
-def _read_raw_weights(layout: CheckpointLayout, tag: str) -> dict[str, torch.Tensor]:
-    """DeepSpeed's own fp32 weights at ``tag`` even where an EMA file sits beside them (for the weights
-    spread of ``synthesize``). `read_generator_weights` prefers the EMA, so this reads what it reads
-    when there is none."""
-    tag_dir = layout.tag_dir(tag)
-    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(layout.generator_dir), tag=tag)
-        return {name: tensor.float() for name, tensor in state.items()}
-    model_states = tag_dir / MODEL_STATES_FILE
-    if not model_states.is_file():
-        raise CheckpointError(f"{tag_dir}: holds no DeepSpeed model states (raw weights), only {EMA_FILE}")
-    # DeepSpeed's own file: it pickles optimizer and RNG state, so weights_only loading cannot read it.
-    state = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
-    return {name: tensor.float() for name, tensor in state.items()}
 
 
 def _load_exported(path: Path, device) -> LoadedGenerator:

@@ -50,6 +50,7 @@ from data_prep.volumes import (
     uncrop,
 )
 from medgan import __version__, provenance
+from medgan.data import LEFT_RIGHT_AXIS
 from medgan.inference import LoadedGenerator, load_generator
 
 # NIfTI's descrip field holds 80 bytes.
@@ -58,9 +59,8 @@ SPREAD_DESCRIPTION = "MedGAN-SSM spread of {target}: SD over {count} variants, n
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SPREADS = ("flip", "weights", "both")
 SPREAD_SUFFIX = "_spread"
-# The axis data.py's random_flips flips in training: the last (W) axis of the [.., H, W] model slices,
-# which is the canonical (RAS) y axis of the volume.
-FLIP_AXIS = -1
+# The flip training augments with (medgan.data): left-right, the H axis of the [.., H, W] model slices.
+FLIP_AXIS = LEFT_RIGHT_AXIS
 # BraTS 2023+ file names of the canonical contrasts (data_prep's aliases, read backwards).
 BRATS_2023_NAMES = {MODALITY_ALIASES[name]: name for name in ("t1n", "t1c", "t2w", "t2f")}
 
@@ -81,7 +81,9 @@ class Variant:
         return {
             "Weights": self.generator.source,
             "WeightsSHA256": self.generator.weights_sha256,
-            "Flipped": "W axis of the slices (canonical y), flipped back after" if self.flipped else None,
+            "Flipped": "left-right (canonical x, the slices' H axis), flipped back after"
+            if self.flipped
+            else None,
         }
 
 

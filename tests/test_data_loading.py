@@ -136,3 +136,20 @@ def test_read_split_errors_name_the_folder(tmp_path, phantom_shards):
     (missing / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="is listed but missing"):
         read_split(missing, "train")
+
+
+def test_training_flips_are_left_right(phantom_shards):
+    # slices are [H = canonical x (left-right), W = canonical y (front-back)]; only left-right is plausible
+    split = read_split(phantom_shards, "train")
+    plain = {}
+    for batch in take(make_loader(stream(split, random_flips=False), 0), 6):
+        plain.update(zip(batch["key"], batch["images"]))
+    flipped = 0
+    for batch in take(make_loader(stream(split, random_flips=True), 0), 6):
+        for key, images in zip(batch["key"], batch["images"]):
+            if key not in plain:
+                continue
+            if not torch.equal(images, plain[key]):
+                assert torch.equal(images, plain[key].flip(-2)), f"{key}: not a left-right flip"
+                flipped += 1
+    assert flipped > 0

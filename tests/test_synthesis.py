@@ -212,19 +212,19 @@ class _FlipSymmetrised(nn.Module):
         self.module = module
 
     def forward(self, images, available, target_index):
-        flipped = self.module(images.flip(-1), available, target_index).flip(-1)
+        flipped = self.module(images.flip(-2), available, target_index).flip(-2)
         return (self.module(images, available, target_index) + flipped) / 2
 
 
 def _symmetric_subject(folder, rng) -> dict:
-    """t1 and t2 NIfTI (RAS, 40 x 40 x 12 voxels) mirror-symmetric in y, the axis the flip reverses."""
+    """t1 and t2 NIfTI (RAS, 40 x 40 x 12 voxels) mirror-symmetric left-right (x), the flip's axis."""
     folder.mkdir()
     x, y, z = np.meshgrid(np.arange(40), np.arange(40), np.arange(12), indexing="ij")
     inside = ((x - 19.5) / 14) ** 2 + ((y - 19.5) / 16) ** 2 + ((z - 5.5) / 7) ** 2 < 1
     files = {}
     for name in ("t1", "t2"):
         data = (rng.integers(100, 1000, (40, 40, 12)) * inside).astype(np.int16)
-        data = np.maximum(data, data[:, ::-1, :])
+        data = np.maximum(data, data[::-1, :, :])
         files[name] = folder / f"sym_{name}.nii.gz"
         nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0])), files[name])
     return files
@@ -236,10 +236,10 @@ def test_flip_spread_is_the_asymmetry_of_the_prediction_and_zero_for_a_flip_equi
     files = _symmetric_subject(tmp_path / "sym", np.random.default_rng(0))
     result = synthesize_volume(generator, files, "flair", spread="flip")
     images = result.prepared.images
-    assert np.array_equal(images, images[..., ::-1])  # the model sees an exactly symmetric input
+    assert np.array_equal(images, images[..., ::-1, :])  # the model sees an exactly symmetric input
     # two variants, the prediction and its mirror: their SD is half their difference
     synthesized, mask = result.synthesized, result.prepared.mask
-    expected = np.abs(synthesized - synthesized[..., ::-1]) / 2 * mask
+    expected = np.abs(synthesized - synthesized[..., ::-1, :]) / 2 * mask
     assert result.spread.dtype == np.float32 and result.spread.shape == synthesized.shape
     np.testing.assert_allclose(result.spread, expected, atol=1e-6)
     assert result.spread.max() > 1e-4  # an untrained network is not symmetric
