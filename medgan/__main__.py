@@ -60,6 +60,7 @@ def evaluate_checkpoint(
     all_subsets: bool = False,
     segmenter: str | None = None,
     segmenter_labels: str | None = None,
+    spread: str | None = None,
     tag: str | None = None,
     batch_size: int = 8,
     device: str | None = None,
@@ -70,6 +71,7 @@ def evaluate_checkpoint(
     from medgan.evaluation import EvaluationError, NiftiSubjects, ShardSubjects, evaluate, tasks_to_evaluate
     from medgan.inference import load_generator
     from medgan.report import write_report
+    from medgan.synthesis import load_for_synthesis, spread_variants
 
     started = time.perf_counter()
     if protocol == "brasyn":
@@ -81,7 +83,8 @@ def evaluate_checkpoint(
         raise EvaluationError("--predictions goes with --protocol brasyn")
     if not checkpoint:
         raise EvaluationError("give --checkpoint (or --protocol brasyn with --predictions DIR)")
-    generator = load_generator(checkpoint, tag, _device(device))
+    generator, other_weights = load_for_synthesis(checkpoint, tag, _device(device), spread)
+    variants = (spread, spread_variants(generator, spread, other_weights)) if spread else None
     baseline = load_generator(baseline_checkpoint, None, _device(device)) if baseline_checkpoint else None
     selection = None
     if subjects_folder:
@@ -110,6 +113,7 @@ def evaluate_checkpoint(
         selection_subjects=selection,
         batch_size=batch_size,
         description=description,
+        spread=variants,
     )
     for name, task in summary["tasks"].items():
         brain = task["methods"]["model"]["brain"]["per_volume"]
@@ -119,6 +123,12 @@ def evaluate_checkpoint(
             f"{brain['ssim']['mean']:.4f}, MAE {brain['mae']['mean']:.4f} "
             f"(copied {task['best_input_copy']['input']}: PSNR {copy['psnr']['mean']:.2f} dB)"
         )
+    for name, task in summary["tasks"].items():
+        if "spread" in task:
+            rho = task["spread"]["spearman"]
+            _say(
+                f"{name}: {spread} spread vs |error|, Spearman rho median {rho['median']:.3f} over {rho['n']}"
+            )
     for line in summary["failed_subjects"]:
         print(f"medgan evaluate: left out {line}", file=sys.stderr)
     if segmenter:
@@ -226,6 +236,7 @@ def _run_evaluate(args, argv: list[str]) -> int:
         all_subsets=args.all_subsets,
         segmenter=args.segmenter,
         segmenter_labels=args.segmenter_labels,
+        spread=args.spread,
         tag=args.tag,
         batch_size=args.batch_size,
         device=args.device,
@@ -366,6 +377,11 @@ def build_tool_parser() -> argparse.ArgumentParser:
         metavar='"CMD {input} {output}"',
         help="with --subjects: run this tumour segmenter on the real and on the synthesized contrasts "
         "(BraTS 2023 names) and report Dice and HD95 per region and the drop",
+    )
+    evaluate.add_argument(
+        "--spread",
+        choices=["flip", "weights", "both"],
+        help="also compute synthesize's test-time spread and report how well it predicts the error",
     )
     evaluate.add_argument(
         "--segmenter-labels",

@@ -48,16 +48,22 @@ from medgan.scoring import (
     UNET,
     SliceScore,
     VolumeScore,
+    error_by_spread_decile,
     paired_statistics,
     score_subject,
+    spread_error_correlation,
 )
 from medgan.shards import ChannelMap, ShardFolder, raw_samples
 from medgan.synthesis import (
     SEGMENTATION,
     SynthesisError,
     default_reference,
+    predict_with_spread,
     prepare_nifti_subject,
 )
+
+# Voxels per subject kept for the spread's deciles (a deterministic stride through the brain).
+SPREAD_SAMPLE_VOXELS = 200_000
 
 
 class EvaluationError(UserError):
@@ -304,6 +310,17 @@ class Scores:
     skipped: dict[str, list[str]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=lambda: {MODEL: 0.0, UNET: 0.0})
     evaluated: int = 0
+    # with a test-time spread: per task, (subject, Spearman of spread and |error|) and pooled voxel samples
+    spread_rows: list[dict[str, Any]] = field(default_factory=list)
+    spread_samples: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+
+    def add_spread(self, task: Task, subject: SubjectSlices, spread: np.ndarray, error: np.ndarray) -> None:
+        """How well the spread ranks this subject's errors, and a deterministic sample of its voxels."""
+        rho = spread_error_correlation(spread, error, subject.mask)
+        self.spread_rows.append({"task": task.name, "subject": subject.subject, "spearman": rho})
+        values, errors = spread[subject.mask], error[subject.mask]
+        stride = max(1, values.size // SPREAD_SAMPLE_VOXELS)
+        self.spread_samples.setdefault(task.name, []).append((values[::stride], errors[::stride]))
 
     def add(self, method: str, task: Task, subject: SubjectSlices, pred: np.ndarray, target: np.ndarray):
         slices, volumes = score_subject(
@@ -319,6 +336,13 @@ class Scores:
         started = time.perf_counter()
         result = generator.predict(images, inputs, target, batch_size)
         self.seconds[method] += time.perf_counter() - started
+        return result
+
+    def predict_with_spread(self, variants, images, inputs, target, batch_size):
+        """(prediction, spread) over the spread's variants (``medgan.synthesis``), timed as the model's."""
+        started = time.perf_counter()
+        result = predict_with_spread(variants, images, inputs, target, batch_size=batch_size)
+        self.seconds[MODEL] += time.perf_counter() - started
         return result
 
 
@@ -337,18 +361,19 @@ def _serves(subject: SubjectSlices, task: Task) -> bool:
     return task.target in subject.present and all(m in subject.present for m in task.inputs)
 
 
-def _write_views(out: Path, task: Task, subject: SubjectSlices, modalities, pred, target, mask) -> None:
-    """Three orthogonal planes of inputs, synthesized, real and mask, for the report's montages."""
-    views = orthogonal_views(
-        {
-            "inputs": subject.images[:, [modalities.index(m) for m in task.inputs]].transpose(1, 0, 2, 3),
-            "synthesized": pred,
-            "real": target,
-            "mask": mask,
-        },
-        subject.mask,
-        subject.seg,
-    )
+def _write_views(
+    out: Path, task: Task, subject: SubjectSlices, modalities, pred, target, mask, spread=None
+) -> None:
+    """Three orthogonal planes of inputs, synthesized, real, mask (and spread), for the report's montages."""
+    volumes = {
+        "inputs": subject.images[:, [modalities.index(m) for m in task.inputs]].transpose(1, 0, 2, 3),
+        "synthesized": pred,
+        "real": target,
+        "mask": mask,
+    }
+    if spread is not None:
+        volumes["spread"] = spread
+    views = orthogonal_views(volumes, subject.mask, subject.seg)
     view_dir = out / "views" / task.folder_name
     view_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
@@ -366,9 +391,11 @@ def score_subjects(
     out: Path,
     baseline: LoadedGenerator | None,
     batch_size: int,
+    spread: list | None = None,
 ) -> Scores:
     """Step 1: synthesize every task for every subject that serves it, score the model, every input's
-    copy and the baseline, and save the views."""
+    copy and the baseline, and save the views. ``spread``: the test-time variants
+    (``medgan.synthesis.spread_variants``) whose voxelwise SD is set against the model's error."""
     modalities = generator.modalities
     scores = Scores(skipped={task.name: [] for task in tasks})
     for subject in tqdm(subjects, total=len(subjects), desc="evaluate", unit="subject", disable=None):
@@ -380,7 +407,17 @@ def score_subjects(
             target = subject.images[:, modalities.index(task.target)]
             mask = subject.mask.astype(np.float32)
             inputs = list(task.inputs)
-            pred = mask * scores.predict(MODEL, generator, subject.images, inputs, task.target, batch_size)
+            spread_map = None
+            if spread:
+                pred, spread_map = scores.predict_with_spread(
+                    spread, subject.images, inputs, task.target, batch_size
+                )
+                pred, spread_map = pred * mask, spread_map * mask
+                scores.add_spread(task, subject, spread_map, np.abs(pred - target))
+            else:
+                pred = mask * scores.predict(
+                    MODEL, generator, subject.images, inputs, task.target, batch_size
+                )
             scores.add(MODEL, task, subject, pred, target)
             for name in task.inputs:
                 scores.add(f"{COPY}:{name}", task, subject, subject.images[:, modalities.index(name)], target)
@@ -388,7 +425,7 @@ def score_subjects(
                 images = _channels(baseline, subject.images, modalities)
                 baseline_pred = scores.predict(UNET, baseline, images, inputs, task.target, batch_size)
                 scores.add(UNET, task, subject, baseline_pred * mask, target)
-            _write_views(out, task, subject, modalities, pred, target, mask)
+            _write_views(out, task, subject, modalities, pred, target, mask, spread_map)
     return scores
 
 
@@ -560,17 +597,19 @@ def evaluate(
     selection_subjects: ShardSubjects | None = None,
     batch_size: int = 8,
     description: dict[str, Any] | None = None,
+    spread: tuple[str, list] | None = None,
 ) -> dict[str, Any]:
     """Score ``generator`` and the baselines on ``subjects`` for each task; write the CSVs, views and
     ``summary.json`` into ``out`` and return the summary. ``selection_subjects``: where the copied
-    input is chosen (the validation split), None to choose on ``subjects`` themselves."""
+    input is chosen (the validation split), None to choose on ``subjects`` themselves. ``spread``:
+    (kind, variants) of a test-time spread to set against the model's error (``spread.csv``)."""
     out.mkdir(parents=True, exist_ok=True)
     if baseline is not None:
         for task in tasks:
             reason = baseline.serves(list(task.inputs), task.target)
             if reason:
                 raise EvaluationError(f"--baseline-checkpoint: {reason}")
-    scores = score_subjects(generator, subjects, tasks, out, baseline, batch_size)
+    scores = score_subjects(generator, subjects, tasks, out, baseline, batch_size, spread and spread[1])
     if scores.evaluated == 0 or not scores.volumes:
         failures = getattr(subjects, "failures", [])
         detail = f" ({failures[0]})" if failures else ""
@@ -606,5 +645,31 @@ def evaluate(
             for task in tasks
         },
     }
+    if spread:
+        for task in tasks:
+            summary["tasks"][task.name]["spread"] = summarize_spread(scores, task, spread[0])
+        with open(out / "spread.csv", "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=["task", "subject", "spearman"])
+            writer.writeheader()
+            writer.writerows(scores.spread_rows)
     write_outputs(out, slice_rows, volume_rows, summary)
     return summary
+
+
+def summarize_spread(scores: Scores, task: Task, kind: str) -> dict[str, Any]:
+    """How well the spread predicts the model's error for ``task``: per-subject Spearman correlations
+    (summarized) and the mean absolute error per spread decile over the pooled voxels."""
+    rows = [row for row in scores.spread_rows if row["task"] == task.name]
+    samples = scores.spread_samples.get(task.name, [])
+    deciles = (
+        error_by_spread_decile(
+            np.concatenate([s for s, _ in samples]), np.concatenate([e for _, e in samples])
+        )
+        if samples
+        else []
+    )
+    return {
+        "kind": kind,
+        "spearman": metrics.summarize([row["spearman"] for row in rows]),
+        "error_by_decile": deciles,
+    }

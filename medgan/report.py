@@ -98,7 +98,9 @@ def _aspect(view: str, spacing: np.ndarray) -> float:
 def montage(views: dict[str, np.ndarray], title: str) -> str:
     """PNG data URI: a row per view, columns inputs | synthesized | real | |synthesized - real|."""
     names = [str(name) for name in views["input_names"]]
+    has_spread = f"{VIEWS[0]}_spread" in views
     columns = [*(name.upper() for name in names), "synthesized", "real", "|error|"]
+    columns += ["spread"] if has_spread else []
     figure, axes = _figure(
         len(VIEWS), len(columns), figsize=(1.9 * len(columns), 2.0 * len(VIEWS)), squeeze=False
     )
@@ -107,9 +109,12 @@ def montage(views: dict[str, np.ndarray], title: str) -> str:
         synthesized = views[f"{view}_synthesized"].astype(np.float32)
         real = views[f"{view}_real"].astype(np.float32)
         panels = [*inputs, synthesized, real, np.abs(synthesized - real)]
+        if has_spread:
+            panels.append(views[f"{view}_spread"].astype(np.float32))
         for column, (panel, label) in enumerate(zip(panels, columns)):
             axis = axes[row, column]
-            is_error = label == "|error|"
+            # the spread shares the error's colour scale, so the two can be compared by eye
+            is_error = label in ("|error|", "spread")
             axis.imshow(
                 _display(panel, view),
                 cmap="inferno" if is_error else "gray",
@@ -259,6 +264,31 @@ def _brasyn_section(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines.append("</table>")
     lines.append(f"<img alt='BraSyn scores' src='{brasyn_plot(rows, list(brasyn['methods']))}'>")
     return "\n".join(lines)
+
+
+def spread_chart(spread: dict[str, Any]) -> str:
+    """PNG data URI: mean |error| per decile of the test-time spread (pooled voxels)."""
+    deciles = spread["error_by_decile"]
+    figure, axes = _figure(1, 1, figsize=(4.6, 3.0), squeeze=False)
+    axis = axes[0][0]
+    axis.plot([d["decile"] for d in deciles], [d["mean_abs_error"] for d in deciles], marker="o")
+    axis.set_xticks(range(1, 11))
+    axis.set_xlabel(f"decile of the {spread['kind']} spread (low to high)", fontsize=9)
+    axis.set_ylabel("mean |error|", fontsize=9)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _spread_section(spread: dict[str, Any]) -> str:
+    rho = spread["spearman"]
+    return (
+        f"<p>Test-time spread ({spread['kind']}; a spread, not a calibrated uncertainty): Spearman "
+        f"correlation of the voxelwise spread and |error| within the brain, per subject: median "
+        f"{_number(rho['median'], 3)}, mean {_number(rho['mean'], 3)} ± {_number(rho['std'], 3)} over "
+        f"{rho['n']} subjects. Mean |error| per spread decile:</p>"
+        f"<img alt='error per spread decile' src='{spread_chart(spread)}'>"
+    )
 
 
 def _mean_sd(values: dict[str, Any], column: str, digits: int) -> str:
@@ -414,6 +444,8 @@ def write_report(eval_dir: str | Path, out: str | Path) -> Path:
         parts.append(_summary_table(task))
         parts.append("<p>Paired over subjects (per-volume, brain): mean difference [95% CI], Wilcoxon p.</p>")
         parts.append(_paired_table(task))
+        if task.get("spread"):
+            parts.append(_spread_section(task["spread"]))
         if matrix and len(task["inputs"]) < widest[task["target"]]:
             continue
         parts.append(f"<img alt='box plots {html.escape(name)}' src='{box_plots(rows, name, methods)}'>")

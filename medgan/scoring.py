@@ -184,3 +184,30 @@ def paired_statistics(
     else:
         result["wilcoxon_p"] = math.nan
     return result
+
+
+def spread_error_correlation(spread: np.ndarray, error: np.ndarray, mask: np.ndarray) -> float:
+    """Spearman's rank correlation of a voxelwise spread and the absolute error over ``mask`` (one
+    subject); NaN when either is constant there."""
+    values, errors = spread[mask], error[mask]
+    if values.size < 3 or np.ptp(values) == 0 or np.ptp(errors) == 0:
+        return math.nan
+    return float(stats.spearmanr(values, errors).statistic)
+
+
+def error_by_spread_decile(spread: np.ndarray, error: np.ndarray) -> list[dict[str, float]]:
+    """Mean absolute error in each decile of the spread (voxels pooled over subjects, 1-D arrays):
+    ``[{"decile": 1..10, "spread_low", "spread_high", "mean_abs_error", "voxels"}]``; a spread that
+    predicts the error has errors rising with the decile."""
+    edges = np.quantile(spread, np.linspace(0, 1, 11))
+    index = np.clip(np.searchsorted(edges, spread, side="right") - 1, 0, 9)
+    return [
+        {
+            "decile": decile + 1,
+            "spread_low": float(edges[decile]),
+            "spread_high": float(edges[decile + 1]),
+            "mean_abs_error": float(error[index == decile].mean()) if np.any(index == decile) else math.nan,
+            "voxels": int(np.sum(index == decile)),
+        }
+        for decile in range(10)
+    ]

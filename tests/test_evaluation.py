@@ -231,3 +231,31 @@ def test_brasyn_protocol_from_a_checkpoint_and_from_predictions(phantom_subjects
     assert main(["evaluate", "--checkpoint", checkpoint, "--subjects", str(folder), "--predictions", str(out),
                  "--out", str(again)]) == 2  # fmt: skip
     assert "--predictions goes with --protocol brasyn" in capsys.readouterr().err
+
+
+def test_spread_is_set_against_the_error(phantom_shards, tmp_path):
+    from medgan.report import write_report
+    from medgan.synthesis import spread_variants
+
+    generator = load_generator(write_checkpoint(tmp_path / "model", arch="unet"))
+    subjects = ShardSubjects(phantom_shards, "test", generator.modalities)
+    task = Task(("t1", "t2"), "flair")
+    variants = spread_variants(generator, "flip")
+    summary = evaluate(generator, subjects, [task], tmp_path / "eval", spread=("flip", variants))
+    spread = summary["tasks"][task.name]["spread"]
+    assert spread["kind"] == "flip" and len(spread["error_by_decile"]) == 10
+    with open(tmp_path / "eval" / "spread.csv", newline="") as stream:
+        (row,) = list(csv.DictReader(stream))
+    # by hand: the prediction and its left-right mirror; two variants' SD is half their difference
+    subject = next(iter(subjects))
+    order = generator.modalities
+    plain = generator.predict(subject.images, ["t1", "t2"], "flair")
+    mirrored = generator.predict(subject.images[..., ::-1, :].copy(), ["t1", "t2"], "flair")[..., ::-1, :]
+    error = np.abs(plain * subject.mask - subject.images[:, order.index("flair")])
+    rho = stats.spearmanr(np.abs(plain - mirrored)[subject.mask] / 2, error[subject.mask]).statistic
+    assert float(row["spearman"]) == pytest.approx(rho, abs=1e-6)
+    assert spread["spearman"]["median"] == pytest.approx(rho, abs=1e-6)
+    assert sum(d["voxels"] for d in spread["error_by_decile"]) == int(subject.mask.sum())
+    page = write_report(tmp_path / "eval", tmp_path / "r.html").read_text()
+    assert "Test-time spread (flip; a spread, not a calibrated uncertainty)" in page
+    assert "alt='error per spread decile'" in page
