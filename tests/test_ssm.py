@@ -198,9 +198,9 @@ def test_mismatched_shapes_are_refused_with_both_shapes_named(name, shape):
             scan(**inputs)
 
 
-def test_default_chunk_size_is_about_the_square_root():
+def test_default_chunk_size_is_16_or_the_whole_sequence():
     assert default_chunk_size(1) == 1
-    assert default_chunk_size(4096) == 64
-    assert all(16 <= default_chunk_size(length) <= 128 for length in (17, 300, 1 << 20))
+    assert default_chunk_size(10) == 10
+    assert all(default_chunk_size(length) == 16 for length in (16, 17, 4096, 1 << 20))
     with pytest.raises(ValueError, match="chunk_size"):
         selective_scan_chunked(**make_inputs(1, 2, 2, 5, torch.float32, False, False, False), chunk_size=0)
