@@ -213,12 +213,11 @@ def _input_gradients(states, grad_states, delta, u, B, grad_y, rate, work):
 
     A row is one (time step, batch element); rows may come in any order, the same in every argument.
     Args: ``states, grad_states [r, G, n, g]`` (``g = d / G`` channels per group), ``delta, u, grad_y
-    [r, G, g]``, ``B [r, G, n]``, ``rate [G, n, g]`` (A per group, transposed), ``work``: scratch of at
-    least ``r * G * n * g`` elements.
+    [r, G, g]``, ``B [r, G, n]``, ``rate [G, n, g]`` (A per group, transposed), ``work``: scratch shaped
+    as ``states``. ``grad_states`` is overwritten (used as a second scratch once it has been read).
     Returns ``grad_u [r, G, g]``, ``grad_delta [r, G, g]``, ``grad_rate [G, n, g]``, ``grad_B [r, G, n]``,
     ``grad_C [r, G, n]``.
     """
-    work = work.view(-1)[: states.numel()].view(states.shape)
     delta_u = (delta * u)[:, :, None, :]
     grad_C = torch.mul(states, grad_y[:, :, None, :], out=work).sum(-1)
     grad_B = torch.mul(grad_states, delta_u, out=work).sum(-1)
@@ -230,7 +229,7 @@ def _input_gradients(states, grad_states, delta, u, B, grad_y, rate, work):
     torch.mul(B[..., None], delta_u, out=work)
     torch.sub(states, work, out=work)
     work.mul_(grad_states)
-    grad_delta += torch.mul(work, rate).sum(2)
+    grad_delta += torch.mul(work, rate, out=grad_states).sum(2)
     grad_rate = work.mul_(delta[:, :, None, :]).sum(0)
     return grad_u, grad_delta, grad_rate, grad_B, grad_C
 
@@ -403,9 +402,7 @@ class _SelectiveScanChunked(torch.autograd.Function):
             C_flat.new_empty(C_flat.shape, dtype=compute),
         )
         grad_rate = torch.zeros_like(rate)
-        decay_buffer, state_buffer, grad_state_buffer, work = _buffers(
-            4, (chunk, per_block, *state_shape), u_c
-        )
+        decay_buffer, state_buffer, grad_state_buffer = _buffers(3, (chunk, per_block, *state_shape), u_c)
         entering = u_c.new_empty((per_block, *state_shape))
         carry = u_c.new_zeros(state_shape)
         last_block = (n_chunks - 1) // per_block * per_block
@@ -452,7 +449,7 @@ class _SelectiveScanChunked(torch.autograd.Function):
                 block.B.view(rows, groups, dstate),
                 block.grad_y.view(rows, groups, per_group),
                 rate,
-                work,
+                decay.view(rows, groups, dstate, per_group),  # the decays are spent: scratch
             )
             block_grad_u, block_grad_delta, block_grad_rate, block_grad_B, block_grad_C = grads
             grad_rate += block_grad_rate
