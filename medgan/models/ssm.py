@@ -138,13 +138,16 @@ def default_chunk_size(length: int) -> int:
     return max(1, min(length, 16))
 
 
-# elements of one [chunk, chunks per block, b, n, d] work buffer; a handful of them stay in the L2/L3 cache
+# elements of one [chunk, chunks per block, b, n, d] work buffer. On the CPU a few of them stay in the
+# L2/L3 cache (2**19..2**21 measured within 15%); on a GPU each op should be big enough to hide its launch.
 _BLOCK_ELEMENTS = 2**20
+_DEVICE_BLOCK_ELEMENTS = 2**26
 
 
-def _chunks_per_block(chunk: int, state_elements: int, n_chunks: int) -> int:
-    """How many chunks one block scans at once: as many as fit ``_BLOCK_ELEMENTS`` per work buffer."""
-    return max(1, min(n_chunks, _BLOCK_ELEMENTS // (chunk * state_elements)))
+def _chunks_per_block(chunk: int, state_elements: int, n_chunks: int, device: torch.device) -> int:
+    """How many chunks one block scans at once: as many as fit the work-buffer budget of ``device``."""
+    budget = _BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
+    return max(1, min(n_chunks, budget // (chunk * state_elements)))
 
 
 def _chunked_linear_scan_(
@@ -337,7 +340,7 @@ class _SelectiveScanChunked(torch.autograd.Function):
         rate = _rate(A, groups, compute)
         state_shape = (batch, groups, dstate, dim // groups)
         n_chunks = math.ceil(length / chunk)
-        per_block = _chunks_per_block(chunk, batch * dim * dstate, n_chunks)
+        per_block = _chunks_per_block(chunk, batch * dim * dstate, n_chunks, u.device)
         work = u.new_empty(0, dtype=compute)
         decay_buffer, state_buffer = _buffers(2, (chunk, per_block, *state_shape), work)
         keep = any(ctx.needs_input_grad[:8])
@@ -502,8 +505,9 @@ def selective_scan_chunked(
     (fp32, or fp64 for fp64 inputs); no inf/NaN for any ``A <= 0`` and ``delta >= 0`` however large,
     at any chunk size (only decays ``<= 1`` are multiplied, never divided by). Memory: kept for the
     backward, the inputs and the states entering each chunk (``b * d * n * L / chunk_size`` elements in
-    the compute dtype, plus the pre-gate output ``[b, d, L]`` when z is given); while running, a few work
-    buffers of at most ``_BLOCK_ELEMENTS`` elements (or one chunk) each and the ``[b, d, L]`` gradients.
+    the compute dtype, plus the pre-gate output ``[b, d, L]`` when z is given); while running, two (forward)
+    or three (backward) work buffers of at most 2**20 elements on the CPU, 2**26 on other devices (or one
+    chunk, if larger), and the ``[b, d, L]`` output and gradients.
     The backward recomputes the states chunk by chunk from the kept ones. Python-level work is
     ``O(L / chunks_per_block + L / chunk_size)`` tensor operations per scan, each vectorised over the
     chunks of a block; never one per time step.
