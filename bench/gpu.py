@@ -3,6 +3,8 @@
     python bench/gpu.py              # one GPU; under 4 minutes on an H100-class device
     python bench/gpu.py --dry-run    # the whole script on the CPU with tiny shapes (the test suite runs it)
 
+    python bench/gpu.py --cpu-generator [--size 128]   # activation memory on the CPU (no GPU needed)
+
 Needs only torch, pyyaml and ``medgan.models``: a bare GPU machine has no DeepSpeed, data or network.
 
 1. **Correctness on the device.** ``selective_scan`` (the dispatch: mamba-ssm's kernel where it is
@@ -28,12 +30,22 @@ call is counted analytically: per element of ``[b, d, L, n]``, 7 FLOPs forward (
 ``delta B u``: 1, state update: 2, ``<C, h>``: 2) and twice that backward, 21 in all. Recomputation by
 ``checkpoint_stages`` is not counted (model FLOPs, not hardware FLOPs). MFU = model FLOPs per image x
 images/s / peak, against the measured matmul rate and against the datasheet figure.
+
+``--cpu-generator`` measures instead, on the CPU in fp32, what issue 12 measured: brats.yaml's generator
+(``ssm``, ``ssm`` with ``checkpoint_stages``, the matched ``unet``), one ``size x size`` sample,
+``g(x, available, target).mean().backward()`` after a 32 x 32 warm-up, best of two (wall clock, and this
+process's CPU time: user + system, all threads); peak memory is the
+growth of the peak resident set (``VmHWM``, reset after the warm-up) over the resident size before the
+timed calls (parameters and their gradients already resident: activations and temporaries), each model in
+a fresh process. ``--threads`` sets torch's intra-op threads there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -79,6 +91,12 @@ DRY = {
     "steps": 1,
     "repeats": 1,
 }
+# the generators compared, as overrides of the config's model.generator
+VARIANTS = [
+    ("ssm", {"arch": "ssm", "checkpoint_stages": False}),
+    ("ssm, checkpoint_stages", {"arch": "ssm", "checkpoint_stages": True}),
+    ("unet (matched)", {"arch": "unet", "checkpoint_stages": False}),
+]
 # brats.yaml's generator, shrunk for --dry-run (same keys and switches, tiny widths)
 DRY_GENERATOR = dict(
     base_channels=8, depth=2, ssm_levels=[1], ssm_state=4, scales=[1, 2], attention_heads=2, condition_dim=8
@@ -345,6 +363,57 @@ def generator_rows(name, config, device, settings, peaks, flops=None):
     return flops
 
 
+def _rss_kib(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (resident at its peak) of this process, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def cpu_generator_here(config: GeneratorConfig, size: int) -> dict:
+    """The child side of ``--cpu-generator``: one model's fwd+bwd seconds (best of 2) and peak RSS growth."""
+    torch.manual_seed(0)
+    model = build_generator(config).train()
+    modalities = len(config.modalities)
+
+    def step(pixels: int) -> None:
+        images, available, target = make_batch(1, pixels, modalities, torch.device("cpu"), torch.float32)
+        model(images, available, target).mean().backward()
+        # kept, not freed: the parameters' gradients are then in the resident size before, not in the growth
+        model.zero_grad(set_to_none=False)
+
+    step(32)
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    before = _rss_kib("VmRSS")
+    wall, cpu = [], []
+    for _ in range(2):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step(size)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    growth = (_rss_kib("VmHWM") - before) * 1024
+    return {"parameters": count_parameters(model), "wall": min(wall), "cpu": min(cpu), "peak_bytes": growth}
+
+
+def cpu_generator_table(generator: dict, size: int) -> None:
+    """Each model in a fresh interpreter, so that one's allocations do not hide the next one's peak."""
+    threads = torch.get_num_threads()
+    print(f"## Generator fwd+bwd on the CPU, fp32, one {size} x {size} sample, {threads} threads")
+    print("| model | parameters | fwd+bwd wall s | fwd+bwd CPU s | peak RSS growth GiB |")
+    print("|---|---|---|---|---|")
+    for name, overrides in VARIANTS:
+        config = json.dumps({**generator, **overrides})
+        command = [sys.executable, __file__, "--cpu-generator-child", config, "--size", str(size)]
+        command += ["--threads", str(threads)]
+        result = subprocess.run(command, check=True, capture_output=True, text=True)
+        row = json.loads(result.stdout)
+        print(
+            f"| {name} | {row['parameters'] / 1e6:.1f} M | {row['wall']:.2f} | {row['cpu']:.2f} | "
+            f"{row['peak_bytes'] / 2**30:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -353,7 +422,20 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "brats.yaml"), help="model.generator from")
     parser.add_argument("--skip-scan", action="store_true", help="skip the scan table")
     parser.add_argument("--skip-generator", action="store_true", help="skip the generator tables")
+    parser.add_argument("--cpu-generator", action="store_true", help="issue 12's CPU memory measurement")
+    parser.add_argument("--size", type=int, default=128, help="image size of --cpu-generator")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of --cpu-generator")
+    parser.add_argument("--cpu-generator-child", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.cpu_generator_child:
+        config = GeneratorConfig(**json.loads(args.cpu_generator_child))
+        print(json.dumps(cpu_generator_here(config, args.size)))
+        return
+    if args.cpu_generator:
+        cpu_generator_table(yaml.safe_load(Path(args.config).read_text())["model"]["generator"], args.size)
+        return
     settings = DRY if args.dry_run else FULL
     if args.dry_run:
         device = torch.device("cpu")
@@ -399,12 +481,14 @@ def main() -> None:
         )
         print("|---|---|---|---|---|---|---|")
         peaks = (measured, datasheet)
-        ssm_config = GeneratorConfig(**{**generator, "arch": "ssm", "checkpoint_stages": False})
-        flops = generator_rows("ssm", ssm_config, device, settings, peaks)
-        checkpointed = GeneratorConfig(**{**generator, "arch": "ssm", "checkpoint_stages": True})
-        generator_rows("ssm, checkpoint_stages", checkpointed, device, settings, peaks, flops)
-        unet = GeneratorConfig(**{**generator, "arch": "unet"})
-        generator_rows("unet (matched)", unet, device, settings, peaks)
+        flops = None
+        for name, overrides in VARIANTS:
+            config = GeneratorConfig(**{**generator, **overrides})
+            if overrides["arch"] == "ssm":
+                # checkpointing recomputes, it does not change the model's FLOPs: count them once
+                flops = generator_rows(name, config, device, settings, peaks, flops)
+            else:
+                generator_rows(name, config, device, settings, peaks)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

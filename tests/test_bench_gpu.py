@@ -73,3 +73,12 @@ def test_flop_count_adds_the_scan_analytically():
     assert scan == 21 * 4 * 4 * (32 * 64 + 32 * 16 + 64 * 16 + 64 * 4)
     assert total > scan
     assert counts["unet"][1] == 0 and counts["unet"][0] > 0
+
+
+def test_cpu_generator_measures_time_and_activation_memory():
+    bench = load_bench()
+    config = GeneratorConfig(
+        base_channels=8, depth=2, ssm_levels=[1], ssm_state=4, condition_dim=8, attention_heads=2
+    )
+    row = bench.cpu_generator_here(config, 32)
+    assert row["parameters"] > 0 and row["wall"] > 0 and row["cpu"] > 0 and row["peak_bytes"] >= 0
