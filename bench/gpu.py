@@ -3,7 +3,7 @@
     python bench/gpu.py              # one GPU; under 4 minutes on an H100-class device (no install needed)
     python bench/gpu.py --dry-run    # the whole script on the CPU with tiny shapes (the test suite runs it)
 
-    python bench/gpu.py --cpu-generator [--size 128]   # activation memory on the CPU (no GPU needed)
+    python bench/gpu.py --cpu-generator [--size 128] [--threads 1] [--old-commit 91bb81f]   # on the CPU
 
 Needs only torch, pyyaml and ``medgan.models``: a bare GPU machine has no DeepSpeed, data or network.
 
@@ -37,7 +37,8 @@ images/s / peak, against the measured matmul rate and against the datasheet figu
 process's CPU time: user + system, all threads); peak memory is the
 growth of the peak resident set (``VmHWM``, reset after the warm-up) over the resident size before the
 timed calls (parameters and their gradients already resident: activations and temporaries), each model in
-a fresh process. ``--threads`` sets torch's intra-op threads there.
+a fresh process. ``--threads`` sets torch's intra-op threads there; ``--old-commit`` adds a row of the
+ssm generator calling the scan as it was at that commit (read with ``git show``).
 """
 
 from __future__ import annotations
@@ -407,16 +408,30 @@ def cpu_generator_here(config: GeneratorConfig, size: int) -> dict:
     return {"parameters": count_parameters(model), "wall": min(wall), "cpu": min(cpu), "peak_bytes": growth}
 
 
-def cpu_generator_table(generator: dict, size: int) -> None:
+def use_scan_at(commit: str) -> None:
+    """Make the generator call ``selective_scan`` as it was at ``commit`` (read with ``git show``)."""
+    source = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{commit}:medgan/models/ssm.py"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    namespace = {"__name__": f"ssm_at_{commit[:7]}"}
+    exec(compile(source, f"{commit[:7]}:medgan/models/ssm.py", "exec"), namespace)
+    blocks.selective_scan = namespace["selective_scan"]
+
+
+def cpu_generator_table(generator: dict, size: int, old_commit: str | None) -> None:
     """Each model in a fresh interpreter, so that one's allocations do not hide the next one's peak."""
     threads = torch.get_num_threads()
     print(f"## Generator fwd+bwd on the CPU, fp32, one {size} x {size} sample, {threads} threads")
     print("| model | parameters | fwd+bwd wall s | fwd+bwd CPU s | peak RSS growth GiB |")
     print("|---|---|---|---|---|")
-    for name, overrides in VARIANTS:
+    rows = [(name, overrides, None) for name, overrides in VARIANTS]
+    if old_commit:
+        rows.insert(1, (f"ssm, scan at {old_commit[:7]}", VARIANTS[0][1], old_commit))
+    for name, overrides, commit in rows:
         config = json.dumps({**generator, **overrides})
         command = [sys.executable, __file__, "--cpu-generator-child", config, "--size", str(size)]
-        command += ["--threads", str(threads)]
+        command += ["--threads", str(threads)] + (["--scan-at", commit] if commit else [])
         result = subprocess.run(command, check=True, capture_output=True, text=True)
         row = json.loads(result.stdout)
         print(
@@ -436,16 +451,21 @@ def main() -> None:
     parser.add_argument("--cpu-generator", action="store_true", help="issue 12's CPU memory measurement")
     parser.add_argument("--size", type=int, default=128, help="image size of --cpu-generator")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of --cpu-generator")
+    parser.add_argument("--old-commit", default=None, help="--cpu-generator: also ssm with the scan of then")
     parser.add_argument("--cpu-generator-child", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--scan-at", metavar="COMMIT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.cpu_generator_child:
+        if args.scan_at:
+            use_scan_at(args.scan_at)
         config = GeneratorConfig(**json.loads(args.cpu_generator_child))
         print(json.dumps(cpu_generator_here(config, args.size)))
         return
     if args.cpu_generator:
-        cpu_generator_table(yaml.safe_load(Path(args.config).read_text())["model"]["generator"], args.size)
+        generator = yaml.safe_load(Path(args.config).read_text())["model"]["generator"]
+        cpu_generator_table(generator, args.size, args.old_commit)
         return
     settings = DRY if args.dry_run else FULL
     if args.dry_run:
