@@ -285,10 +285,11 @@ class _Block:
             pre = pre + delta_bias.to(compute)[:, None]
         self.softplus_slope = None
         if delta_softplus:
-            if grad_y is not None:
-                self.softplus_slope = _chunk_major(torch.sigmoid(pre), chunk, chunks, compute)
             pre = F.softplus(pre)
         self.delta = _chunk_major(pre, chunk, chunks, compute)
+        if delta_softplus and grad_y is not None:
+            # sigmoid(x) = 1 - exp(-softplus(x)): from the converted steps, not another conversion
+            self.softplus_slope = torch.neg(self.delta).expm1_().neg_()
         self.u, self.B, self.C = piece(u), piece(B), piece(C)
         self.grad_y = None if grad_y is None else piece(grad_y)
 
