@@ -266,8 +266,9 @@ def test_what_the_fast_path_keeps_for_the_backward_is_linear_in_b_d_L(with_z):
     assert sum(kept) == expected, kept
 
 
-def test_dispatch_on_cpu_is_the_pure_pytorch_path():
-    inputs = make_inputs(1, 4, 3, 50, torch.float32, True, True, True)
+@pytest.mark.parametrize("groups", [None, 2])
+def test_dispatch_on_cpu_is_the_pure_pytorch_path(groups):
+    inputs = make_inputs(1, 4, 3, 50, torch.float32, True, True, True, groups=groups)
     fast = selective_scan(**inputs, delta_softplus=True)
     chunked = selective_scan_chunked(**inputs, delta_softplus=True)
     torch.testing.assert_close(fast, chunked, rtol=0, atol=0)
