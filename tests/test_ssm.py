@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medgan.models import ssm
 from medgan.models.ssm import (
     default_chunk_size,
     selective_scan,
@@ -32,9 +33,13 @@ OPTION_SETS = [
 ]
 
 
-def make_inputs(batch, dim, dstate, length, dtype, with_D, with_z, with_bias, seed=0):
-    """Seeded inputs distributed as in mamba-ssm's test; the optional ones are None when not asked for."""
+def make_inputs(batch, dim, dstate, length, dtype, with_D, with_z, with_bias, seed=0, groups=None):
+    """Seeded inputs distributed as in mamba-ssm's test; the optional ones are None when not asked for.
+
+    ``groups``: None for ``B, C [b, n, L]``, else grouped ``[b, groups, n, L]``.
+    """
     generator = torch.Generator().manual_seed(seed)
+    projection = (batch, dstate, length) if groups is None else (batch, groups, dstate, length)
 
     def rand(*shape):
         return torch.rand(*shape, generator=generator, dtype=torch.float64).to(dtype)
@@ -46,8 +51,8 @@ def make_inputs(batch, dim, dstate, length, dtype, with_D, with_z, with_bias, se
         "u": randn(batch, dim, length),
         "delta": 0.5 * rand(batch, dim, length),
         "A": -0.5 * rand(dim, dstate),
-        "B": randn(batch, dstate, length),
-        "C": randn(batch, dstate, length),
+        "B": randn(*projection),
+        "C": randn(*projection),
         "D": randn(dim) if with_D else None,
         "z": randn(batch, dim, length) if with_z else None,
         "delta_bias": 0.5 * rand(dim) if with_bias else None,
@@ -171,8 +176,99 @@ def test_strong_decay_and_large_steps_stay_finite(chunk_size, softplus):
     assert_close(out, ref_out, TOLERANCES[torch.float32], "out")
 
 
-def test_dispatch_on_cpu_is_the_pure_pytorch_path():
-    inputs = make_inputs(1, 4, 3, 50, torch.float32, True, True, True)
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of a few chunks, so that short test sequences cross several blocks (as long ones do)."""
+    monkeypatch.setattr(ssm, "_BLOCK_ELEMENTS", 1)
+
+
+@pytest.mark.parametrize(
+    "options", OPTION_SETS, ids=lambda o: "D{}-z{}-bias{}-softplus{}-last{}".format(*map(int, o))
+)
+@pytest.mark.parametrize("length", [1, 16, 67, 300])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_many_blocks_match_reference(small_blocks, dtype, length, options):
+    with_D, with_z, with_bias, delta_softplus, return_last_state = options
+    inputs = make_inputs(2, 4, 3, length, dtype, with_D, with_z, with_bias, seed=6)
+    check_against_reference(inputs, dtype, delta_softplus, return_last_state, chunk_size=5)
+
+
+@pytest.mark.parametrize("block_elements", [1, 3 * 40 * 2, 3 * 40 * 3, 2**20])
+@pytest.mark.parametrize("chunk_size", [1, 3, 16])
+def test_every_block_size_matches_reference(monkeypatch, block_elements, chunk_size):
+    monkeypatch.setattr(ssm, "_BLOCK_ELEMENTS", block_elements)
+    inputs = make_inputs(2, 5, 4, 100, torch.float64, True, True, True, seed=7, groups=None)
+    check_against_reference(inputs, torch.float64, True, True, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize(
+    "options", OPTION_SETS, ids=lambda o: "D{}-z{}-bias{}-softplus{}-last{}".format(*map(int, o))
+)
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_grouped_B_and_C_match_reference(small_blocks, dtype, groups, options):
+    with_D, with_z, with_bias, delta_softplus, return_last_state = options
+    inputs = make_inputs(2, 8, 3, 45, dtype, with_D, with_z, with_bias, seed=8, groups=groups)
+    check_against_reference(inputs, dtype, delta_softplus, return_last_state, chunk_size=4)
+
+
+def test_grouped_reference_is_one_scan_per_group():
+    """Channel i reads group i // (d / G): G scans over the channel slices give the same result."""
+    groups, dim = 4, 8
+    inputs = make_inputs(2, dim, 3, 30, torch.float64, True, True, True, seed=9, groups=groups)
+    out, last = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
+    width = dim // groups
+    for group in range(groups):
+        channels = slice(group * width, (group + 1) * width)
+        per_group = {
+            name: t if name in ("B", "C") else t[..., channels, :] if t.dim() == 3 else t[channels]
+            for name, t in inputs.items()
+        }
+        per_group["B"], per_group["C"] = inputs["B"][:, group], inputs["C"][:, group]
+        expected, expected_last = selective_scan_ref(**per_group, delta_softplus=True, return_last_state=True)
+        torch.testing.assert_close(out[:, channels], expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(last[:, channels], expected_last, rtol=1e-12, atol=1e-12)
+
+
+def test_one_group_is_the_ungrouped_scan():
+    inputs = make_inputs(2, 4, 3, 50, torch.float32, True, True, True, seed=10)
+    grouped = {**inputs, "B": inputs["B"][:, None], "C": inputs["C"][:, None]}
+    plain_leaves, grouped_leaves = leaf_copies(inputs), leaf_copies(grouped)
+    upstream = torch.randn(2, 4, 50, generator=torch.Generator().manual_seed(0))
+    plain_out = selective_scan_chunked(**plain_leaves, delta_softplus=True)
+    grouped_out = selective_scan_chunked(**grouped_leaves, delta_softplus=True)
+    (plain_out * upstream).sum().backward()
+    (grouped_out * upstream).sum().backward()
+    torch.testing.assert_close(grouped_out, plain_out, rtol=0, atol=0)
+    for name in INPUT_NAMES:
+        expected = plain_leaves[name].grad
+        actual = grouped_leaves[name].grad
+        torch.testing.assert_close(actual.view(expected.shape), expected, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("with_z", [False, True])
+def test_what_the_fast_path_keeps_for_the_backward_is_linear_in_b_d_L(with_z):
+    """Besides its inputs, only the states entering each chunk (b * d * n * L / chunk elements) and, with
+    z, the pre-gate output (b * d * L): not the [L, b, n, d] states."""
+    batch, dim, dstate, length, chunk = 2, 8, 4, 256, 16
+    leaves = leaf_copies(make_inputs(batch, dim, dstate, length, torch.float32, True, with_z, True))
+    inputs = {t.data_ptr() for t in leaves.values() if t is not None}
+    kept = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in inputs:
+            kept.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        selective_scan_chunked(**leaves, delta_softplus=True, chunk_size=chunk).sum().backward()
+    expected = batch * dim * dstate * length // chunk + (batch * dim * length if with_z else 0)
+    assert sum(kept) == expected, kept
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_dispatch_on_cpu_is_the_pure_pytorch_path(groups):
+    inputs = make_inputs(1, 4, 3, 50, torch.float32, True, True, True, groups=groups)
     fast = selective_scan(**inputs, delta_softplus=True)
     chunked = selective_scan_chunked(**inputs, delta_softplus=True)
     torch.testing.assert_close(fast, chunked, rtol=0, atol=0)
@@ -188,7 +284,15 @@ def test_gradient_check_is_sharp_enough_to_catch_a_wrong_result():
 
 @pytest.mark.parametrize(
     ("name", "shape"),
-    [("delta", (1, 4, 9)), ("A", (5, 3)), ("B", (1, 2, 10)), ("D", (3,)), ("z", (1, 4, 11))],
+    [
+        ("delta", (1, 4, 9)),
+        ("A", (5, 3)),
+        ("B", (1, 2, 10)),
+        ("B", (1, 3, 3, 10)),
+        ("C", (1, 2, 3, 10)),
+        ("D", (3,)),
+        ("z", (1, 4, 11)),
+    ],
 )
 def test_mismatched_shapes_are_refused_with_both_shapes_named(name, shape):
     inputs = make_inputs(1, 4, 3, 10, torch.float32, True, True, True)
@@ -198,9 +302,9 @@ def test_mismatched_shapes_are_refused_with_both_shapes_named(name, shape):
             scan(**inputs)
 
 
-def test_default_chunk_size_is_about_the_square_root():
+def test_default_chunk_size_is_16_or_the_whole_sequence():
     assert default_chunk_size(1) == 1
-    assert default_chunk_size(4096) == 64
-    assert all(16 <= default_chunk_size(length) <= 128 for length in (17, 300, 1 << 20))
+    assert default_chunk_size(10) == 10
+    assert all(default_chunk_size(length) == 16 for length in (16, 17, 4096, 1 << 20))
     with pytest.raises(ValueError, match="chunk_size"):
         selective_scan_chunked(**make_inputs(1, 2, 2, 5, torch.float32, False, False, False), chunk_size=0)

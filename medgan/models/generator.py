@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from medgan.models.blocks import ConvBlock, DynamicGate, NonLocalAttention, SSMStage
 from medgan.models.conditioning import MODALITIES, condition_stack, condition_vector
@@ -29,7 +30,9 @@ class GeneratorConfig:
     ``arch``: ``ssm`` (this project's model) or ``unet`` (the plain convolutional baseline; with
     ``unet_base_channels: 0`` its width is chosen to match the SSM generator's parameter count).
     ``ssm_levels``: encoder levels (0 = full resolution) that get an SSM stage; the bottleneck always does
-    when ``use_ssm``.
+    when ``use_ssm``. ``checkpoint_stages``: recompute each SSM stage's activations in the backward instead
+    of keeping them (activation checkpointing): less memory for about one more forward of the stages;
+    the same gradients.
     """
 
     arch: str = "ssm"
@@ -48,6 +51,7 @@ class GeneratorConfig:
     use_dynamic_gating: bool = True
     use_attention: bool = True
     unet_base_channels: int = 0
+    checkpoint_stages: bool = False
 
     def __post_init__(self) -> None:
         _require(self.arch in ("ssm", "unet"), "arch", f"{self.arch!r} is not one of ssm, unet")
@@ -150,6 +154,13 @@ class SSMGenerator(nn.Module):
     ) -> torch.Tensor:
         return x if module is None or isinstance(module, nn.Identity) else module(x, condition)
 
+    def _ssm_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``stage(x)``, with its activations recomputed in the backward when ``checkpoint_stages``."""
+        if self.config.checkpoint_stages and torch.is_grad_enabled():
+            # non-reentrant: the reentrant form fails under ZeRO 3, which gathers parameters in forward hooks
+            return checkpoint(stage, x, use_reentrant=False)
+        return stage(x)
+
     def forward(
         self, images: torch.Tensor, available: torch.Tensor, target_index: torch.Tensor
     ) -> torch.Tensor:
@@ -168,13 +179,13 @@ class SSMGenerator(nn.Module):
         for level, (block, gate, down) in enumerate(zip(self.encoder, self.encoder_gates, self.downsample)):
             x = block(x)
             if str(level) in self.encoder_ssm:
-                x = self.encoder_ssm[str(level)](x)
+                x = self._ssm_stage(self.encoder_ssm[str(level)], x)
             x = self._gate(gate, x, condition)
             skips.append(x)
             x = down(x)
         x = self.bottleneck(x)
         if self.bottleneck_ssm is not None:
-            x = self.bottleneck_ssm(x)
+            x = self._ssm_stage(self.bottleneck_ssm, x)
         if self.attention is not None:
             x = self.attention(x)
         x = self._gate(self.bottleneck_gate, x, condition)

@@ -1,0 +1,527 @@
+"""GPU benchmark of the selective scan and of the brats.yaml generators: run it before spending GPU time.
+
+    python bench/gpu.py              # one GPU; under 4 minutes on an H100-class device (no install needed)
+    python bench/gpu.py --dry-run    # the whole script on the CPU with tiny shapes (the test suite runs it)
+
+    python bench/gpu.py --cpu-generator [--size 128] [--threads 1] [--old-commit 91bb81f]   # on the CPU
+
+Needs only torch, pyyaml and ``medgan.models``: a bare GPU machine has no DeepSpeed, data or network.
+
+1. **Correctness on the device.** ``selective_scan`` (the dispatch: mamba-ssm's kernel where it is
+   installed) and ``selective_scan_chunked`` against ``selective_scan_ref``, forward and every input's
+   gradient, fp32, with B and C plain and grouped. A mismatch stops the script with exit status 1.
+2. **Peak rate.** The device's measured bf16 matmul rate (square matmuls), beside its datasheet dense
+   bf16 figure where the device is known.
+3. **The scan.** Every available path (``chunked``, pure PyTorch; ``mamba-ssm`` when importable), forward
+   and forward + backward: median time and peak memory growth (``torch.cuda.max_memory_allocated`` over
+   what was allocated before) for L = 1k..64k, bf16 u, delta, B, C as the bf16 generator passes them.
+   The default b, d, n are those of brats.yaml's first SSM stage for 2 images (4 directions each).
+4. **Generator step.** brats.yaml's generator (``ssm``; ``ssm`` with ``checkpoint_stages``; the
+   parameter-matched ``unet``) at 256 x 256, bf16 weights and activations with fp32 master weights and
+   Adam (as DeepSpeed's bf16 mode keeps them): forward, L1 loss, backward, Adam step, for batch 1, 2, 4,
+   ... until out of memory, with ``torch.cuda.set_per_process_memory_fraction`` capping the device at
+   80 GiB (an A100/H100 80GB). Per batch: images/s, peak memory, model FLOPs utilisation (MFU).
+
+How FLOPs are counted: ``torch.utils.flop_counter.FlopCounterMode`` counts the matmuls, convolutions
+and attention of one forward + backward at batch 1. It cannot see the scan (mamba-ssm's kernel is opaque
+to it, and the chunked path's internal ops are not the model's arithmetic), so while counting, the scan
+is replaced by a stand-in without FLOPs that still passes gradients to all its inputs, and each scan
+call is counted analytically: per element of ``[b, d, L, n]``, 7 FLOPs forward (``exp(delta A)``: 2,
+``delta B u``: 1, state update: 2, ``<C, h>``: 2) and twice that backward, 21 in all. Recomputation by
+``checkpoint_stages`` is not counted (model FLOPs, not hardware FLOPs). MFU = model FLOPs per image x
+images/s / peak, against the measured matmul rate and against the datasheet figure.
+
+``--cpu-generator`` measures instead, on the CPU in fp32, what issue 12 measured: brats.yaml's generator
+(``ssm``, ``ssm`` with ``checkpoint_stages``, the matched ``unet``), one ``size x size`` sample,
+``g(x, available, target).mean().backward()`` after a 32 x 32 warm-up, best of two (wall clock, and this
+process's CPU time: user + system, all threads); peak memory is the
+growth of the peak resident set (``VmHWM``, reset after the warm-up) over the resident size before the
+timed calls (parameters and their gradients already resident: activations and temporaries), each model in
+a fresh process. ``--threads`` sets torch's intra-op threads there; ``--old-commit`` adds a row of the
+ssm generator calling the scan as it was at that commit (read with ``git show``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parent.parent
+# a bare GPU machine has the checkout, not an installed package
+sys.path.insert(0, str(REPO))
+
+from medgan.models import blocks, ssm  # noqa: E402
+from medgan.models.generator import GeneratorConfig, build_generator, count_parameters  # noqa: E402
+
+CAP_BYTES = 80 * 2**30
+SCAN_FLOPS_PER_ELEMENT = 21  # forward 7, backward 14, per (b, d, L, n): see the module docstring
+# dense (no sparsity) bf16 tensor-core TFLOP/s from the vendor's datasheets; the first matching name wins
+DATASHEET_BF16_TFLOPS = [
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("H100 PCIe", 756.5),
+    ("H100 NVL", 835.5),
+    ("H100", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("L4", 121.0),
+]
+FULL = {
+    "scan_lengths": [1024, 2048, 4096, 8192, 16384, 32768, 65536],
+    "scan_shape": (8, 256, 16),
+    "matmul_size": 8192,
+    "image_size": 256,
+    "max_batch": 512,
+    "seconds_per_model": 60,  # keeps the whole run under 4 minutes
+    "steps": 3,
+    "repeats": 3,
+}
+DRY = {
+    "scan_lengths": [64, 256],
+    "scan_shape": (2, 8, 4),
+    "matmul_size": 128,
+    "image_size": 32,
+    "max_batch": 2,
+    "seconds_per_model": 60,
+    "steps": 1,
+    "repeats": 1,
+}
+# the generators compared, as overrides of the config's model.generator
+VARIANTS = [
+    ("ssm", {"arch": "ssm", "checkpoint_stages": False}),
+    ("ssm, checkpoint_stages", {"arch": "ssm", "checkpoint_stages": True}),
+    ("unet (matched)", {"arch": "unet", "checkpoint_stages": False}),
+]
+# brats.yaml's generator, shrunk for --dry-run (same keys and switches, tiny widths)
+DRY_GENERATOR = dict(
+    base_channels=8, depth=2, ssm_levels=[1], ssm_state=4, scales=[1, 2], attention_heads=2, condition_dim=8
+)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(function, device: torch.device, repeats: int) -> float:
+    """Median wall time of ``function()`` after one warm-up, the device synchronised around each call."""
+    function()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Yields a dict filled on exit: ``"peak"``, the most allocated on the device inside (bytes), and
+    ``"growth"``, that over what was allocated before; None off CUDA."""
+    result = {"peak": None, "growth": None}
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    yield result
+    if device.type == "cuda":
+        synchronize(device)
+        result["peak"] = torch.cuda.max_memory_allocated(device)
+        result["growth"] = result["peak"] - before
+
+
+def gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f}"
+
+
+def scan_inputs(batch, dim, dstate, length, device, dtype, groups=None, seed=0):
+    """Inputs distributed as in mamba-ssm's tests; A, D and delta_bias fp32 as the generator passes them."""
+    generator = torch.Generator().manual_seed(seed)
+    projection = (batch, dstate, length) if groups is None else (batch, groups, dstate, length)
+
+    def draw(kind, *shape, scale=1.0, data_type=dtype):
+        values = (torch.randn if kind == "n" else torch.rand)(*shape, generator=generator)
+        return (scale * values).to(device=device, dtype=data_type)
+
+    return {
+        "u": draw("n", batch, dim, length),
+        "delta": draw("u", batch, dim, length, scale=0.5),
+        "A": draw("u", dim, dstate, scale=-0.5, data_type=torch.float32),
+        "B": draw("n", *projection),
+        "C": draw("n", *projection),
+        "D": draw("n", dim, data_type=torch.float32),
+        "delta_bias": draw("u", dim, scale=0.5, data_type=torch.float32),
+    }
+
+
+def forward_backward(scan, inputs, upstream):
+    """Forward with every input a leaf that requires grad, then one backward; returns (out, gradients)."""
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    out = scan(**leaves, delta_softplus=True)
+    out.backward(upstream)
+    return out, {name: leaf.grad for name, leaf in leaves.items()}
+
+
+def scan_paths(device: torch.device) -> dict:
+    paths = {"chunked": ssm.selective_scan_chunked}
+    if device.type == "cuda" and ssm._mamba_selective_scan_fn is not None:
+        paths["mamba-ssm"] = ssm._mamba_selective_scan_fn
+    return paths
+
+
+def check_on_device(device: torch.device) -> bool:
+    """Every fast path against the reference, forward and backward, fp32; prints one line per case."""
+    paths = {"selective_scan (dispatch)": ssm.selective_scan, **scan_paths(device)}
+    tolerance = 1e-4  # fp32: largest error over the largest reference magnitude; 5e-6 is typical
+    passed = True
+    for groups in (None, 2):
+        inputs = scan_inputs(2, 8, 4, 300, device, torch.float32, groups=groups, seed=1)
+        upstream = torch.randn(2, 8, 300, generator=torch.Generator().manual_seed(2)).to(device)
+        expected_out, expected_grads = forward_backward(ssm.selective_scan_ref, inputs, upstream)
+        for name, scan in paths.items():
+            out, grads = forward_backward(scan, inputs, upstream)
+            errors = {"out": (out - expected_out).abs().max() / expected_out.abs().max()}
+            for key, grad in grads.items():
+                errors[key] = (grad - expected_grads[key]).abs().max() / expected_grads[key].abs().max()
+            worst = max(errors, key=lambda key: errors[key].item())
+            ok = errors[worst].item() <= tolerance
+            passed &= ok
+            label = "B, C [b, n, L]" if groups is None else f"B, C [b, {groups}, n, L]"
+            print(
+                f"  {name:<26} {label:<18} largest relative error {errors[worst].item():.1e} ({worst}): "
+                f"{'ok' if ok else 'MISMATCH'}"
+            )
+    return passed
+
+
+def measured_matmul_tflops(device: torch.device, size: int, repeats: int) -> float:
+    """bf16 ``[size, size] @ [size, size]`` rate, TFLOP/s (median of ``repeats`` x 10 products)."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+
+    def ten_products():
+        for _ in range(10):
+            torch.mm(a, b)
+
+    seconds = median_seconds(ten_products, device, max(repeats, 3))
+    return 10 * 2 * size**3 / seconds / 1e12
+
+
+def datasheet_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in DATASHEET_BF16_TFLOPS if key in name), None)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error)
+
+
+def scan_table(device: torch.device, settings: dict) -> None:
+    batch, dim, dstate = settings["scan_shape"]
+    print(f"\n## Selective scan: b={batch} d={dim} n={dstate}, bf16 u/delta/B/C, fp32 A/D/delta_bias")
+    print("| path | L | fwd ms | fwd peak growth GiB | fwd+bwd ms | fwd+bwd peak growth GiB |")
+    print("|---|---|---|---|---|---|")
+    for name, scan in scan_paths(device).items():
+        for length in settings["scan_lengths"]:
+            inputs = scan_inputs(batch, dim, dstate, length, device, torch.bfloat16)
+            upstream = torch.randn(batch, dim, length, device=device, dtype=torch.bfloat16)
+            cells = []
+            try:
+
+                def forward(scan=scan, inputs=inputs):
+                    with torch.no_grad():
+                        scan(**inputs, delta_softplus=True)
+
+                def both(scan=scan, inputs=inputs, upstream=upstream):
+                    forward_backward(scan, inputs, upstream)
+
+                for function in (forward, both):
+                    with peak_memory(device) as peak:
+                        seconds = median_seconds(function, device, settings["repeats"])
+                    cells += [f"{1e3 * seconds:.1f}", gib(peak["growth"])]
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
+                cells += ["out of memory"] * (4 - len(cells))
+            print(f"| {name} | {length} | " + " | ".join(cells) + " |")
+            del inputs, upstream
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+@contextmanager
+def scan_counted_analytically(calls: list):
+    """Replace the generator's scan by a FLOP-free stand-in that records ``(b, d, L, n)`` per call."""
+
+    def stand_in(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, **_):
+        calls.append((u.shape[0], u.shape[1], u.shape[2], A.shape[1]))
+        # sums and products by zero are not FLOPs to the counter, but keep every input in the graph
+        touch = (delta.sum() + B.sum() + C.sum() + A.sum() + (0 if D is None else D.sum())) * 0
+        if delta_bias is not None:
+            touch = touch + delta_bias.sum() * 0
+        return u * 1 + touch.to(u.dtype)
+
+    original = blocks.selective_scan
+    blocks.selective_scan = stand_in
+    try:
+        yield
+    finally:
+        blocks.selective_scan = original
+
+
+def make_batch(batch: int, size: int, modalities: int, device: torch.device, dtype=torch.bfloat16):
+    """Images in [0, 1], the first two contrasts available, the third the target."""
+    images = torch.rand(batch, modalities, size, size, device=device).to(dtype)
+    available = torch.zeros(batch, modalities, dtype=torch.bool, device=device)
+    available[:, :2] = True
+    target = torch.full((batch,), 2, dtype=torch.long, device=device)
+    return images, available, target
+
+
+def model_flops_per_image(model: torch.nn.Module, size: int, modalities: int, device) -> tuple[float, float]:
+    """(all FLOPs, of which the scan's) of one forward + backward of one image (see the docstring)."""
+    images, available, target = make_batch(1, size, modalities, device, next(model.parameters()).dtype)
+    calls = []
+    with scan_counted_analytically(calls), FlopCounterMode(display=False) as counter:
+        out = model(images, available, target)
+        F.l1_loss(out, images[:, 2:3]).backward()
+    model.zero_grad(set_to_none=True)
+    scan = sum(SCAN_FLOPS_PER_ELEMENT * b * d * length * n for b, d, length, n in calls)
+    return counter.get_total_flops() + scan, scan
+
+
+class MasterAdam:
+    """Adam on fp32 master copies of bf16 parameters, copied back after each step (DeepSpeed's bf16 way)."""
+
+    def __init__(self, parameters) -> None:
+        self.parameters = list(parameters)
+        self.master = [p.detach().float() for p in self.parameters]
+        self.optimizer = torch.optim.Adam(self.master, lr=1e-4)
+
+    def step(self) -> None:
+        for parameter, master in zip(self.parameters, self.master):
+            master.grad = parameter.grad.float()
+            parameter.grad = None
+        self.optimizer.step()
+        with torch.no_grad():
+            for parameter, master in zip(self.parameters, self.master):
+                parameter.copy_(master)
+
+
+def generator_rows(name, config, device, settings, peaks, flops=None):
+    """Print one table row per batch size until out of memory; returns the FLOPs per image used."""
+    modalities = len(config.modalities)
+    size = settings["image_size"]
+    model = build_generator(config).to(device=device, dtype=torch.bfloat16).train()
+    if flops is None:
+        flops = model_flops_per_image(model, size, modalities, device)
+    optimizer = MasterAdam(model.parameters())
+    total, scan = flops
+    started = time.perf_counter()
+    batch = 1
+    while batch <= settings["max_batch"]:
+        if time.perf_counter() - started > settings["seconds_per_model"]:
+            print(
+                f"| {name} | {batch} | not run: {settings['seconds_per_model']} s per model spent | | | | |"
+            )
+            break
+        images, available, target = make_batch(batch, size, modalities, device)
+
+        def step(images=images, available=available, target=target, model=model, optimizer=optimizer):
+            out = model(images, available, target)
+            F.l1_loss(out, images[:, 2:3]).backward()
+            optimizer.step()
+
+        try:
+            with peak_memory(device) as peak:
+                seconds = median_seconds(step, device, settings["steps"])
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+            model.zero_grad(set_to_none=True)
+            print(f"| {name} | {batch} | out of memory under the cap | | | | |")
+            break
+        finally:
+            del images, available, target
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        images_per_second = batch / seconds
+        achieved = total * images_per_second / 1e12
+        mfu = [f"{100 * achieved / peak_rate:.3g}%" if peak_rate else "-" for peak_rate in peaks]
+        print(
+            f"| {name} | {batch} | {images_per_second:.3g} | {gib(peak['peak'])} | {achieved:.3g} | "
+            f"{mfu[0]} | {mfu[1]} |"
+        )
+        batch *= 2
+    print(
+        f"  ({name}: {count_parameters(model) / 1e6:.3g} M parameters; {total / 1e9:.3g} GFLOP per image "
+        f"forward + backward, of which the scan {scan / 1e9:.3g})"
+    )
+    return flops
+
+
+def _rss_kib(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (resident at its peak) of this process, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def cpu_generator_here(config: GeneratorConfig, size: int) -> dict:
+    """The child side of ``--cpu-generator``: one model's fwd+bwd seconds (best of 2) and peak RSS growth."""
+    torch.manual_seed(0)
+    model = build_generator(config).train()
+    modalities = len(config.modalities)
+
+    def step(pixels: int) -> None:
+        images, available, target = make_batch(1, pixels, modalities, torch.device("cpu"), torch.float32)
+        model(images, available, target).mean().backward()
+        # kept, not freed: the parameters' gradients are then in the resident size before, not in the growth
+        model.zero_grad(set_to_none=False)
+
+    step(32)
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    before = _rss_kib("VmRSS")
+    wall, cpu = [], []
+    for _ in range(2):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step(size)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    growth = (_rss_kib("VmHWM") - before) * 1024
+    return {"parameters": count_parameters(model), "wall": min(wall), "cpu": min(cpu), "peak_bytes": growth}
+
+
+def use_scan_at(commit: str) -> None:
+    """Make the generator call ``selective_scan`` as it was at ``commit`` (read with ``git show``)."""
+    source = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{commit}:medgan/models/ssm.py"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    namespace = {"__name__": f"ssm_at_{commit[:7]}"}
+    exec(compile(source, f"{commit[:7]}:medgan/models/ssm.py", "exec"), namespace)
+    blocks.selective_scan = namespace["selective_scan"]
+
+
+def cpu_generator_table(generator: dict, size: int, old_commit: str | None) -> None:
+    """Each model in a fresh interpreter, so that one's allocations do not hide the next one's peak."""
+    threads = torch.get_num_threads()
+    print(f"## Generator fwd+bwd on the CPU, fp32, one {size} x {size} sample, {threads} threads")
+    print("| model | parameters | fwd+bwd wall s | fwd+bwd CPU s | peak RSS growth GiB |")
+    print("|---|---|---|---|---|")
+    rows = [(name, overrides, None) for name, overrides in VARIANTS]
+    if old_commit:
+        rows.insert(1, (f"ssm, scan at {old_commit[:7]}", VARIANTS[0][1], old_commit))
+    for name, overrides, commit in rows:
+        config = json.dumps({**generator, **overrides})
+        command = [sys.executable, __file__, "--cpu-generator-child", config, "--size", str(size)]
+        command += ["--threads", str(threads)] + (["--scan-at", commit] if commit else [])
+        result = subprocess.run(command, check=True, capture_output=True, text=True)
+        row = json.loads(result.stdout)
+        print(
+            f"| {name} | {row['parameters'] / 1e6:.1f} M | {row['wall']:.2f} | {row['cpu']:.2f} | "
+            f"{row['peak_bytes'] / 2**30:.2f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dry-run", action="store_true", help="the whole script on the CPU, tiny shapes")
+    parser.add_argument("--config", default=str(REPO / "configs" / "brats.yaml"), help="model.generator from")
+    parser.add_argument("--skip-scan", action="store_true", help="skip the scan table")
+    parser.add_argument("--skip-generator", action="store_true", help="skip the generator tables")
+    parser.add_argument("--cpu-generator", action="store_true", help="issue 12's CPU memory measurement")
+    parser.add_argument("--size", type=int, default=128, help="image size of --cpu-generator")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of --cpu-generator")
+    parser.add_argument("--old-commit", default=None, help="--cpu-generator: also ssm with the scan of then")
+    parser.add_argument("--cpu-generator-child", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--scan-at", metavar="COMMIT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.cpu_generator_child:
+        if args.scan_at:
+            use_scan_at(args.scan_at)
+        config = GeneratorConfig(**json.loads(args.cpu_generator_child))
+        print(json.dumps(cpu_generator_here(config, args.size)))
+        return
+    if args.cpu_generator:
+        generator = yaml.safe_load(Path(args.config).read_text())["model"]["generator"]
+        cpu_generator_table(generator, args.size, args.old_commit)
+        return
+    settings = DRY if args.dry_run else FULL
+    if args.dry_run:
+        device = torch.device("cpu")
+        # one thread: on a shared CPU, parallel ops of tiny tensors wait for descheduled threads
+        torch.set_num_threads(1)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        sys.exit("error: no CUDA device; run with --dry-run to check the script on the CPU")
+    started = time.perf_counter()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
+    print(f"# bench/gpu.py on {name}, torch {torch.__version__}, mamba-ssm kernel: "
+          f"{'yes' if ssm._mamba_selective_scan_fn is not None else 'no'}")  # fmt: skip
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_BYTES / total), device)
+        print(f"device memory {total / 2**30:.1f} GiB, capped at {min(total, CAP_BYTES) / 2**30:.1f} GiB")
+
+    print("\n## Scan against selective_scan_ref on the device")
+    if not check_on_device(device):
+        sys.exit("error: a fast scan path disagrees with selective_scan_ref on this device")
+
+    measured = measured_matmul_tflops(device, settings["matmul_size"], settings["repeats"])
+    datasheet = datasheet_tflops(device)
+    print(f"\nbf16 matmul peak: measured {measured:.1f} TFLOP/s ({settings['matmul_size']}^2 products), "
+          f"datasheet {'-' if datasheet is None else f'{datasheet:.1f}'} TFLOP/s dense")  # fmt: skip
+
+    if not args.skip_scan:
+        scan_table(device, settings)
+
+    if not args.skip_generator:
+        generator = yaml.safe_load(Path(args.config).read_text())["model"]["generator"]
+        if args.dry_run:
+            generator = {**generator, **DRY_GENERATOR}
+        size = settings["image_size"]
+        print(
+            f"\n## Generator step at {size} x {size}: forward, L1, backward, Adam (fp32 master); bf16; "
+            f"memory capped at {CAP_BYTES / 2**30:.0f} GiB"
+        )
+        print(
+            "| model | batch | images/s | peak allocated GiB | TFLOP/s | MFU (measured peak) "
+            "| MFU (datasheet) |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        peaks = (measured, datasheet)
+        flops = None
+        for name, overrides in VARIANTS:
+            config = GeneratorConfig(**{**generator, **overrides})
+            if overrides["arch"] == "ssm":
+                # checkpointing recomputes, it does not change the model's FLOPs: count them once
+                flops = generator_rows(name, config, device, settings, peaks, flops)
+            else:
+                generator_rows(name, config, device, settings, peaks)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
