@@ -478,9 +478,11 @@ def write_report(eval_dir: str | Path, out: str | Path) -> Path:
     parts.append(
         f"<h2>How the numbers were computed</h2><dl>{definitions}</dl><h3>Methods</h3><dl>{methods}</dl>"
     )
+    tables = (
+        "<code>brasyn.csv</code>" if brasyn else "<code>per_slice.csv</code> and <code>per_volume.csv</code>"
+    )
     parts.append(
-        "<p>Per-slice and per-volume values of every subject are in <code>per_slice.csv</code> and "
-        "<code>per_volume.csv</code> beside <code>summary.json</code>.</p></body></html>"
+        f"<p>Every subject's values are in {tables} beside <code>summary.json</code>.</p></body></html>"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts))
