@@ -211,7 +211,7 @@ def segmentation_chart(segmentation: dict[str, Any]) -> str:
         axis.set_xticks(range(len(regions)), regions)
         axis.set_title(label, fontsize=10)
         axis.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][1].legend(fontsize=8)
     figure.tight_layout()
     return _png(figure)
 
