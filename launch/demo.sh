@@ -30,7 +30,26 @@ $PY -m medgan evaluate --checkpoint "$DEMO/checkpoints" --data_path "$DEMO/shard
 $PY -m medgan export --checkpoint "$DEMO/checkpoints" --out "$DEMO/generator.safetensors"
 
 stage "5/6 synthesis: FLAIR for a test subject, on the grid of its own T2"
-subject=$($PY -c "import json; print(json.load(open('$DEMO/shards/manifest.json'))['splits']['test']['subjects'][0])")
+# the first test subject with a tumour, so the synthesized FLAIR can show (or miss) the lesion
+subject=$($PY - "$DEMO" <<'PY'
+import json
+import os
+import sys
+
+import nibabel as nib
+
+demo = sys.argv[1]
+subjects = json.load(open(f"{demo}/shards/manifest.json"))["splits"]["test"]["subjects"]
+
+
+def has_tumour(subject):
+    path = f"{demo}/phantom/{subject}/{subject}_seg.nii.gz"
+    return os.path.exists(path) and nib.load(path).get_fdata().any()
+
+
+print(next((s for s in subjects if has_tumour(s)), subjects[0]))
+PY
+)
 source_dir="$DEMO/phantom/$subject"
 $PY -m medgan synthesize --checkpoint "$DEMO/generator.safetensors" --target flair \
     --input "t1=$source_dir/${subject}_t1.nii.gz" --input "t1ce=$source_dir/${subject}_t1ce.nii.gz" \
@@ -60,4 +79,31 @@ for task, result in summary["tasks"].items():
         values = regions["brain"]["per_volume"]
         cells = "  ".join(f"{m.upper()} {values[m]['mean']:.4g} +- {values[m]['std']:.2g}" for m in ("psnr", "ssim", "mae"))
         print(f"  {method:18s} {cells}")
+    tumour = {m: r["tumour"]["per_volume"]["psnr"]["mean"] for m, r in result["methods"].items() if "tumour" in r}
+    if tumour:
+        print("  tumour-region PSNR: " + ", ".join(f"{m} {v:.2f} dB" for m, v in tumour.items()))
+
+# Does the synthesized FLAIR show the lesion's hyperintensity? Tumour-to-white-matter mean intensity ratio
+# (scale-free), white matter taken as healthy brain voxels in the top quarter of T1 (the brightest tissue).
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from data_prep.volumes import load_volume
+
+folder = Path(f"{demo}/phantom/{subject}")
+seg_file = folder / f"{subject}_seg.nii.gz"
+lesion = load_volume(seg_file, is_label=True).data > 0 if seg_file.is_file() else np.zeros(0, bool)
+if lesion.any():
+    real, t1 = (load_volume(folder / f"{subject}_{name}.nii.gz").data for name in ("flair", "t1"))
+    synthesized = np.asarray(nib.load(f"{demo}/synthesized/{subject}_flair.nii.gz").dataobj, dtype=np.float32)
+    healthy = (t1 > 0) & ~lesion
+    white = healthy & (t1 > np.percentile(t1[healthy], 75))
+    pairs = (("real", real), ("synthesized", synthesized))
+    ratio = {name: float(v[lesion].mean() / v[white].mean()) for name, v in pairs}
+    print(
+        f"\n{subject}: tumour-to-white-matter FLAIR ratio {ratio['synthesized']:.2f} synthesized, "
+        f"{ratio['real']:.2f} real ({ratio['synthesized'] / ratio['real']:.0%} of the real one)"
+    )
 PY
