@@ -1,14 +1,24 @@
-"""Intensity normalisation into ``[0, 1]``: percentiles within a mask and the linear map they define.
+"""Intensity normalisation into ``[0, 1]``: a healthy-tissue reference within a mask and the linear map it
+defines.
+
+The method (``healthy-median``): each contrast of each subject is divided by the median of its voxels
+within the mask (BraTS: the brain, nonzero voxels; IXI: the head mask) so that the median lands on
+`REFERENCE_LEVEL` (0.4) and `CEILING_MULTIPLE` (2.5) times the median on 1.0; values above are clipped to
+1, below 0 to 0, and the share of mask voxels clipped at the top is recorded. As an `IntensityScaling`
+that is ``low = 0``, ``high = 2.5 * median``. A tumour covers a minority of the brain, so it moves the
+median little, where it moved the 99.5th percentile that the earlier ``percentile`` method scaled by
+(docs/data.md has the measured figures): the scale a model sees is predictable from healthy tissue.
 
 Two implementations of each step; tests/test_data_prep_intensity.py holds them equal.
 
-- Reference, any dtype: ``np.percentile`` over the masked voxels, and `normalise` in float32.
-- Fast, for volumes stored as 8- or 16-bit integers (BraTS and IXI files are int16): the percentiles from
-  a histogram of the masked voxels (the same order statistics, found by counting instead of
-  partitioning), and the normalisation as a lookup table with one entry per representable value. The
-  table's entries are computed by the reference's own float32 operations and then cast, so normalising
-  through it gives bit-identical output at a fraction of the cost (one gather instead of five passes and
-  a float16 cast).
+- Reference, any dtype: ``np.percentile(..., 50)`` over the masked voxels, a comparison for the clipped
+  share, and `normalise` in float32.
+- Fast, for volumes stored as 8- or 16-bit integers (BraTS and IXI files are int16): the median and the
+  clipped share from one histogram of the masked voxels (the same order statistic, found by counting
+  instead of partitioning), and the normalisation as a lookup table with one entry per representable
+  value. The table's entries are computed by the reference's own float32 operations and then cast, so
+  normalising through it gives bit-identical output at a fraction of the cost (one gather instead of five
+  passes and a float16 cast).
 
 `volumes.py` re-exports the public names: this is part of data_prep's API for medgan.
 """
@@ -22,22 +32,55 @@ import numpy as np
 
 from data_prep.errors import VolumeError
 
-LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5
+NORMALISATION_METHOD = "healthy-median"
+# The median of the voxels within the mask maps onto REFERENCE_LEVEL; CEILING_MULTIPLE x median onto 1.
+REFERENCE_LEVEL = 0.4
+CEILING_MULTIPLE = 2.5
+REFERENCE_PERCENTILE = 50.0
+
+
+def normalisation_method() -> dict:
+    """What defines the normalisation (equal records: equally scaled data); the manifest and every
+    checkpoint carry it, and medgan refuses data or checkpoints whose record differs."""
+    return {
+        "method": NORMALISATION_METHOD,
+        "reference": "median",
+        "reference_level": REFERENCE_LEVEL,
+        "ceiling_multiple": CEILING_MULTIPLE,
+    }
 
 
 @dataclass(frozen=True, slots=True)
 class IntensityScaling:
-    """Linear map of original intensities onto [0, 1]: `low` -> 0, `high` -> 1 (original units)."""
+    """Linear map of original intensities onto [0, 1]: `low` -> 0, `high` -> 1 (original units).
+
+    As `fit_scaling` makes it: low = 0, high = CEILING_MULTIPLE x `median` (the median of the voxels
+    within the mask, original units, > 0), and `clipped_fraction` in [0, 1] the share of those voxels
+    above `high` (clipped to 1). Both are None in a map made by hand (`IntensityScaling(low, high)`).
+    """
 
     low: float
     high: float
+    median: float | None = None
+    clipped_fraction: float | None = None
 
     def to_dict(self) -> dict:
-        return {"low": self.low, "high": self.high}
+        record = {"low": self.low, "high": self.high}
+        if self.median is not None:
+            record["median"] = self.median
+        if self.clipped_fraction is not None:
+            record["clipped_fraction"] = self.clipped_fraction
+        return record
 
     @classmethod
     def from_dict(cls, record: dict) -> IntensityScaling:
-        return cls(low=float(record["low"]), high=float(record["high"]))
+        median, clipped = record.get("median"), record.get("clipped_fraction")
+        return cls(
+            low=float(record["low"]),
+            high=float(record["high"]),
+            median=None if median is None else float(median),
+            clipped_fraction=None if clipped is None else float(clipped),
+        )
 
 
 def uses_lookup(dtype) -> bool:
@@ -65,24 +108,27 @@ def _lerp(below: float, above: float, fraction: float) -> float:
     return below + difference * fraction
 
 
-def histogram_percentiles(values: np.ndarray, percentiles) -> list[float]:
-    """``np.percentile(values.astype(np.float64), percentiles)`` (the default, linear method) for 8- or
-    16-bit integers. (On the integers themselves numpy interpolates in their dtype, which can overflow.)
+def _value_histogram(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(every representable value in ascending order as float64, how many of `values` hold each)."""
+    table = _representable(values.dtype)
+    in_value_order = np.argsort(table, kind="stable")
+    counts = np.bincount(_unsigned(values).ravel(), minlength=table.size)
+    return table[in_value_order].astype(np.float64), counts[in_value_order]
 
-    Counts the values instead of sorting them: the k-th smallest is where the cumulative count passes k.
-    """
+
+def _check_percentile_arguments(values: np.ndarray, percentiles) -> None:
     if not uses_lookup(values.dtype):
         raise TypeError(f"histogram_percentiles needs 8- or 16-bit integers, got {values.dtype}")
     if values.size == 0:
         raise ValueError("histogram_percentiles of no values")
     if not all(0.0 <= percentile <= 100.0 for percentile in percentiles):
         raise ValueError(f"percentiles must be within [0, 100], got {list(percentiles)}")
-    table = _representable(values.dtype)
-    in_value_order = np.argsort(table, kind="stable")
-    counts = np.bincount(_unsigned(values).ravel(), minlength=table.size)
-    cumulative = np.cumsum(counts[in_value_order])
-    sorted_values = table[in_value_order].astype(np.float64)
-    last = values.size - 1
+
+
+def _percentiles_from_histogram(sorted_values: np.ndarray, counts: np.ndarray, percentiles) -> list[float]:
+    """np.percentile's linear method on the values that `_value_histogram` counted."""
+    cumulative = np.cumsum(counts)
+    last = int(cumulative[-1]) - 1
 
     def kth(k: int) -> float:
         return float(sorted_values[np.searchsorted(cumulative, k, side="right")])
@@ -95,24 +141,62 @@ def histogram_percentiles(values: np.ndarray, percentiles) -> list[float]:
     return results
 
 
-def fit_scaling(volume: np.ndarray, mask: np.ndarray) -> IntensityScaling:
-    """Percentiles (LOW_PERCENTILE, HIGH_PERCENTILE) of the volume within the mask.
+def histogram_percentiles(values: np.ndarray, percentiles) -> list[float]:
+    """``np.percentile(values.astype(np.float64), percentiles)`` (the default, linear method) for 8- or
+    16-bit integers. (On the integers themselves numpy interpolates in their dtype, which can overflow.)
 
-    Raises VolumeError when the mask is empty or the intensity is constant within it.
+    Counts the values instead of sorting them: the k-th smallest is where the cumulative count passes k.
     """
-    # Selected in the volume's memory order (which voxels, not their order, decide the percentiles): a
+    _check_percentile_arguments(values, percentiles)
+    return _percentiles_from_histogram(*_value_histogram(values), percentiles)
+
+
+def _scaling_from_median(median: float, clipped_count, count: int) -> IntensityScaling:
+    return IntensityScaling(
+        low=0.0,
+        high=CEILING_MULTIPLE * median,
+        median=median,
+        clipped_fraction=float(clipped_count) / count,
+    )
+
+
+def _check_median(median: float) -> None:
+    if not median > 0:
+        raise VolumeError(
+            f"median intensity {median:g} within the mask is not positive: the healthy-median "
+            "normalisation needs positive magnitudes (is the file offset or signed?)"
+        )
+
+
+def fit_scaling(volume: np.ndarray, mask: np.ndarray) -> IntensityScaling:
+    """The healthy-median scaling of the volume within the mask (original units): low 0, high
+    CEILING_MULTIPLE x the median of the masked voxels, and the share of them above high.
+
+    Raises VolumeError when the mask is empty, the intensity is constant within it, or the median is not
+    positive.
+    """
+    # Selected in the volume's memory order (which voxels, not their order, decide the statistics): a
     # reoriented or transposed view is otherwise walked across the grain, several times slower.
     inside = _in_memory_order(volume, volume)[_in_memory_order(mask, volume)]
     if inside.size == 0:
         raise VolumeError("empty mask: no voxel to normalise within")
     if uses_lookup(inside.dtype):
-        low, high = histogram_percentiles(inside, [LOW_PERCENTILE, HIGH_PERCENTILE])
-    else:
-        # `inside` is already a copy: percentile may partition it in place instead of copying it again.
-        low, high = np.percentile(inside, [LOW_PERCENTILE, HIGH_PERCENTILE], overwrite_input=True)
-    if high <= low:
-        raise VolumeError(f"constant intensity {low:g} within the mask")
-    return IntensityScaling(low=float(low), high=float(high))
+        sorted_values, counts = _value_histogram(inside)
+        occupied = np.flatnonzero(counts)
+        if sorted_values[occupied[0]] == sorted_values[occupied[-1]]:
+            raise VolumeError(f"constant intensity {sorted_values[occupied[0]]:g} within the mask")
+        (median,) = _percentiles_from_histogram(sorted_values, counts, [REFERENCE_PERCENTILE])
+        _check_median(median)
+        clipped = counts[sorted_values > CEILING_MULTIPLE * median].sum()
+        return _scaling_from_median(median, clipped, inside.size)
+    if inside.min() == inside.max():
+        raise VolumeError(f"constant intensity {float(inside.min()):g} within the mask")
+    # `inside` is already a copy: percentile may partition it in place (the count needs no order).
+    median = float(np.percentile(inside, REFERENCE_PERCENTILE, overwrite_input=True))
+    _check_median(median)
+    # A float64 ceiling: compared in float64 whatever `inside`'s dtype, as the histogram path compares.
+    clipped = np.count_nonzero(inside > np.float64(CEILING_MULTIPLE * median))
+    return _scaling_from_median(median, clipped, inside.size)
 
 
 def _in_memory_order(array: np.ndarray, like: np.ndarray) -> np.ndarray:

@@ -12,7 +12,8 @@ import json
 import os
 from pathlib import Path
 
-FORMAT_VERSION = 1
+# 2: healthy-median normalisation (1: each volume's own 0.5-99.5 percentiles, moved by tumours).
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
 SHARD_PATTERN = "{split}-%06d.tar"

@@ -45,11 +45,10 @@ from data_prep.splits import (
 )
 from data_prep.tar_shards import ShardSeries
 from data_prep.volumes import (
-    HIGH_PERCENTILE,
-    LOW_PERCENTILE,
     MIN_SLICE_BRAIN_SHARE,
     SEG_LABELS,
     VolumeError,
+    normalisation_method,
     prepare_subject,
 )
 
@@ -125,6 +124,12 @@ class SubjectOutcome:
             "repairs": self.repairs,
             "samples": self.manifest_entry["samples"] if self.manifest_entry else 0,
         }
+        if self.manifest_entry:
+            # How much of each contrast the normalisation's ceiling cut (a bright lesion, or an odd file).
+            entry["clipped_fraction"] = {
+                modality: scaling["clipped_fraction"]
+                for modality, scaling in self.manifest_entry["normalisation"].items()
+            }
         if self.traceback:
             entry["traceback"] = self.traceback
         return entry
@@ -348,6 +353,7 @@ def _manifest(config: ShardConfig, outcomes, shards: dict) -> dict:
         "format_version": FORMAT_VERSION,
         "created_by": "python -m data_prep shard",
         "dataset": config.dataset,
+        "source": str(config.source),
         "modalities": list(config.modalities),
         "in_plane_size": [config.size, config.size],
         "sample": {
@@ -362,12 +368,15 @@ def _manifest(config: ShardConfig, outcomes, shards: dict) -> dict:
             "min_brain_share_of_largest_slice": MIN_SLICE_BRAIN_SHARE,
         },
         "normalisation": {
-            "method": "percentile",
-            "low_percentile": LOW_PERCENTILE,
-            "high_percentile": HIGH_PERCENTILE,
+            **normalisation_method(),
             "within": "brain mask (BraTS: nonzero) or head mask (IXI: Otsu)",
             "outside_mask": 0.0,
-            "formula": "clip((x - low) / (high - low), 0, 1); inverse x = low + y * (high - low)",
+            "formula": (
+                "low = 0, high = ceiling_multiple * median (median of the voxels within the mask); "
+                "clip((x - low) / (high - low), 0, 1): median -> reference_level; "
+                "inverse x = low + y * (high - low)"
+            ),
+            "clipped": "clipped_fraction: share of the voxels within the mask above high (set to 1)",
             "parameters": {subject: entry["normalisation"] for subject, entry in entries.items()},
         },
         "split": {

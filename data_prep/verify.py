@@ -38,7 +38,10 @@ def _load_manifest(folder: Path) -> dict:
         raise VerificationError(f"{path}: unreadable ({error})") from None
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise VerificationError(f"{path}: format_version {version!r}, this data_prep reads {FORMAT_VERSION}")
+        raise VerificationError(
+            f"{path}: format_version {version!r}, this data_prep reads {FORMAT_VERSION} "
+            "(re-shard with python -m data_prep shard)"
+        )
     for key in ("modalities", "in_plane_size", "subjects", "splits"):
         if key not in manifest:
             raise VerificationError(f"{path}: missing field {key!r}")

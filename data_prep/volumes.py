@@ -7,7 +7,8 @@ Forward (``shard``, and ``synthesize`` on its inputs), each step recorded so it 
 3. `register_rigid` + `resample_onto`: bring a modality acquired on another grid (IXI T1) onto the
    reference grid (IXI T2): rigid, Mattes mutual information, SimpleITK.
 4. `brain_mask` (BraTS: nonzero, already skull-stripped) or `head_mask` (IXI: Otsu + morphology).
-5. `fit_scaling` + `normalise`: percentiles within the mask into ``[0, 1]``, zero outside the mask.
+5. `fit_scaling` + `normalise`: the median within the mask onto 0.4 and 2.5 x the median onto 1 (clipped
+   above, ``data_prep.intensity``), zero outside the mask.
 6. `choose_crop` + `crop`: keep the axial slices with enough brain, crop or pad in-plane to a square.
 
 Inverse (``synthesize``, ``evaluate --subjects``), nnU-Net style: `restore_volume` pastes slices back
@@ -52,24 +53,29 @@ from data_prep.discovery import (
 )
 from data_prep.errors import VolumeError
 from data_prep.intensity import (
-    HIGH_PERCENTILE,
-    LOW_PERCENTILE,
+    CEILING_MULTIPLE,
+    NORMALISATION_METHOD,
+    REFERENCE_LEVEL,
     IntensityScaling,
     denormalise,
     fit_scaling,
     normalisation_lookup,
+    normalisation_method,
     normalise,
     normalise_by_lookup,
     normalise_in_place,
     uses_lookup,
 )
+from data_prep.manifest import FORMAT_VERSION  # the shard format medgan reads, re-exported for its checks
 
 __all__ = [
+    "CEILING_MULTIPLE",
     "DATASET_MODALITIES",
-    "HIGH_PERCENTILE",
-    "LOW_PERCENTILE",
+    "FORMAT_VERSION",
     "MODALITIES",
     "MODALITY_ALIASES",
+    "NORMALISATION_METHOD",
+    "REFERENCE_LEVEL",
     "SEGMENTATION",
     "SEG_LABELS",
     "CropBox",
@@ -93,6 +99,7 @@ __all__ = [
     "from_canonical",
     "head_mask",
     "load_volume",
+    "normalisation_method",
     "normalise",
     "normalise_modality",
     "parse_name",
@@ -676,7 +683,7 @@ def prepare_subject(
 
     scaling = {}
     cropped_mask = crop(mask, box)
-    # Percentiles over the mask's bounding box only: the same voxels, a fraction of the volume to scan.
+    # Median over the mask's bounding box only: the same voxels, a fraction of the volume to scan.
     within = _bounding_box(mask) if mask.any() else (slice(None),) * 3
     images = np.zeros((len(modalities), box.z[1] - box.z[0], size, size), dtype=dtype)
     outside = ~cropped_mask

@@ -255,8 +255,8 @@ def read_generator_weights(
 
 
 def read_run(checkpoint_dir: Path) -> tuple[Config, dict[str, Any]]:
-    """The run's config and its training-data record (``{}`` for checkpoints written before the record
-    existed, when the training shards' manifest is no longer where the run read it)."""
+    """The run's config and its training-data record (for checkpoints written before the record existed:
+    ``{}``, or what the training shards' manifest still says of the dataset, without a format)."""
     layout = CheckpointLayout(Path(checkpoint_dir))
     if not layout.config_file.is_file():
         raise CheckpointError(f"{checkpoint_dir}: no config.yaml (not a checkpoint folder written by medgan)")
@@ -273,10 +273,14 @@ def read_run(checkpoint_dir: Path) -> tuple[Config, dict[str, Any]]:
 
 
 def _training_data_from_old_run(config: Config) -> dict[str, Any]:
-    """Checkpoints from before training_data.json: the manifest the run read, if it is still there."""
+    """Checkpoints from before training_data.json: the manifest the run read, if it is still there, less
+    its format and normalisation. Such runs predate shard format 2, whatever the folder holds now (it
+    may have been re-sharded since), so their record says nothing of the scale and inference refuses
+    them (`medgan.inference.check_training_data`)."""
     from medgan.shards import DataError, ShardFolder
 
     try:
-        return ShardFolder.open(config.data.data_path).training_data()
+        record = ShardFolder.read(config.data.data_path).training_data()
     except (DataError, OSError, KeyError):
         return {}
+    return {key: value for key, value in record.items() if key not in ("format_version", "normalisation")}

@@ -25,15 +25,20 @@ from medgan.segmentation_score import BRATS2023_SUFFIXES, SegmenterError, score_
 from medgan.synthesis import SynthesisError, synthesize_volume
 
 BRATS_CONTRASTS = tuple(BRATS2023_SUFFIXES)
+ORIGINAL_UNITS_DESCRIPTION = "MedGAN-SSM synthesized, mapped into the real target's intensity units"
 
 
 def in_original_units(image: nib.Nifti1Image, low: float, high: float) -> nib.Nifti1Image:
     """A synthesized volume in ``[0, 1]`` (0 outside the mask) mapped back by data_prep's inverse,
-    ``x = low + y (high - low)``, inside the mask; outside stays 0."""
+    ``x = low + y (high - low)``, inside the mask; outside stays 0. With the healthy-median scaling
+    (low 0, high 2.5 x the real target's median) 0.4 comes back as that median; values the
+    normalisation clipped (above high) cannot come back."""
     data = np.asarray(image.dataobj, dtype=np.float32)
     restored = np.where(data > 0, low + data * (high - low), 0.0).astype(np.float32)
     result = nib.Nifti1Image(restored, image.affine, header=image.header)
     result.header["cal_min"], result.header["cal_max"] = 0.0, float(restored.max())
+    # The synthesized header described the [0, 1] scale; these values are in the real target's units.
+    result.header["descrip"] = ORIGINAL_UNITS_DESCRIPTION.encode()[:80]
     return result
 
 

@@ -8,7 +8,9 @@ Two forms hold a generator:
   with the run's config, the modality list, the training-data record and where the weights came from in
   the safetensors metadata, and the same as readable JSON in ``G.json`` beside it.
 
-:func:`load_generator` accepts either; ``synthesize`` and ``evaluate`` use nothing else.
+:func:`load_generator` accepts either; ``synthesize`` and ``evaluate`` use nothing else. It refuses a
+generator trained on shards of another format or normalisation than data_prep makes now, or with no
+record of them (:func:`check_training_data`): its inputs would arrive on another intensity scale.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from medgan.checkpointing import (
 from medgan.config import Config, ConfigError, build_config
 from medgan.models.generator import GeneratorConfig, build_generator
 from medgan.provenance import weights_sha256
+from medgan.shards import format_problem
 
 EXPORT_FORMAT = "medgan-ssm generator"
 EXPORT_FORMAT_VERSION = "1"
@@ -52,7 +55,8 @@ class LoadedGenerator:
     trained_inputs / trained_target: the training task (``target == "any"``: every task; empty inputs
     with a fixed target: every other present contrast).
     training_data: what the run trained on (``dataset``: ``brats`` or ``ixi``, which selects data_prep's
-    preparation; the shards' modality order and normalisation); empty for checkpoints that predate it.
+    preparation; the shards' format version, modality order and normalisation); always the format and
+    normalisation data_prep makes now (:func:`load_generator` refuses others, and records that lack it).
     source: one line saying which weights these are, for reports.
     weights_sha256: sha256 of the state_dict loaded into ``module`` (`medgan.provenance.weights_sha256`),
     so a synthesized file can name the exact weights that made it.
@@ -167,6 +171,18 @@ class LoadedGenerator:
         return out, json_path
 
 
+def check_training_data(training_data: dict[str, Any], path: Path) -> None:
+    """Refuse a generator trained on another shard format or normalisation than data_prep makes now (its
+    inputs would arrive scaled differently), or with no record of it (checkpoints from before format 2,
+    which were all trained on percentile-normalised shards): a CheckpointError, one line, what to do."""
+    problem = format_problem(training_data)
+    if problem:
+        raise CheckpointError(
+            f"{path}: trained on {problem}: retrain on shards made by python -m data_prep shard, "
+            "or use the medgan version it was trained with"
+        )
+
+
 def _build(
     config: Config,
     state: dict[str, torch.Tensor],
@@ -175,6 +191,7 @@ def _build(
     training_data: dict[str, Any],
     device,
 ) -> LoadedGenerator:
+    check_training_data(training_data, path)
     module = build_generator(config.model.generator)
     try:
         module.load_state_dict(state, strict=True)

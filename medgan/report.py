@@ -47,8 +47,9 @@ def method_descriptions(chosen_on: str, with_baseline: bool) -> dict[str, str]:
 def metric_definitions() -> dict[str, str]:
     """How every number of an evaluation was computed, for summary.json and the report."""
     return {
-        "intensities": "each contrast normalised into [0, 1] by data_prep (0.5-99.5 percentile in the "
-        "mask, clipped); predictions multiplied by the mask; data_range = 1",
+        "intensities": "each contrast scaled into [0, 1] by data_prep's healthy-median normalisation: the "
+        "subject's median within the mask (BraTS brain, IXI head) -> 0.4, 2.5 x that median -> 1, brighter "
+        "voxels clipped at 1, 0 outside the mask; predictions multiplied by the mask; data_range = 1",
         "psnr": "10 log10(1 / MSE) dB, MSE over the region's voxels",
         "ssim": "Wang et al. 2004, Gaussian window sigma 1.5 (11 taps per axis), population covariance, "
         "K1 0.01, K2 0.03; mean of the full SSIM map over the region; per slice 2D, per volume 3D "

@@ -5,6 +5,9 @@ The format is DESIGN.md's (written by ``data_prep/shard.py``): per axial slice `
 slice, ``present``: the names of the contrasts the subject has), ``KEY.img.npy`` (float16 ``[M, H, W]`` in
 the manifest's modality order, absent ones zero), ``KEY.mask.npy`` (uint8 ``[H, W]``) and, with a
 segmentation, ``KEY.seg.npy`` (uint8 ``[H, W]``).
+
+It reads one format: data_prep's ``FORMAT_VERSION`` with data_prep's current normalisation (a model sees
+intensities on one scale; shards or checkpoints of another are refused, see :func:`format_problem`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import UserError
-from data_prep.volumes import canonical_modality
+from data_prep.volumes import FORMAT_VERSION, canonical_modality, normalisation_method
 
 MANIFEST = "manifest.json"
+REPORT = "report.json"
 
 
 class DataError(UserError):
@@ -56,7 +60,17 @@ class ShardFolder:
 
     @staticmethod
     def open(path: str | Path) -> ShardFolder:
-        """Read ``path/manifest.json``; errors name the folder or file and what is wrong."""
+        """Read ``path/manifest.json`` of the format this version reads; errors name the folder or file and
+        what is wrong (for another format or normalisation: the command that re-shards it)."""
+        folder = ShardFolder.read(path)
+        problem = format_problem(folder.training_data())
+        if problem:
+            raise DataError(f"{folder.directory}: {problem}: re-shard with {folder.reshard_command()}")
+        return folder
+
+    @staticmethod
+    def read(path: str | Path) -> ShardFolder:
+        """``path/manifest.json`` of any format version (to describe an old folder, never to load it)."""
         directory = Path(path)
         manifest_path = directory / MANIFEST
         if not manifest_path.is_file():
@@ -106,6 +120,20 @@ class ShardFolder:
             manifest_sha256=self.manifest_sha256,
         )
 
+    def reshard_command(self) -> str:
+        """The data_prep command that makes this folder again in the current format, into a new folder."""
+        source = self.manifest.get("source")
+        if not source:
+            # Format 1 manifests did not record the source; its report.json did.
+            try:
+                source = json.loads((self.directory / REPORT).read_text()).get("source")
+            except (OSError, json.JSONDecodeError, AttributeError):
+                source = None
+        return (
+            f"python -m data_prep shard --format {self.dataset or 'brats'} --src {source or 'RAW'} "
+            f"--out {self.directory.with_name(self.directory.name + f'-format{FORMAT_VERSION}')}"
+        )
+
     def training_data(self) -> dict[str, Any]:
         """What a checkpoint records about the data it was trained on (see ``medgan.checkpointing``)."""
         normalisation = {k: v for k, v in self.manifest.get("normalisation", {}).items() if k != "parameters"}
@@ -118,6 +146,21 @@ class ShardFolder:
             "manifest_sha256": self.manifest_sha256,
             "shards": str(self.directory),
         }
+
+
+def format_problem(training_data: dict[str, Any]) -> str | None:
+    """None when ``training_data`` (a manifest's or a checkpoint's record, :meth:`ShardFolder.training_data`)
+    describes data in the shard format and normalisation this version reads, else what it is instead,
+    e.g. ``shard format 1 (percentile normalisation), but this version reads shard format 2 (...)``."""
+    version = training_data.get("format_version")
+    normalisation = training_data.get("normalisation") or {}
+    current = normalisation_method()
+    if version == FORMAT_VERSION and all(normalisation.get(key) == value for key, value in current.items()):
+        return None
+    reads = f"but this version reads shard format {FORMAT_VERSION} ({current['method']} normalisation)"
+    if version is None:
+        return f"unrecorded shards (older than format {FORMAT_VERSION}), {reads}"
+    return f"shard format {version} ({normalisation.get('method', 'unrecorded')} normalisation), {reads}"
 
 
 def read_split(data_path: str | Path, split: str) -> ShardSplit:

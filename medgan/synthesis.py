@@ -6,8 +6,10 @@ crop), so a subject is prepared exactly as the training shards were. The generat
 on the axial slices data_prep keeps, in batches. The way back is nnU-Net's: ``restore_volume`` pastes the
 slices into the crop box and undoes the reorientation; when the chosen reference is a registered
 contrast (IXI T1), ``resample_from`` maps the volume onto that contrast's own grid. The result has the
-reference file's shape, affine and orientation, float32 values in the normalised ``[0, 1]`` scale inside
-the brain (head for IXI) mask and 0 outside, as its header description says.
+reference file's shape, affine and orientation, float32 values on the training data's healthy-median
+scale inside the brain (head for IXI) mask and 0 outside, as its header description says: 0.4 is the
+subject's median of that contrast within the mask, 1 is 2.5 times it (brighter tissue is clipped at 1),
+so value / 0.4 is intensity relative to the subject's typical tissue (docs/synthesis.md).
 
 Test-time spread (``spread=``): the voxelwise standard deviation over up to 4 variants of the same
 prediction (the in-plane flip training augments with, and the checkpoint's EMA and raw weights). It
@@ -32,9 +34,11 @@ from tqdm import tqdm
 
 from data_prep.errors import UserError
 from data_prep.volumes import (
+    CEILING_MULTIPLE,
     DATASET_MODALITIES,
     MODALITIES,
     MODALITY_ALIASES,
+    REFERENCE_LEVEL,
     SEGMENTATION,
     PreparedSubject,
     VolumeError,
@@ -53,8 +57,10 @@ from medgan import __version__, provenance
 from medgan.data import LEFT_RIGHT_AXIS
 from medgan.inference import LoadedGenerator, load_generator
 
-# NIfTI's descrip field holds 80 bytes.
-DESCRIPTION = "MedGAN-SSM synthesized {target}: normalised [0,1] scale, 0 outside the mask"
+# NIfTI's descrip field holds 80 bytes. The scale is data_prep's healthy-median normalisation.
+DESCRIPTION = "MedGAN-SSM synthesized {target}: {level:g} = {region} median, clipped at 1, 0 outside"
+# Which mask the median is over, by data_prep's preparation (BraTS: skull-stripped brain; IXI: head).
+MEDIAN_REGION = {"brats": "brain", "ixi": "head"}
 SPREAD_DESCRIPTION = "MedGAN-SSM spread of {target}: SD over {count} variants, not calibrated"
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SPREADS = ("flip", "weights", "both")
@@ -194,9 +200,15 @@ def _as_float_image(image: nib.Nifti1Image, description: str, high: float) -> ni
     return result
 
 
-def _as_synthesized_image(image: nib.Nifti1Image, target: str) -> nib.Nifti1Image:
-    """Float32 data with no intensity scaling, display range [0, 1] and a description saying so."""
-    return _as_float_image(image, DESCRIPTION.format(target=target.upper()), 1.0)
+def synthesized_description(target: str, preparation: str) -> str:
+    """The header description of a synthesized ``target``: which value is the median, over which mask."""
+    return DESCRIPTION.format(target=target.upper(), level=REFERENCE_LEVEL, region=MEDIAN_REGION[preparation])
+
+
+def _as_synthesized_image(image: nib.Nifti1Image, target: str, preparation: str) -> nib.Nifti1Image:
+    """Float32 data with no intensity scaling, display range (cal_min, cal_max) = (0, 1), the scale's
+    bounds, and a description naming the scale."""
+    return _as_float_image(image, synthesized_description(target, preparation), 1.0)
 
 
 def _on_reference_grid(
@@ -343,7 +355,7 @@ def synthesize_volume(
             _on_reference_grid(spread_slices, prepared, reference, header), description, 0.5
         )
     return SynthesisResult(
-        image=_as_synthesized_image(image, target),
+        image=_as_synthesized_image(image, target, _preparation(generator, files)),
         prepared=prepared,
         synthesized=synthesized,
         reference=reference,
@@ -392,6 +404,7 @@ def synthesized_sidecar(result: SynthesisResult, command: str) -> dict[str, Any]
     sha256 as loaded), with which normalisation, by which command."""
     generator = result.variants[0].generator
     inputs = provenance.input_record(result.input_files)
+    region = MEDIAN_REGION[_preparation(generator, result.input_files)]
     return {
         "Description": (
             f"Synthetic {result.target.upper()} MRI predicted by MedGAN-SSM from "
@@ -402,7 +415,11 @@ def synthesized_sidecar(result: SynthesisResult, command: str) -> dict[str, Any]
         "Sources": [entry["Path"] for entry in inputs.values()],
         "Inputs": inputs,
         "ReferenceGrid": inputs[result.reference]["Path"],
-        "Intensity": "the training data's normalised [0, 1] scale (not scanner units), 0 outside the mask",
+        "Intensity": (
+            f"the training data's healthy-median scale (not scanner units): {REFERENCE_LEVEL:g} = the "
+            f"subject's median of this contrast within the {region} mask, 1 = {CEILING_MULTIPLE:g} x that "
+            "median (brighter clipped at 1), 0 outside the mask"
+        ),
         "Normalisation": {
             "Training": generator.training_data.get("normalisation"),
             "Inputs": {name: scaling.to_dict() for name, scaling in result.prepared.scaling.items()},

@@ -72,6 +72,43 @@ TINY_GENERATOR = {
 }
 
 
+def current_training_data(**extra) -> dict:
+    """A training-data record of shards as data_prep makes them now (format version and normalisation, as
+    ``ShardFolder.training_data`` records them), plus ``extra`` fields (e.g. ``dataset="brats"``)."""
+    from data_prep.volumes import FORMAT_VERSION, normalisation_method
+
+    return {"format_version": FORMAT_VERSION, "normalisation": normalisation_method(), **extra}
+
+
+# A format 1 manifest's normalisation record, as data_prep wrote it before the healthy-median method.
+FORMAT_1_NORMALISATION = {
+    "method": "percentile",
+    "low_percentile": 0.5,
+    "high_percentile": 99.5,
+    "within": "brain mask (BraTS: nonzero) or head mask (IXI: Otsu)",
+    "outside_mask": 0.0,
+    "formula": "clip((x - low) / (high - low), 0, 1); inverse x = low + y * (high - low)",
+}
+
+
+def write_format_1_shards(shards: Path, out: Path) -> Path:
+    """A copy of ``shards`` (links to its tar files) whose manifest says format 1, percentile normalisation
+    and no source, as data_prep wrote it before issue #16; its report.json still names the source."""
+    out.mkdir(parents=True)
+    for path in shards.iterdir():
+        if path.name != "manifest.json":
+            (out / path.name).symlink_to(path)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest.pop("source")
+    manifest["format_version"] = 1
+    manifest["normalisation"] = {**FORMAT_1_NORMALISATION, "parameters": {}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+_CURRENT = object()
+
+
 def write_checkpoint(
     directory: Path,
     *,
@@ -79,14 +116,16 @@ def write_checkpoint(
     ema: bool = True,
     seed: int = 0,
     arch: str = "ssm",
-    training_data: dict | None = None,
+    training_data: dict | None = _CURRENT,
 ) -> Path:
     """A checkpoint folder in the trainer's layout holding a freshly initialised tiny generator.
 
     ema=True writes ``generator/step_000002/ema.safetensors``; False writes only DeepSpeed's
     ``mp_rank_00_model_states.pt`` (the ZeRO-0 layout) so the consolidation path is used.
-    training_data: the run's training-data record (``training_data.json``), or None for a checkpoint
-    written before the record existed. Paths come from ``medgan.checkpointing``, the layout's owner.
+    training_data: the run's training-data record (``training_data.json``); by default
+    `current_training_data()` (no dataset: inference guesses it from file names), or None for a
+    checkpoint written before the record existed. Paths come from ``medgan.checkpointing``, the layout's
+    owner.
     """
     import torch
     from safetensors.torch import save_file
@@ -108,6 +147,8 @@ def write_checkpoint(
     layout.latest_file().write_text(tag)
     layout.best_file.write_text(tag)
     config.save(layout.config_file)
+    if training_data is _CURRENT:
+        training_data = current_training_data()
     if training_data is not None:
         layout.training_data_file.write_text(json.dumps(training_data))
     return directory

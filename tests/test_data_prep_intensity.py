@@ -1,5 +1,7 @@
-"""data_prep.intensity: the fast integer path (histogram percentiles, lookup normalisation) equals the
-reference (np.percentile, float32 normalise) bit for bit, end to end through prepare_subject too."""
+"""data_prep.intensity: the healthy-median scaling is what docs/data.md defines (median -> 0.4, 2.5 x median
+-> 1, the clipped share counted), and the fast integer path (histogram median and clipped count, lookup
+normalisation) equals the reference (np.percentile, a comparison, float32 normalise) bit for bit, end to
+end through prepare_subject too."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import numpy as np
 import pytest
 
 from data_prep.intensity import (
+    CEILING_MULTIPLE,
+    REFERENCE_LEVEL,
     IntensityScaling,
     fit_scaling,
     histogram_percentiles,
@@ -87,8 +91,64 @@ def test_fit_scaling_errors_name_the_problem():
     volume = np.full((4, 4, 4), 7, dtype=np.int16)
     with pytest.raises(VolumeError, match="constant intensity 7"):
         fit_scaling(volume, np.ones(volume.shape, bool))
+    with pytest.raises(VolumeError, match="constant intensity 7"):
+        fit_scaling(volume.astype(np.float32), np.ones(volume.shape, bool))
     with pytest.raises(VolumeError, match="empty mask"):
         fit_scaling(volume, np.zeros(volume.shape, bool))
+    signed = np.arange(-40, 24, dtype=np.int16).reshape(4, 4, 4)  # median -8.5
+    for stored in (signed, signed.astype(np.float32)):
+        with pytest.raises(VolumeError, match="median intensity -8.5 within the mask is not positive"):
+            fit_scaling(stored, np.ones(signed.shape, bool))
+
+
+def _skewed_volume(rng, dtype, shape) -> np.ndarray:
+    """MRI-like: a healthy bulk around 300 and a bright tail (a lesion) reaching past 2.5 x the median."""
+    bulk = rng.poisson(300, size=shape)
+    tail = rng.random(shape) < 0.05
+    values = np.where(tail, rng.integers(300, 3000, size=shape), bulk)
+    if dtype in (np.int8, np.uint8):
+        values = values * 40 // 300  # a bulk around 40: the tail still passes 2.5 x 40 within 8 bits
+    return np.clip(values, 1, np.iinfo(dtype).max).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES)
+def test_fit_scaling_is_the_healthy_median_definition(dtype):
+    """Against numpy's own median and a count, not the code under test: low 0, high 2.5 x the median,
+    the share of masked voxels above high, and the median maps onto 0.4 (1 for 2.5 x median)."""
+    rng = np.random.default_rng(8)
+    volume = _skewed_volume(rng, dtype, (24, 20, 12))
+    mask = rng.random(volume.shape) > 0.25
+    inside = volume[mask].astype(np.float64)
+    median = float(np.median(inside))
+    scaling = fit_scaling(volume, mask)
+    assert scaling.low == 0.0 and scaling.median == median
+    assert scaling.high == CEILING_MULTIPLE * median
+    assert scaling.clipped_fraction == np.count_nonzero(inside > CEILING_MULTIPLE * median) / inside.size
+    assert 0.0 < scaling.clipped_fraction < 0.05
+    probe = np.array([[[median, CEILING_MULTIPLE * median, 10 * median]]], dtype=np.float64)
+    mapped = normalise(probe, scaling, np.ones(probe.shape, bool))
+    assert mapped.ravel() == pytest.approx([REFERENCE_LEVEL, 1.0, 1.0], abs=1e-6)
+    assert IntensityScaling.from_dict(scaling.to_dict()) == scaling
+
+
+def test_clipped_fraction_counts_values_strictly_above_the_ceiling():
+    """Median exactly 200: a value of 500 (= 2.5 x 200) maps onto 1 unclipped, 501 is clipped."""
+    values = np.array([100] * 5 + [200] + [300] * 3 + [500, 501], dtype=np.int16).reshape(1, 1, -1)
+    mask = np.ones(values.shape, bool)
+    for stored in (values, values.astype(np.float32), values.astype(np.float64)):
+        scaling = fit_scaling(stored, mask)
+        assert (scaling.median, scaling.high, scaling.clipped_fraction) == (200.0, 500.0, 1 / 11)
+
+
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES)
+def test_fit_scaling_fast_path_equals_the_reference_with_a_clipped_tail(dtype):
+    rng = np.random.default_rng(9)
+    volume = _skewed_volume(rng, dtype, (30, 20, 10))
+    mask = rng.random(volume.shape) > 0.3
+    fast = fit_scaling(volume, mask)
+    assert fast.clipped_fraction > 0
+    for reference_dtype in (np.float32, np.float64):
+        assert fast == fit_scaling(volume.astype(reference_dtype), mask)
 
 
 @pytest.mark.parametrize("dtype", INTEGER_DTYPES)
@@ -123,15 +183,15 @@ def test_lookup_refuses_wide_dtypes():
 
 def test_integer_and_float_files_prepare_to_identical_shards(tmp_path):
     """The same intensities stored as int16 (fast path) and as float32 (reference path) give the same
-    float16 slices bit for bit, the same percentiles and the same label map."""
+    float16 slices bit for bit, the same scaling (median, clipped share) and the same label map."""
     rng = np.random.default_rng(6)
     shape = (36, 40, 20)
     grid = np.indices(shape).astype(np.float64)
     inside = (((grid - (np.asarray(shape) / 2)[:, None, None, None]) / 14.0) ** 2).sum(0) < 1
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS: prepare_subject works on flipped views
     files = {"int16": {}, "float32": {}}
-    # FLAIR has negative values: its 0.5th percentile is below 0, so zero is not mapped to 0 and the
-    # voxels outside the mask must be cleared explicitly.
+    # FLAIR has negative values (clipped to 0) and a third of its voxels above 2.5 x its median (clipped
+    # to 1): both paths must count the same clipped share.
     for modality, (lowest, highest) in {"t1": (1, 400), "t2": (1, 800), "flair": (-200, 300)}.items():
         data = np.where(inside, rng.integers(lowest, highest, size=shape), 0).astype(np.int16)
         for stored in files:
@@ -153,7 +213,8 @@ def test_integer_and_float_files_prepare_to_identical_shards(tmp_path):
         for stored, paths in files.items()
     }
     fast, reference = prepared["int16"], prepared["float32"]
-    assert fast.scaling == reference.scaling and fast.scaling["flair"].low < 0
+    assert fast.scaling == reference.scaling and fast.scaling["flair"].low == 0
+    assert 0.2 < fast.scaling["flair"].clipped_fraction < 0.5 and fast.scaling["t1"].clipped_fraction == 0
     assert np.array_equal(fast.images.view(np.uint16), reference.images.view(np.uint16))
     assert np.array_equal(fast.mask, reference.mask) and np.array_equal(fast.seg, reference.seg)
     assert fast.images[:, fast.mask == 0].max() == 0 and fast.images[2].max() > 0
@@ -167,7 +228,7 @@ def test_wide_integer_files_are_loaded_as_float(tmp_path):
     loaded = load_volume(path, keep_integers=True)
     assert loaded.data.dtype == np.float32
     scaling = fit_scaling(loaded.data, np.ones(data.shape, bool))
-    assert -2.1e9 < scaling.low < scaling.high < 2.1e9
+    assert (scaling.low, scaling.median, scaling.high, scaling.clipped_fraction) == (0.0, 6.0, 15.0, 0.25)
 
 
 def test_scaled_integer_files_are_loaded_as_float(tmp_path):

@@ -10,7 +10,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import REPO, write_checkpoint
+from conftest import REPO, write_checkpoint, write_format_1_shards
 from scipy import stats
 from skimage.metrics import structural_similarity
 
@@ -259,3 +259,60 @@ def test_spread_is_set_against_the_error(phantom_shards, tmp_path):
     page = write_report(tmp_path / "eval", tmp_path / "r.html").read_text()
     assert "Test-time spread (flip; a spread, not a calibrated uncertainty)" in page
     assert "alt='error per spread decile'" in page
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    from medgan.__main__ import main
+
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "Traceback" not in error, error
+    return error
+
+
+def test_evaluate_refuses_shards_or_a_checkpoint_of_another_normalisation(capsys, tmp_path, phantom_shards):
+    """A checkpoint and shards scaled differently must not be scored against each other: one line each."""
+    current = str(write_checkpoint(tmp_path / "current", arch="unet"))
+    old_shards = write_format_1_shards(phantom_shards, tmp_path / "old_shards")
+    out = str(tmp_path / "eval")
+    error = _one_line_error(
+        capsys, ["evaluate", "--checkpoint", current, "--data_path", str(old_shards), "--out", out]
+    )
+    assert error.startswith(
+        f"medgan evaluate: error: {old_shards}: shard format 1 (percentile normalisation), but this "
+        "version reads shard format 2 (healthy-median normalisation): re-shard with python -m data_prep "
+        "shard --format brats"
+    )
+    old = write_checkpoint(tmp_path / "old", arch="unet", training_data=None)
+    error = _one_line_error(
+        capsys, ["evaluate", "--checkpoint", str(old), "--data_path", str(phantom_shards), "--out", out]
+    )
+    assert error.startswith(
+        f"medgan evaluate: error: {old}: trained on unrecorded shards (older than format 2)"
+    )
+    assert error.endswith(
+        "retrain on shards made by python -m data_prep shard, or use the medgan version it was trained with"
+    )
+    assert not (tmp_path / "eval" / "summary.json").exists()
+
+
+def test_in_original_units_puts_the_reference_level_back_on_the_real_median():
+    """evaluate --segmenter's way back: with the healthy-median scaling (low 0, high 2.5 x median) a
+    synthesized 0.4 comes back as the real target's median, 1 as high, and outside the mask stays 0."""
+    import nibabel as nib
+
+    from data_prep.volumes import CEILING_MULTIPLE, REFERENCE_LEVEL
+    from medgan.downstream import ORIGINAL_UNITS_DESCRIPTION, in_original_units
+
+    median = 612.0
+    data = np.array([[[0.0, REFERENCE_LEVEL, 1.0, 0.2]]], dtype=np.float32)
+    synthesized = nib.Nifti1Image(data, np.eye(4))
+    synthesized.header["descrip"] = (
+        b"MedGAN-SSM synthesized FLAIR: 0.4 = brain median, clipped at 1, 0 outside"
+    )
+    restored = in_original_units(synthesized, 0.0, CEILING_MULTIPLE * median)
+    values = np.asarray(restored.dataobj)
+    np.testing.assert_allclose(
+        values.ravel(), [0.0, median, CEILING_MULTIPLE * median, 0.5 * median], rtol=1e-6
+    )
+    assert restored.header["descrip"].tobytes().rstrip(b"\0").decode() == ORIGINAL_UNITS_DESCRIPTION

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
-from conftest import TINY_GENERATOR, write_checkpoint
+from conftest import FORMAT_1_NORMALISATION, TINY_GENERATOR, current_training_data, write_checkpoint
+from safetensors import safe_open
 
 from medgan.checkpointing import CheckpointError
 from medgan.config import build_config
@@ -36,6 +38,48 @@ def test_export_round_trip_gives_the_same_generator(tmp_path, ema):
     described = json.loads(description.read_text())
     assert described["modalities"] == from_file.modalities
     assert described["config"]["model"]["generator"]["base_channels"] == 8
+    # The shard format and normalisation travel with the weights, in the JSON and the file's metadata.
+    assert described["training_data"] == current_training_data() == from_file.training_data
+    with safe_open(str(weights), framework="pt") as handle:
+        assert json.loads(handle.metadata()["training_data"]) == current_training_data()
+
+
+OLD_RECORDS = {
+    "format 1": {"dataset": "brats", "format_version": 1, "normalisation": FORMAT_1_NORMALISATION},
+    "exported before the record": {"dataset": "brats"},
+    "no record": None,
+}
+FORMAT_1_LINE = (
+    "trained on shard format 1 (percentile normalisation), but this version reads shard format 2 "
+    "(healthy-median normalisation): retrain on shards made by python -m data_prep shard, "
+    "or use the medgan version it was trained with"
+)
+UNRECORDED_LINE = (
+    "trained on unrecorded shards (older than format 2), but this version reads shard format 2 "
+    "(healthy-median normalisation): retrain on shards made by python -m data_prep shard, "
+    "or use the medgan version it was trained with"
+)
+
+
+@pytest.mark.parametrize("old", OLD_RECORDS)
+def test_generators_trained_on_another_normalisation_are_refused(tmp_path, old):
+    """Its inputs would arrive scaled otherwise: a checkpoint folder or an exported file of another shard
+    format, or with no record of one (all such were trained on format 1), is refused in one line."""
+    expected = FORMAT_1_LINE if old == "format 1" else UNRECORDED_LINE
+    checkpoint = write_checkpoint(tmp_path / "run", training_data=OLD_RECORDS[old])
+    with pytest.raises(CheckpointError) as raised:
+        load_generator(checkpoint)
+    assert str(raised.value) == f"{checkpoint}: {expected}"
+    # An exported file carrying the old record (as export wrote it from such a run) is refused alike.
+    current = load_generator(write_checkpoint(tmp_path / "current"))
+    exported, _ = dataclasses.replace(current, training_data=OLD_RECORDS[old] or {}).save(
+        tmp_path / "G.safetensors"
+    )
+    with pytest.raises(CheckpointError) as raised:
+        load_generator(exported)
+    assert str(raised.value) == f"{exported}: {expected}"
+    with pytest.raises(CheckpointError, match="retrain on shards"):
+        export_generator(checkpoint, tmp_path / "again.safetensors")
 
 
 def test_served_tasks_follow_the_training_task(tmp_path):
@@ -69,3 +113,14 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     wider.save(checkpoint / "config.yaml")
     with pytest.raises(CheckpointError, match="do not fit"):
         load_generator(checkpoint)
+
+
+def test_a_run_from_before_the_record_is_refused_even_if_its_shards_are_current_now(tmp_path, phantom_shards):
+    """Without training_data.json the run predates format 2; its data_path may have been re-sharded since,
+    so the manifest found there says nothing of what the run trained on."""
+    checkpoint = write_checkpoint(
+        tmp_path / "run", data={"data_path": str(phantom_shards)}, training_data=None
+    )
+    with pytest.raises(CheckpointError) as raised:
+        load_generator(checkpoint)
+    assert str(raised.value) == f"{checkpoint}: {UNRECORDED_LINE}"

@@ -6,8 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import FORMAT_1_NORMALISATION, write_format_1_shards
 
-from medgan.shards import ChannelMap, DataError, ShardFolder, raw_samples
+from data_prep.volumes import FORMAT_VERSION, normalisation_method
+from medgan.shards import ChannelMap, DataError, ShardFolder, format_problem, raw_samples
 
 CANONICAL = ["t1", "t1ce", "t2", "flair", "pd"]
 
@@ -35,6 +37,39 @@ def test_training_data_record_comes_from_the_manifest(phantom_shards):
     assert record["modalities"] == ["t1", "t1ce", "t2", "flair"]
     assert "parameters" not in record["normalisation"], "per-subject parameters stay in the manifest"
     assert len(record["manifest_sha256"]) == 64
+    # What a checkpoint needs to refuse inputs scaled otherwise: the format and the method's parameters.
+    assert record["format_version"] == FORMAT_VERSION == 2
+    assert {key: record["normalisation"][key] for key in normalisation_method()} == normalisation_method()
+    assert format_problem(record) is None
+
+
+def test_shards_of_another_format_are_refused_with_the_command_that_re_shards(tmp_path, phantom_shards):
+    old = write_format_1_shards(phantom_shards, tmp_path / "old")
+    source = json.loads((phantom_shards / "report.json").read_text())["source"]
+    with pytest.raises(DataError) as raised:
+        ShardFolder.open(old)
+    assert str(raised.value) == (
+        f"{old}: shard format 1 (percentile normalisation), but this version reads shard format 2 "
+        f"(healthy-median normalisation): re-shard with python -m data_prep shard --format brats "
+        f"--src {source} --out {tmp_path / 'old-format2'}"
+    )
+    # Still readable to describe it (an old checkpoint's record), never to load it.
+    assert ShardFolder.read(old).training_data()["normalisation"] == FORMAT_1_NORMALISATION
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"format_version": 3}, {"reference_level": 0.5}, {"ceiling_multiple": 3.0}, {"method": "zscore"}],
+)
+def test_a_changed_normalisation_parameter_is_refused_too(tmp_path, phantom_shards, change):
+    manifest = json.loads((phantom_shards / "manifest.json").read_text())
+    if "format_version" in change:
+        manifest.update(change)
+    else:
+        manifest["normalisation"].update(change)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"but this version reads shard format 2 .*: re-shard with python -m"):
+        ShardFolder.open(tmp_path)
 
 
 def test_errors_name_the_folder_and_what_is_wrong(tmp_path, phantom_shards):

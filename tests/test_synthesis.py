@@ -11,7 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import run_module, write_brats2023_subjects, write_checkpoint
+from conftest import (
+    FORMAT_1_NORMALISATION,
+    current_training_data,
+    run_module,
+    write_brats2023_subjects,
+    write_checkpoint,
+)
 from torch import nn
 
 from data_prep.volumes import VolumeError, discover_nifti_subjects
@@ -75,7 +81,10 @@ def test_brats_subject_comes_back_on_the_reference_grid(phantom_subjects, tmp_pa
     # zero outside the mask: the phantom is skull-stripped, so wherever every input is 0
     background = (nib.load(files["t1"]).get_fdata() == 0) & (nib.load(files["t2"]).get_fdata() == 0)
     assert np.all(data[background] == 0)
-    assert "normalised [0,1]" in description
+    # The scale it is on, in NIfTI's 80-byte descrip: 0.4 is the brain median, 1 the clipped ceiling.
+    assert description == "MedGAN-SSM synthesized FLAIR: 0.4 = brain median, clipped at 1, 0 outside"
+    assert len(description.encode()) <= 80
+    assert (float(result.image.header["cal_min"]), float(result.image.header["cal_max"])) == (0.0, 1.0)
 
 
 @pytest.mark.parametrize("reference", [None, "t1"])
@@ -89,6 +98,8 @@ def test_ixi_with_t1_among_the_inputs_is_registered_and_written_on_the_reference
     assert result.reference == expected
     assert "t1" in result.prepared.geometry.registered
     _check_on_grid_of(result.image, ixi_subject[expected], tmp_path)
+    description = result.image.header["descrip"].tobytes().rstrip(b"\0").decode()
+    assert description == "MedGAN-SSM synthesized PD: 0.4 = head median, clipped at 1, 0 outside"
 
 
 def test_export_then_synthesize_gives_the_same_volume(phantom_subjects, tmp_path):
@@ -293,10 +304,9 @@ def test_weights_spread_over_ema_and_raw_weights(phantom_subjects, tmp_path):
 
 
 def test_sidecars_say_synthetic_and_name_inputs_weights_normalisation_and_command(phantom_subjects, tmp_path):
-    normalisation = {"method": "healthy-tissue reference", "range": [0, 1]}
-    checkpoint = write_checkpoint(
-        tmp_path / "run", arch="unet", training_data={"dataset": "brats", "normalisation": normalisation}
-    )
+    training_data = current_training_data(dataset="brats")
+    normalisation = training_data["normalisation"]
+    checkpoint = write_checkpoint(tmp_path / "run", arch="unet", training_data=training_data)
     generator = load_generator(checkpoint)
     files = _brats_files(phantom_subjects)
     result = synthesize_volume(generator, {"t1": files["t1"], "t2": files["t2"]}, "flair", spread="flip")
@@ -314,6 +324,10 @@ def test_sidecars_say_synthetic_and_name_inputs_weights_normalisation_and_comman
     assert sidecar["Model"]["Source"] == generator.source
     assert sidecar["Normalisation"]["Training"] == normalisation
     assert set(sidecar["Normalisation"]["Inputs"]) == {"t1", "t2"}
+    t2 = sidecar["Normalisation"]["Inputs"]["t2"]
+    assert t2["low"] == 0 and t2["high"] == 2.5 * t2["median"] and 0 <= t2["clipped_fraction"] <= 1
+    assert sidecar["Intensity"].startswith("the training data's healthy-median scale")
+    assert "0.4 = the subject's median of this contrast within the brain mask" in sidecar["Intensity"]
     assert sidecar["Command"] == "python -m medgan synthesize --spread flip"
     spread = json.loads((tmp_path / "out" / "y_spread.json").read_text())
     assert "not a calibrated uncertainty" in spread["Description"] and len(spread["Variants"]) == 2
@@ -340,3 +354,22 @@ def test_weights_hash_follows_the_weights_not_the_file(tmp_path):
     changed[name].view(-1)[0] += 1e-3
     assert weights_sha256(changed) != weights_sha256(state) == loaded.weights_sha256
     assert weights_sha256({"w": torch.zeros(2, 3)}) != weights_sha256({"w": torch.zeros(3, 2)})
+
+
+def test_synthesize_refuses_a_checkpoint_trained_on_another_normalisation(capsys, phantom_subjects, tmp_path):
+    """Inputs would be scaled as data_prep scales them now, not as the checkpoint learned: one line."""
+    from medgan.__main__ import main
+
+    old_record = {"dataset": "brats", "format_version": 1, "normalisation": FORMAT_1_NORMALISATION}
+    old = write_checkpoint(tmp_path / "old", arch="unet", training_data=old_record)
+    files = _brats_files(phantom_subjects)
+    out = tmp_path / "y.nii.gz"
+    argv = ["synthesize", "--checkpoint", str(old), "--input", f"t1={files['t1']}", "--target", "flair"]
+    assert main([*argv, "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        f"medgan synthesize: error: {old}: trained on shard format 1 (percentile normalisation), but this "
+        "version reads shard format 2 (healthy-median normalisation): retrain on shards made by "
+        "python -m data_prep shard, or use the medgan version it was trained with"
+    )
+    assert not out.exists()
