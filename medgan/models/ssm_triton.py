@@ -47,8 +47,9 @@ def triton_available() -> bool:
 
 
 def interpreting() -> bool:
-    """Whether the kernels run in Triton's interpreter (CPU tensors), as decided when they were defined."""
-    return triton is not None and _INTERPRET_AT_IMPORT
+    """Whether the kernels run in Triton's interpreter (on CPU tensors): Triton decides when a kernel is
+    defined, i.e. by ``TRITON_INTERPRET`` when this module was first imported."""
+    return triton is not None and type(_forward_kernel.fn).__name__ == "InterpretedFunction"
 
 
 _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
