@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO
@@ -91,6 +92,36 @@ def check_triton_against_reference(inputs, delta_softplus, return_last_state, **
 
 
 OPTION_IDS = "D{}-z{}-bias{}-softplus{}-last{}".format
+
+
+def _scan_slices(self, inputs):
+    """Triton's interpreter's ``associative_scan`` with a custom combine: the same left fold along the axis,
+    ``acc_i = combine(acc_{i-1}, x_i)``, over whole slices instead of one Python call per element (the
+    interpreter's own way, which costs about 100 us per element of a [BLOCK_D, n, CHUNK] tile)."""
+    axis, arrays = self.axis, [tensor.handle.data for tensor in inputs]
+    outputs = [np.empty_like(array) for array in arrays]
+    accumulated = None
+    for i in range(arrays[0].shape[axis]):
+        current = tuple(self.to_tensor(np.take(a, i, axis), t.dtype) for a, t in zip(arrays, inputs))
+        if accumulated is None:
+            accumulated = current
+        else:
+            combined = self.combine_fn.fn(*accumulated, *current)
+            accumulated = combined if isinstance(combined, tuple) else (combined,)
+        for output, value in zip(outputs, accumulated):
+            np.moveaxis(output, axis, 0)[i] = value.handle.data
+    return [self.to_tensor(output, tensor.dtype) for output, tensor in zip(outputs, inputs)]
+
+
+@pytest.fixture(autouse=True)
+def fast_interpreter_scan(monkeypatch):
+    """The interpreter scans slice by slice (``_scan_slices``); bitwise the same results, see
+    test_sliced_interpreter_scan_is_bitwise_the_interpreters_own."""
+    if ssm_triton.interpreting():
+        from triton.runtime import interpreter
+
+        if hasattr(getattr(interpreter, "ScanOps", None), "generic_scan"):
+            monkeypatch.setattr(interpreter.ScanOps, "generic_scan", _scan_slices)
 
 
 @needs_triton
@@ -181,6 +212,21 @@ def test_only_some_inputs_require_gradients():
 
 
 @needs_triton
+@pytest.mark.skipif(not ssm_triton.interpreting(), reason="compiled kernels: no interpreter scan to patch")
+def test_sliced_interpreter_scan_is_bitwise_the_interpreters_own(monkeypatch):
+    inputs = mixed_inputs(torch.float32, 1, 3, 2, 19, (True, True, True), groups=None, seed=11)
+    results = []
+    for _ in range(2):
+        leaves = leaf_copies(inputs)
+        out, last = selective_scan_triton(**leaves, delta_softplus=True, return_last_state=True)
+        (out.square().sum() + last.sum()).backward()
+        results.append([out, last] + [leaves[name].grad for name in INPUT_NAMES])
+        monkeypatch.undo()  # the second run: the interpreter's element-by-element scan
+    for name, sliced, own in zip(["out", "last", *INPUT_NAMES], *results):
+        assert torch.equal(sliced, own), name
+
+
+@needs_triton
 def test_fp64_runs_the_chunked_path():
     inputs = make_inputs(2, 4, 3, 30, torch.float64, True, True, True, seed=8, groups=2)
     expected = selective_scan_chunked(**inputs, delta_softplus=True)
@@ -252,3 +298,12 @@ def test_generator_sized_scan_matches_reference(dtype, groups):
 def test_long_sequence_matches_reference():
     inputs = mixed_inputs(torch.float32, 1, 4, 8, 1000, (True, False, True), seed=10)
     check_triton_against_reference(inputs, True, False)
+
+
+@needs_triton
+@runs_kernels
+@pytest.mark.slow
+def test_wide_bf16_scan_matches_reference():
+    """The generator's mix at a larger size: bf16 activations, fp32 A/D/bias, d = 64 in 2 groups, n = 16."""
+    inputs = mixed_inputs(torch.bfloat16, 2, 64, 16, 300, (True, True, True), groups=2, seed=12)
+    check_triton_against_reference(inputs, True, True)
