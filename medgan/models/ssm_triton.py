@@ -20,8 +20,7 @@ saying ``pip install triton``. On the CPU the kernels run only under Triton's in
 (``TRITON_INTERPRET=1`` set before this module is imported), which is how the tests run them.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: Triton 3.0's interpreter needs tl.constexpr annotations as objects
 import os
 
 import torch
