@@ -8,6 +8,7 @@ same upstream gradient through both, the output and every input's gradient compa
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -307,3 +308,26 @@ def test_wide_bf16_scan_matches_reference():
     """The generator's mix at a larger size: bf16 activations, fp32 A/D/bias, d = 64 in 2 groups, n = 16."""
     inputs = mixed_inputs(torch.bfloat16, 2, 64, 16, 300, (True, True, True), groups=2, seed=12)
     check_triton_against_reference(inputs, True, True)
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.skipif(
+    ssm_triton.triton_available()
+    and tuple(int(part) for part in ssm_triton.triton.__version__.split(".")[:2]) < (3, 9),
+    reason="bench/gpu.py --triton-compile is written against Triton 3.9's ASTSource",
+)
+def test_kernels_compile_for_a_gpu_without_one():
+    """The interpreter accepts more than the compiler: both kernels must compile for sm_90, every config."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    command = [sys.executable, "bench/gpu.py", "--triton-compile", "90"]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**env, "PYTHONPATH": str(REPO)}
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| forward", "| backward"))]
+    assert any(row.startswith("| forward") for row in rows), result.stdout
+    assert any(row.startswith("| backward") for row in rows), result.stdout
+    for row in rows:
+        local_bytes = row.split("|")[-2].strip()
+        assert local_bytes == "0", row
