@@ -120,7 +120,7 @@ if triton is not None:
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         KEEP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     ):  # fmt: skip
-        block, batch_group = tl.program_id(0), tl.program_id(1)
+        batch_group, block = tl.program_id(0), tl.program_id(1)
         batch, group = batch_group // groups, batch_group % groups
         per_group = dim // groups
         local = block * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -176,7 +176,7 @@ if triton is not None:
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         HAS_GRAD_LAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     ):  # fmt: skip
-        block, batch_group = tl.program_id(0), tl.program_id(1)
+        batch_group, block = tl.program_id(0), tl.program_id(1)
         batch, group = batch_group // groups, batch_group % groups
         per_group = dim // groups
         local = block * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -193,7 +193,7 @@ if triton is not None:
         grad_last = tl.load(grad_last_ptr + state_offsets, mask=mask_dn, other=0.0) if HAS_GRAD_LAST else None
         projection_rows = (batch_group.to(tl.int64) * dstate + state) * length
         # the partial B and C gradients of this block of channels: [blocks, b * G, n, L]
-        partial_rows = ((block * tl.num_programs(1) + batch_group).to(tl.int64) * dstate + state) * length
+        partial_rows = ((block * tl.num_programs(0) + batch_group).to(tl.int64) * dstate + state) * length
         steps = tl.arange(0, CHUNK)
         first_step = steps[None, None, :] == 0
         last_step = steps[None, None, :] == CHUNK - 1
@@ -296,7 +296,8 @@ class _SelectiveScanTriton(torch.autograd.Function):
         out = torch.empty_like(u)
         boundaries = u.new_empty((batch, dim, n_chunks if keep else 0, dstate), dtype=torch.float32)
         last_state = u.new_empty((batch, dim, dstate), dtype=torch.float32)
-        grid = (triton.cdiv(dim // groups, block_d), batch * groups)
+        # b * G on the first axis: the only one allowed more than 65535 programs
+        grid = (batch * groups, triton.cdiv(dim // groups, block_d))
         _forward_kernel[grid](
             u, delta, A32, B, C, D32, z, bias32,
             out, boundaries, last_state,
@@ -330,7 +331,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         grad_A_partial = u.new_empty((batch, dim, dstate), **fp32)
         grad_D_partial = None if D is None else u.new_empty((batch, dim), **fp32)
         grad_bias_partial = None if delta_bias is None else u.new_empty((batch, dim), **fp32)
-        _backward_kernel[(blocks, batch * groups)](
+        _backward_kernel[(batch * groups, blocks)](
             u, delta, A32, B, C, D32, z, bias32,
             grad_out, grad_last, boundaries,
             grad_u, grad_delta, grad_z, grad_B_partial, grad_C_partial,
