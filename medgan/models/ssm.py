@@ -538,6 +538,16 @@ BACKENDS = ("auto", "mamba", "triton", "chunked")
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
+def _triton_runs_on(u: torch.Tensor) -> bool:
+    """Whether the Triton scan can run on u's GPU: Triton imports, and the GPU is compute capability 7.0 or
+    newer (what torch.compile asks of Triton); checked only for CUDA tensors."""
+    if not _TRITON_INSTALLED or torch.cuda.get_device_capability(u.device) < (7, 0):
+        return False
+    from medgan.models import ssm_triton
+
+    return ssm_triton.triton_available()
+
+
 def selective_scan(
     u,
     delta,
@@ -556,18 +566,18 @@ def selective_scan(
 
     Arguments, shapes, result and dtypes as ``selective_scan_ref`` (which see), grouped B and C included.
     ``backend="auto"`` runs, for ``u`` on a CUDA device, mamba-ssm's kernel when ``mamba_ssm`` is
-    importable, else the Triton kernels (``medgan.models.ssm_triton``) when Triton is installed and u is
-    not fp64; everywhere else ``selective_scan_chunked`` with its default chunk size. A missing extension is
-    not an error and is not logged. ``"mamba"``, ``"triton"`` or ``"chunked"`` forces that path (tests use
-    ``"triton"`` on the CPU under ``TRITON_INTERPRET=1``); a forced path that is not installed raises one
-    line saying what to install.
+    importable, else the Triton kernels (``medgan.models.ssm_triton``) when Triton imports, the GPU is
+    compute capability 7.0 or newer and u is not fp64; everywhere else ``selective_scan_chunked`` with its
+    default chunk size. A missing extension is not an error and is not logged. ``"mamba"``, ``"triton"``
+    or ``"chunked"`` forces that path (tests use ``"triton"`` on the CPU under ``TRITON_INTERPRET=1``); a
+    forced path that is not installed raises one line saying what to install.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "auto" and u.is_cuda:
         if _mamba_selective_scan_fn is not None:
             backend = "mamba"
-        elif u.dtype != torch.float64 and _TRITON_INSTALLED:
+        elif u.dtype != torch.float64 and _triton_runs_on(u):
             backend = "triton"
     if backend == "mamba":
         if _mamba_selective_scan_fn is None:

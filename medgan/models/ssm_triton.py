@@ -13,7 +13,9 @@ backward adds partial sums of the B and C gradients, one per block of channels o
 (``b * d * n * L / BLOCK_D`` elements, ``<= b * d * L`` since ``BLOCK_D >= n`` whenever ``d / G >= n``),
 and ``[b, d, n]`` / ``[b, d]`` partials of the A, D and bias gradients. All reductions over the batch,
 the blocks and the sequence are sums in a fixed order (in registers, then ``torch.sum`` of the partials):
-no atomics, so the gradients are bitwise deterministic run to run.
+no atomics, so the gradients are bitwise deterministic run to run for a given config. ``num_warps``
+changes the order of the sums inside a tile, so processes that autotune to different configs may differ
+in the last bits.
 
 Triton is optional: this module imports without it, and calling the scan without it raises one line
 saying ``pip install triton``. On the CPU the kernels run only under Triton's interpreter
@@ -373,7 +375,8 @@ def selective_scan_triton(
     the pure-PyTorch ``selective_scan_chunked`` (Triton's fp64 is slow on most GPUs and fp64 is for tests).
     ``block_d``: channels per program, a power of 2 (default ``block_sizes``); changes only speed.
 
-    Promises: equal to ``selective_scan_ref`` within fp32 rounding; gradients deterministic (no atomics);
+    Promises: equal to ``selective_scan_ref`` within fp32 rounding; gradients deterministic for a given
+    autotuned config (no atomics);
     kept for the backward, the inputs and ``b * d * n * ceil(L / 16)`` fp32 boundary states.
     Raises RuntimeError in one line when Triton is missing or the tensors are on the CPU outside the
     interpreter.
