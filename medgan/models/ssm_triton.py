@@ -103,6 +103,16 @@ if triton is not None:
         return 1.0 / (1.0 + tl.exp(-x))
 
     @triton.jit
+    def _store_rounded(pointers, value, mask):
+        """Store fp32 ``value`` in the pointers' dtype. bf16 is rounded to nearest even by hand: a GPU's
+        conversion does that already, Triton's interpreter truncates (errors of a whole bf16 step)."""
+        if pointers.dtype.element_ty == tl.bfloat16:
+            bits = value.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            value = bits.to(tl.float32, bitcast=True)
+        tl.store(pointers, value.to(pointers.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _load_steps(delta_ptr, offsets, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
         """(pre-softplus input, effective step) of a [BLOCK_D, CHUNK] slab; the step is 0 where masked."""
         raw = tl.load(delta_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -163,7 +173,7 @@ if triton is not None:
             if HAS_Z:
                 z = tl.load(z_ptr + offsets, mask=mask_dt, other=0.0).to(tl.float32)
                 y = y * z * _sigmoid(z)
-            tl.store(out_ptr + offsets, y, mask=mask_dt)
+            _store_rounded(out_ptr + offsets, y, mask_dt)
             # steps past the end have delta = 0 and pass the state through: the last one is h_{L-1}
             h = tl.sum(tl.where(steps[None, None, :] == CHUNK - 1, states, 0.0), axis=2)
         tl.store(last_ptr + rows[:, None] * dstate + state[None, :], h, mask=mask_dn)
@@ -237,7 +247,7 @@ if triton is not None:
                 gate = _sigmoid(z)
                 # d silu(z) / dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
                 grad_z = grad_y * y * gate * (1.0 + z * (1.0 - gate))
-                tl.store(grad_z_ptr + offsets, grad_z, mask=mask_dt)
+                _store_rounded(grad_z_ptr + offsets, grad_z, mask_dt)
                 grad_y = grad_y * z * gate
             if HAS_D:
                 grad_D += tl.sum(grad_y * u, axis=1)
@@ -255,7 +265,7 @@ if triton is not None:
             grad_u = grad_drive * delta
             if HAS_D:
                 grad_u += D[:, None] * grad_y
-            tl.store(grad_u_ptr + offsets, grad_u, mask=mask_dt)
+            _store_rounded(grad_u_ptr + offsets, grad_u, mask_dt)
             grad_delta = grad_drive * u + tl.sum(grad_decayed * A[:, :, None], axis=1)
             grad_A += tl.sum(grad_decayed * delta[:, None, :], axis=2)
             if SOFTPLUS:
@@ -263,7 +273,7 @@ if triton is not None:
             grad_delta = tl.where(mask_dt, grad_delta, 0.0)
             if HAS_BIAS:
                 grad_bias += tl.sum(grad_delta, axis=1)
-            tl.store(grad_delta_ptr + offsets, grad_delta, mask=mask_dt)
+            _store_rounded(grad_delta_ptr + offsets, grad_delta, mask_dt)
             partial = partial_rows[:, None] + t[None, :]
             tl.store(grad_B_ptr + partial, tl.sum(grad_states * delta_u[:, None, :], axis=0), mask=mask_nt)
             tl.store(grad_C_ptr + partial, tl.sum(states * grad_y[:, None, :], axis=0), mask=mask_nt)
