@@ -31,7 +31,8 @@ needs_triton = pytest.mark.skipif(
 )
 runs_kernels = pytest.mark.skipif(
     not (ssm_triton.interpreting() or HAS_CUDA_KERNELS),
-    reason="Triton was imported before TRITON_INTERPRET=1 was set and there is no GPU: run this file alone",
+    reason="no GPU, and the kernels were defined without TRITON_INTERPRET=1 (set by tests/conftest.py "
+    "unless something imported Triton first, or TRITON_INTERPRET was set otherwise)",
 )
 DEVICE = torch.device("cuda" if HAS_CUDA_KERNELS else "cpu")
 
