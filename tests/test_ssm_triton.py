@@ -144,6 +144,32 @@ def test_fp16_activations_match_reference():
     check_triton_against_reference(inputs, True, True)
 
 
+if ssm_triton.triton_available():
+
+    @ssm_triton.triton.jit
+    def _store_rounded_kernel(bits_ptr, out_ptr):
+        offsets = ssm_triton.tl.arange(0, 8)
+        bits = ssm_triton.tl.load(bits_ptr + offsets)
+        ssm_triton._store_rounded(
+            out_ptr + offsets, bits.to(ssm_triton.tl.float32, bitcast=True), offsets < 8
+        )
+
+
+@needs_triton
+@runs_kernels
+def test_bf16_stores_round_to_nearest_even_and_keep_nan_and_inf():
+    """Among them a GPU's NaN, 0x7FFFFFFF: rounding up its bits alone would make it -0.0."""
+    values = torch.tensor(
+        [1 + 2**-9, 1 + 3 * 2**-9, -(1 + 2**-8 + 2**-10), 3.4e38, float("inf"), -float("inf")]
+    )
+    bits = torch.cat([values.view(torch.int32), torch.tensor([0x7FFFFFFF, 0x7FC00000], dtype=torch.int32)])
+    out = torch.empty(8, dtype=torch.bfloat16, device=DEVICE)
+    _store_rounded_kernel[(1,)](bits.to(DEVICE), out)
+    expected = bits.view(torch.float32).to(torch.bfloat16)  # torch rounds to nearest even
+    assert torch.equal(out.cpu()[:6], expected[:6]), (out, expected)
+    assert out.cpu()[6:].isnan().all(), out
+
+
 @needs_triton
 @runs_kernels
 @pytest.mark.parametrize("length", [1, CHUNK - 1, CHUNK, CHUNK + 1])

@@ -109,7 +109,8 @@ if triton is not None:
         if pointers.dtype.element_ty == tl.bfloat16:
             bits = value.to(tl.uint32, bitcast=True)
             bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-            value = bits.to(tl.float32, bitcast=True)
+            # NaNs stay NaN: the bias would carry a GPU's NaN (0x7FFFFFFF) into the sign bit, -0.0
+            value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
         tl.store(pointers, value.to(pointers.dtype.element_ty), mask=mask)
 
     @triton.jit
