@@ -573,7 +573,9 @@ def main() -> None:
         cpu_generator_table(generator, args.size, args.old_commit)
         return
     if args.triton_compile:
-        triton_compile_table(args.triton_compile, FULL["scan_shape"])
+        with tempfile.TemporaryDirectory(prefix="bench-triton-cache-") as cache:
+            os.environ["TRITON_CACHE_DIR"] = cache  # compiled, not loaded from an earlier run's cache
+            triton_compile_table(args.triton_compile, FULL["scan_shape"])
         return
     settings = DRY if args.dry_run else FULL
     if args.dry_run:
