@@ -145,14 +145,16 @@ def test_fp16_activations_match_reference():
 
 
 if ssm_triton.triton_available():
+    import triton
+    import triton.language as tl
 
-    @ssm_triton.triton.jit
+    from medgan.models.ssm_triton import _store_rounded
+
+    @triton.jit
     def _store_rounded_kernel(bits_ptr, out_ptr):
-        offsets = ssm_triton.tl.arange(0, 8)
-        bits = ssm_triton.tl.load(bits_ptr + offsets)
-        ssm_triton._store_rounded(
-            out_ptr + offsets, bits.to(ssm_triton.tl.float32, bitcast=True), offsets < 8
-        )
+        offsets = tl.arange(0, 8)
+        bits = tl.load(bits_ptr + offsets)
+        _store_rounded(out_ptr + offsets, bits.to(tl.float32, bitcast=True), offsets < 8)
 
 
 @needs_triton
