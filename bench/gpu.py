@@ -4,18 +4,23 @@
     python bench/gpu.py --dry-run    # the whole script on the CPU with tiny shapes (the test suite runs it)
 
     python bench/gpu.py --cpu-generator [--size 128] [--threads 1] [--old-commit 91bb81f]   # on the CPU
+    python bench/gpu.py --triton-compile 90    # compile the Triton scan for sm_90 here, without a GPU
 
 Needs only torch, pyyaml and ``medgan.models``: a bare GPU machine has no DeepSpeed, data or network.
 
 1. **Correctness on the device.** ``selective_scan`` (the dispatch: mamba-ssm's kernel where it is
-   installed) and ``selective_scan_chunked`` against ``selective_scan_ref``, forward and every input's
-   gradient, fp32, with B and C plain and grouped. A mismatch stops the script with exit status 1.
+   installed, else the Triton kernels where Triton is), ``selective_scan_chunked`` and, on a GPU, the
+   Triton scan against ``selective_scan_ref``, forward and every input's gradient, fp32, with B and C
+   plain and grouped. A mismatch stops the script with exit status 1, before anything is timed.
 2. **Peak rate.** The device's measured bf16 matmul rate (square matmuls), beside its datasheet dense
    bf16 figure where the device is known.
-3. **The scan.** Every available path (``chunked``, pure PyTorch; ``mamba-ssm`` when importable), forward
+3. **The scan.** Every available path (``chunked``, pure PyTorch; ``triton`` when Triton is installed;
+   ``mamba-ssm`` when importable), forward
    and forward + backward: median time and peak memory growth (``torch.cuda.max_memory_allocated`` over
    what was allocated before) for L = 1k..64k, bf16 u, delta, B, C as the bf16 generator passes them.
    The default b, d, n are those of brats.yaml's first SSM stage for 2 images (4 directions each).
+   Before the table, the Triton scan's first call with an empty kernel cache (compile and autotune, forward
+   and backward, one shape family: keyed on d and n, not L), a second call, and a call at another L.
 4. **Generator step.** brats.yaml's generator (``ssm``; ``ssm`` with ``checkpoint_stages``; the
    parameter-matched ``unet``) at 256 x 256, bf16 weights and activations with fp32 master weights and
    Adam (as DeepSpeed's bf16 mode keeps them): forward, L1 loss, backward, Adam step, for batch 1, 2, 4,
@@ -31,6 +36,11 @@ call is counted analytically: per element of ``[b, d, L, n]``, 7 FLOPs forward (
 ``checkpoint_stages`` is not counted (model FLOPs, not hardware FLOPs). MFU = model FLOPs per image x
 images/s / peak, against the measured matmul rate and against the datasheet figure.
 
+``--triton-compile SM`` compiles the Triton scan's kernels for CUDA ``sm_SM`` on this machine (no GPU
+needed): per autotune config, seconds to compile, registers per thread and the stack and local memory per
+thread (spills land there; Triton's bundled ``cuobjdump``), for the default scan shape, bf16 activations.
+Written against Triton 3.9's ``ASTSource`` API.
+
 ``--cpu-generator`` measures instead, on the CPU in fp32, what issue 12 measured: brats.yaml's generator
 (``ssm``, ``ssm`` with ``checkpoint_stages``, the matched ``unet``), one ``size x size`` sample,
 ``g(x, available, target).mean().backward()`` after a 32 x 32 warm-up, best of two (wall clock, and this
@@ -45,9 +55,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -175,8 +188,21 @@ def forward_backward(scan, inputs, upstream):
     return out, {name: leaf.grad for name, leaf in leaves.items()}
 
 
+def triton_on(device: torch.device) -> bool:
+    """Whether the Triton scan compiles for ``device``: a GPU, Triton installed and not interpreting."""
+    if device.type != "cuda" or not ssm._TRITON_INSTALLED:
+        return False
+    from medgan.models import ssm_triton
+
+    return not ssm_triton.interpreting()
+
+
 def scan_paths(device: torch.device) -> dict:
     paths = {"chunked": ssm.selective_scan_chunked}
+    if triton_on(device):
+        from medgan.models.ssm_triton import selective_scan_triton
+
+        paths["triton"] = selective_scan_triton
     if device.type == "cuda" and ssm._mamba_selective_scan_fn is not None:
         paths["mamba-ssm"] = ssm._mamba_selective_scan_fn
     return paths
@@ -229,6 +255,84 @@ def datasheet_tflops(device: torch.device) -> float | None:
 
 def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error)
+
+
+def triton_first_calls(device: torch.device, settings: dict) -> None:
+    """Seconds of the Triton scan's first forward + backward (an empty kernel cache: compile and autotune
+    both kernels), of a second call, and of a call at 4x the length (no recompile: keyed on d and n)."""
+    from medgan.models.ssm_triton import selective_scan_triton
+
+    batch, dim, dstate = settings["scan_shape"]
+    length = settings["scan_lengths"][0]
+    cells = []
+    for steps in (length, length, 4 * length):
+        inputs = scan_inputs(batch, dim, dstate, steps, device, torch.bfloat16)
+        upstream = torch.randn(batch, dim, steps, device=device, dtype=torch.bfloat16)
+        synchronize(device)
+        start = time.perf_counter()
+        forward_backward(selective_scan_triton, inputs, upstream)
+        synchronize(device)
+        cells.append(time.perf_counter() - start)
+    print(
+        f"\nTriton scan, b={batch} d={dim} n={dstate}, bf16, fwd+bwd: first call (compile + autotune) "
+        f"{cells[0]:.1f} s at L={length}; second call {1e3 * cells[1]:.1f} ms; "
+        f"L={4 * length} {1e3 * cells[2]:.1f} ms"
+    )
+
+
+ACTIVATION_POINTERS = {"u", "delta", "B", "C", "z", "out", "grad_out", "grad_u", "grad_delta", "grad_z"}
+
+
+def triton_compile_table(arch: int, shape: tuple[int, int, int]) -> None:
+    """Compile both Triton kernels for CUDA ``sm_<arch>`` here, for every autotune config (the docstring)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from medgan.models import ssm_triton
+
+    if ssm_triton.interpreting():
+        sys.exit("error: TRITON_INTERPRET=1 is set; unset it to compile the kernels")
+    # the cubin Triton made, read by its bundled cuobjdump (its plain ptxas is older than the PTX it emits)
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    _, dim, dstate = shape
+    block_d, block_n = ssm_triton.block_sizes(dim, dstate, 1)
+    options = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=block_d, BLOCK_N=block_n)
+    options["CHUNK"] = ssm_triton.CHUNK
+    print(f"## Triton {triton.__version__} scan kernels for sm_{arch}: d={dim} n={dstate}, BLOCK_D={block_d}")
+    print("| kernel | num_warps | num_stages | compile s | registers | stack bytes | local bytes |")
+    print("|---|---|---|---|---|---|---|")
+    for name, kernel, extra in (
+        ("forward", ssm_triton._forward_kernel, {"KEEP": True}),
+        ("backward", ssm_triton._backward_kernel, {"HAS_GRAD_LAST": False, "grad_last_ptr": None}),
+    ):
+        fn, constants = kernel.fn, {**options, **extra}
+        signature = {}
+        for arg in fn.arg_names:
+            if arg in constants:
+                signature[arg] = "constexpr"
+            elif arg.endswith("_ptr"):
+                signature[arg] = "*bf16" if arg.removesuffix("_ptr") in ACTIVATION_POINTERS else "*fp32"
+            else:
+                signature[arg] = "i32"
+        constexprs = {(fn.arg_names.index(arg),): value for arg, value in constants.items()}
+        for config in kernel.configs:
+            source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            start = time.perf_counter()
+            compiled = triton.compile(
+                source,
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+            )
+            seconds = time.perf_counter() - start
+            with tempfile.TemporaryDirectory() as folder:
+                cubin = Path(folder) / "kernel.cubin"
+                cubin.write_bytes(compiled.asm["cubin"])
+                usage = subprocess.run(
+                    [str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True
+                ).stdout
+            resources = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
+            usage = " | ".join(resources.get(key, "-") for key in ("REG", "STACK", "LOCAL"))
+            print(f"| {name} | {config.num_warps} | {config.num_stages} | {seconds:.2f} | {usage} |")
 
 
 def scan_table(device: torch.device, settings: dict) -> None:
@@ -452,6 +556,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="image size of --cpu-generator")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of --cpu-generator")
     parser.add_argument("--old-commit", default=None, help="--cpu-generator: also ssm with the scan of then")
+    parser.add_argument("--triton-compile", type=int, metavar="SM", help="compile the Triton scan for sm_SM")
     parser.add_argument("--cpu-generator-child", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
     parser.add_argument("--scan-at", metavar="COMMIT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -467,6 +572,11 @@ def main() -> None:
         generator = yaml.safe_load(Path(args.config).read_text())["model"]["generator"]
         cpu_generator_table(generator, args.size, args.old_commit)
         return
+    if args.triton_compile:
+        with tempfile.TemporaryDirectory(prefix="bench-triton-cache-") as cache:
+            os.environ["TRITON_CACHE_DIR"] = cache  # compiled, not loaded from an earlier run's cache
+            triton_compile_table(args.triton_compile, FULL["scan_shape"])
+        return
     settings = DRY if args.dry_run else FULL
     if args.dry_run:
         device = torch.device("cpu")
@@ -474,12 +584,15 @@ def main() -> None:
         torch.set_num_threads(1)
     elif torch.cuda.is_available():
         device = torch.device("cuda")
+        # an empty kernel cache, so that the Triton scan's first call shows its compile time
+        os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="bench-triton-cache-"))
     else:
         sys.exit("error: no CUDA device; run with --dry-run to check the script on the CPU")
     started = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     print(f"# bench/gpu.py on {name}, torch {torch.__version__}, mamba-ssm kernel: "
-          f"{'yes' if ssm._mamba_selective_scan_fn is not None else 'no'}")  # fmt: skip
+          f"{'yes' if ssm._mamba_selective_scan_fn is not None else 'no'}, Triton scan: "
+          f"{'yes' if triton_on(device) else 'no'}")  # fmt: skip
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_BYTES / total), device)
@@ -495,6 +608,8 @@ def main() -> None:
           f"datasheet {'-' if datasheet is None else f'{datasheet:.1f}'} TFLOP/s dense")  # fmt: skip
 
     if not args.skip_scan:
+        if triton_on(device):
+            triton_first_calls(device, settings)
         scan_table(device, settings)
 
     if not args.skip_generator:

@@ -16,6 +16,14 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# Without a GPU, Triton's interpreter runs the Triton scan on CPU tensors (tests/test_ssm_triton.py). Triton
+# reads the switch when a kernel is defined, so it is set here, before any test module can import Triton.
+if "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 def run_module(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m ...`` as a user would, failing the test with its output when it fails."""

@@ -12,13 +12,15 @@ Shapes: ``u, delta, z: [b, d, L]``; ``A: [d, n]`` (real, normally negative); ``B
 grouped ``[b, G, n, L]`` with ``d`` divisible by ``G``, channel ``i`` reading group ``i // (d // G)``
 (``G = 1`` is the ungrouped form); ``D, delta_bias: [d]``; the last state ``h_L: [b, d, n]``.
 
-``selective_scan`` calls mamba-ssm's CUDA kernel when it is installed and the tensors are on a GPU, and
-``selective_scan_chunked`` (pure PyTorch, any device) otherwise. ``selective_scan_ref`` is the plain
-sequential recurrence that the tests hold the fast path equal to.
+``selective_scan`` calls, for tensors on a GPU, mamba-ssm's CUDA kernel when it is installed, else the
+Triton kernels of ``medgan.models.ssm_triton`` when Triton is; ``selective_scan_chunked`` (pure PyTorch,
+any device) otherwise. ``selective_scan_ref`` is the plain sequential recurrence that the tests hold the
+fast paths equal to.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -29,7 +31,7 @@ try:
 except (ImportError, OSError):  # the CUDA extension is optional: pure PyTorch is the documented fallback
     _mamba_selective_scan_fn = None
 
-__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_ref", "default_chunk_size"]
+__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_ref", "default_chunk_size", "BACKENDS"]
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> int:
@@ -531,18 +533,60 @@ def selective_scan_chunked(
     )
 
 
+BACKENDS = ("auto", "mamba", "triton", "chunked")
+# looked up, not imported: importing Triton costs a second and the CPU default never needs it
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def _triton_runs_on(u: torch.Tensor) -> bool:
+    """Whether the Triton scan can run on u's GPU: Triton imports, and the GPU is compute capability 7.0 or
+    newer (what torch.compile asks of Triton); checked only for CUDA tensors."""
+    if not _TRITON_INSTALLED or torch.cuda.get_device_capability(u.device) < (7, 0):
+        return False
+    from medgan.models import ssm_triton
+
+    return ssm_triton.triton_available()
+
+
 def selective_scan(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    *,
+    backend: str = "auto",
 ):
-    """The selective scan: mamba-ssm's CUDA kernel where available, else the pure-PyTorch fast path.
+    """The selective scan: the fastest path available for the tensors' device.
 
     Arguments, shapes, result and dtypes as ``selective_scan_ref`` (which see), grouped B and C included.
-    The CUDA kernel is used when ``mamba_ssm`` is importable and ``u`` is on a CUDA device; otherwise
-    ``selective_scan_chunked`` with its default chunk size. A missing extension is not an error and is
-    not logged.
+    ``backend="auto"`` runs, for ``u`` on a CUDA device, mamba-ssm's kernel when ``mamba_ssm`` is
+    importable, else the Triton kernels (``medgan.models.ssm_triton``) when Triton imports, the GPU is
+    compute capability 7.0 or newer and u is not fp64; everywhere else ``selective_scan_chunked`` with its
+    default chunk size. A missing extension is not an error and is not logged. ``"mamba"``, ``"triton"``
+    or ``"chunked"`` forces that path (tests use ``"triton"`` on the CPU under ``TRITON_INTERPRET=1``); a
+    forced path that is not installed raises one line saying what to install.
     """
-    if _mamba_selective_scan_fn is not None and u.is_cuda:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "auto" and u.is_cuda:
+        if _mamba_selective_scan_fn is not None:
+            backend = "mamba"
+        elif u.dtype != torch.float64 and _triton_runs_on(u):
+            backend = "triton"
+    if backend == "mamba":
+        if _mamba_selective_scan_fn is None:
+            raise RuntimeError("backend='mamba' needs mamba-ssm's CUDA kernel: pip install mamba-ssm")
         return _mamba_selective_scan_fn(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
         )
+    if backend == "triton":
+        from medgan.models.ssm_triton import selective_scan_triton
+
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
