@@ -37,6 +37,7 @@ def test_missing_evaluation_is_one_line(tmp_path):
         write_report(tmp_path, tmp_path / "report.html")
 
 
+@pytest.mark.slow
 def test_all_subsets_scores_28_cells_and_draws_the_matrix(phantom_shards, tmp_path):
     generator = load_generator(write_checkpoint(tmp_path / "any", arch="unet"))  # trained for target any
     subjects = ShardSubjects(phantom_shards, "test", generator.modalities)
