@@ -39,7 +39,7 @@ def make_batch(batch=2, height=24, width=20, seed=0):
 @pytest.mark.parametrize("height, width", [(16, 16), (24, 20), (17, 33), (5, 7)])
 def test_generator_output_shape_and_range(arch, height, width):
     torch.manual_seed(0)
-    model = build_generator(GeneratorConfig(arch=arch, **SMALL))
+    model = build_generator(GeneratorConfig(arch=arch, **SMALL)).eval()
     images, available, target_index = make_batch(height=height, width=width)
     out = model(images, available, target_index)
     assert out.shape == (2, 1, height, width)
