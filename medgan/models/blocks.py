@@ -175,9 +175,8 @@ class MultiDirectionS6(nn.Module):
         sequences = _directional_sequences(u, self.directions)  # [B, K, D, L]
         length = height * width
         folded = sequences.reshape(batch, -1, length)  # [B, K * D, L]: direction k is channel group k
-        skip = folded * self.D.to(folded.dtype)[:, None]
         if self.scan_off:
-            y = skip
+            y = folded * self.D.to(folded.dtype)[:, None]
         else:
             projected = torch.einsum("bkdl,kcd->bkcl", sequences, self.x_proj)
             dt, B, C = projected.split([self.dt_rank, self.d_state, self.d_state], dim=2)
@@ -196,6 +195,7 @@ class MultiDirectionS6(nn.Module):
                 delta_softplus=True,
             )
             if self.record_scan_share:
+                skip = folded * self.D.to(folded.dtype)[:, None]
                 self.scan_share = _rms(scan) / max(_rms(skip), 1e-12)
                 scan = scan + skip
             y = scan
