@@ -3,10 +3,12 @@
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import REPO
 
 
+@pytest.mark.slow  # end to end: two fresh interpreters, about 6-11 s on 2 cores
 def test_generator_bench_prints_ratios_against_the_unet(tmp_path):
     generator = {
         "base_channels": 8, "depth": 2, "ssm_levels": [1], "ssm_state": 4, "ssm_expand": 1,
