@@ -249,8 +249,9 @@ class MultiScaleS6(nn.Module):
 
 
 class SSMStage(nn.Module):
-    """Pre-norm residual S6 mixing followed by a pre-norm residual convolutional feed-forward, each branch
-    scaled by a learned per-channel :class:`LayerScale` (the stage starts close to the identity)."""
+    """Pre-norm residual S6 mixing followed by a pre-norm residual convolutional feed-forward (per-token
+    LayerNorm, as VMamba's and MambaIR's blocks), each branch scaled by a learned per-channel
+    :class:`LayerScale` (the stage starts close to the identity)."""
 
     def __init__(
         self,
@@ -263,10 +264,10 @@ class SSMStage(nn.Module):
         scan_off: bool = False,
     ):
         super().__init__()
-        self.norm_mix = norm_layer(channels)
+        self.norm_mix = ChannelLayerNorm(channels)
         self.mix = MultiScaleS6(channels, scales, d_state, expand, directions, scan_off=scan_off)
         self.scale_mix = LayerScale(channels)
-        self.norm_ffn = norm_layer(channels)
+        self.norm_ffn = ChannelLayerNorm(channels)
         self.ffn = nn.Sequential(
             nn.Conv2d(channels, 2 * channels, 1),
             nn.SiLU(),
@@ -314,7 +315,8 @@ def sinusoidal_positions(channels: int, height: int, width: int, dtype: torch.dt
 
 
 class NonLocalAttention(nn.Module):
-    """Multi-head self-attention over all ``H * W`` positions (Wang et al. 2018), pre-norm and residual.
+    """Multi-head self-attention over all ``H * W`` positions (Wang et al. 2018), pre-norm (per-token
+    LayerNorm) and residual.
 
     Fixed 2D sine-cosine positions are added to the normalised input of the projections (as ViT adds its
     position embedding to the tokens), so the output depends on where a token is: without them the block
@@ -329,7 +331,7 @@ class NonLocalAttention(nn.Module):
         if channels % 4:
             raise ValueError(f"channels={channels} must be a multiple of 4 (2D sine-cosine positions)")
         self.heads = heads
-        self.norm = norm_layer(channels)
+        self.norm = ChannelLayerNorm(channels)
         # default (width-independent) init for q, k and v: trunc normal 0.02 would make a narrow block's
         # attention uniform at init; the projection back starts small instead
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
