@@ -2,12 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from medgan.data import SliceStream, TaskSpec, make_loader
 from medgan.models.conditioning import MODALITIES
-from medgan.shards import DataError, read_split
+from medgan.shards import DataError, raw_samples, read_split
 
 CANONICAL = list(MODALITIES)
 
@@ -181,3 +182,12 @@ def test_validation_batches_carry_the_segmentation(phantom_shards):
     batches = list(make_loader(stream(split, train=False, random_flips=False), 0))
     seg = torch.cat([b["seg"] for b in batches])
     assert seg.dtype == torch.uint8 and seg.shape == torch.cat([b["mask"] for b in batches]).shape
+
+
+def test_a_slice_without_segmentation_gets_an_all_zero_seg(phantom_shards):
+    split = read_split(phantom_shards, "val")
+    raw = next(iter(raw_samples(list(split.shards))))
+    raw.pop("seg.npy", None)
+    sample = stream(split, train=False, random_flips=False)._convert(raw, np.random.default_rng(0), 0)
+    assert sample["seg"].dtype == np.uint8 and sample["seg"].shape == sample["mask"].shape
+    assert not sample["seg"].any()
