@@ -108,7 +108,12 @@ class DataConfig:
 @dataclass(kw_only=True, slots=True)
 class TrainingConfig:
     """Optimisation. The LR schedule is the seed's constant-then-step decay (every ``lr_decay_epoch``
-    epochs multiply by ``lr_decay_factor``) or ``linear`` decay to zero over the second half of training."""
+    epochs multiply by ``lr_decay_factor``) or ``linear`` decay to zero over the second half of training.
+
+    ``tumour_l1_weight`` (``w >= 0``): the generator's L1 is ``mean(weight * |fake - real|)`` over every
+    pixel of the batch, with ``weight = 1 + w`` where the segmentation is non-zero (any tumour label) and 1
+    elsewhere (and everywhere on a slice without a segmentation); ``w = 0`` is the plain mean L1.
+    """
 
     epochs: int = 100
     max_steps: int = 0
@@ -120,6 +125,7 @@ class TrainingConfig:
     lr_decay_factor: float = 0.5
     gan_loss: str = "lsgan"
     l1_weight: float = 100.0
+    tumour_l1_weight: float = 0.0
     ema: bool = True
     ema_decay: float = 0.999
     seed: int = 0
@@ -145,6 +151,9 @@ class TrainingConfig:
         )
         _check_choice(self.gan_loss, "training.gan_loss", ("lsgan", "hinge"))
         _check(self.l1_weight >= 0, "training.l1_weight", f"{self.l1_weight} must be >= 0")
+        _check(
+            self.tumour_l1_weight >= 0, "training.tumour_l1_weight", f"{self.tumour_l1_weight} must be >= 0"
+        )
         _check(0 < self.ema_decay < 1, "training.ema_decay", f"{self.ema_decay} must be in (0, 1)")
         _check(self.val_every_steps >= 1, "training.val_every_steps", f"{self.val_every_steps} must be >= 1")
         _check(self.val_max_batches >= 0, "training.val_max_batches", f"{self.val_max_batches} must be >= 0")

@@ -74,7 +74,8 @@ LEFT_RIGHT_AXIS = -2
 
 class SliceStream(IterableDataset):
     """Batches ``dict(images [B,M,H,W], available [B,M], target_index [B], target [B,1,H,W], mask [B,1,H,W],
-    key)`` in the canonical modality order (float32 in ``[0, 1]``).
+    seg [B,1,H,W], key)`` in the canonical modality order (images float32 in ``[0, 1]``; ``seg`` uint8
+    BraTS labels, all zero where a subject has no segmentation; flips flip it with the images).
 
     ``train=True``: seeded shuffling, random tasks and flips, endless (the caller counts steps).
     ``train=False``: one pass in shard order, deterministic tasks, every sample exactly once across ranks.
@@ -150,7 +151,7 @@ class SliceStream(IterableDataset):
             yield buffer.pop(int(rng.integers(len(buffer))))
 
     def _convert(self, raw: dict[str, Any], rng: np.random.Generator, index: int) -> dict[str, Any] | None:
-        sample = self.channels.decode(raw)
+        sample = self.channels.decode(raw, with_seg=True)
         choice = (
             _choose_task(sample.present, self.task, rng)
             if self.train
@@ -160,10 +161,12 @@ class SliceStream(IterableDataset):
             return None
         inputs, target = choice
         images, mask = sample.images, sample.mask.astype(np.float32)[None]
+        seg = (np.zeros_like(sample.mask) if sample.seg is None else sample.seg).astype(np.uint8)[None]
         if self.train and self.random_flips and rng.random() < 0.5:
             # left-right flips keep anatomy plausible (the brain is roughly symmetric); front-back would not
             images = np.flip(images, LEFT_RIGHT_AXIS).copy()
             mask = np.flip(mask, LEFT_RIGHT_AXIS).copy()
+            seg = np.flip(seg, LEFT_RIGHT_AXIS).copy()
         available = np.zeros(len(self.canonical), dtype=bool)
         available[inputs] = True
         return {
@@ -172,6 +175,7 @@ class SliceStream(IterableDataset):
             "target_index": np.int64(target),
             "target": images[target : target + 1].copy(),
             "mask": mask,
+            "seg": seg,
             "key": sample.key,
             "subject": sample.subject,
             "slice": np.int64(sample.info["slice"]),

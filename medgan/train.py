@@ -38,7 +38,7 @@ from medgan.distributed import (
 from medgan.ema import ExponentialMovingAverage, gathered_parameters
 from medgan.models.conditioning import condition_stack
 from medgan.models.discriminator import PatchDiscriminator
-from medgan.models.generator import build_generator, count_parameters
+from medgan.models.generator import build_generator, count_parameters, recording_scan_share
 from medgan.scoring import METRICS, MODEL, SliceScore, per_subject_means, slice_scores, summarize_scores
 from medgan.shards import DataError, ShardFolder
 from medgan.tracking import SilentReporter, image_grid, make_reporter
@@ -99,6 +99,16 @@ def generator_adversarial_loss(kind: str, fake_logits: torch.Tensor) -> torch.Te
     if kind == "hinge":
         return -fake_logits.mean()
     return ((fake_logits - 1) ** 2).mean()
+
+
+def weighted_l1(fake: torch.Tensor, real: torch.Tensor, seg: torch.Tensor | None, tumour_weight: float):
+    """``mean(weight * |fake - real|)`` over all pixels, ``weight = 1 + tumour_weight`` where ``seg > 0``
+    and 1 elsewhere (``training.tumour_l1_weight``); ``tumour_weight = 0`` or no ``seg`` is the plain mean.
+    ``fake, real [B, 1, H, W]``, ``seg [B, 1, H, W]`` (any integer labels) or None; computed in fp32."""
+    error = (fake.float() - real.float()).abs()
+    if tumour_weight == 0 or seg is None:
+        return error.mean()
+    return (error * (1 + tumour_weight * (seg > 0).float())).mean()
 
 
 def _rng_states() -> dict[str, Any]:
@@ -383,7 +393,9 @@ class GANTrainer:
             parameter.requires_grad_(False)
         with timer("g_adversarial_forward"):
             adversarial = generator_adversarial_loss(kind, discriminator(condition, fake))
-            l1 = (fake.float() - real.float()).abs().mean()
+            # the L1 sees the unclamped output, so values outside [0, 1] are pulled back; D sees it too
+            # (a fake outside the real's range is then an easy tell, a second pull back into range)
+            l1 = weighted_l1(fake, real, batch.get("seg"), self.config.training.tumour_l1_weight)
             g_loss = adversarial + self.config.training.l1_weight * l1
         with timer("g_backward"):
             self.g_engine.backward(g_loss)
@@ -415,17 +427,22 @@ class GANTrainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Masked PSNR/SSIM/MAE of the EMA generator on the val split (each rank a share): the mean and
-        std over slices, and a per-subject table in W&B."""
+        std over slices, and a per-subject table in W&B; ``model/scan_share/<block>``: each S6 block's
+        ``rms(scan term) / rms(D * u)`` on this rank's first validation batch."""
         model = self._evaluation_generator()
         rows: list[SliceScore] = []
+        shares: dict[str, float] = {}
         for index, batch in enumerate(make_loader(self.slice_stream(train=False), 0)):
             if self.config.training.val_max_batches and index >= self.config.training.val_max_batches:
                 break
-            fake = model(
-                batch["images"].to(self.device),
-                batch["available"].to(self.device),
-                batch["target_index"].to(self.device),
-            )
+            # each S6 block's scan share, rms(scan term) / rms(D * u), on the first batch only (cheap)
+            with recording_scan_share(model) if index == 0 else contextlib.nullcontext(shares) as recorded:
+                fake = model(
+                    batch["images"].to(self.device),
+                    batch["available"].to(self.device),
+                    batch["target_index"].to(self.device),
+                )
+            shares = recorded
             scores = slice_scores(fake.float().cpu()[:, 0], batch["target"][:, 0], batch["mask"][:, 0] > 0.5)
             for i, subject in enumerate(batch["subject"]):
                 target = self.canonical[int(batch["target_index"][i])]
@@ -442,6 +459,7 @@ class GANTrainer:
                 )
         all_rows = [row for rank_rows in all_gather_objects(rows) for row in rank_rows]
         summary: dict[str, float] = {"val/slices": len(all_rows)}
+        summary.update({f"model/scan_share/{name}": share for name, share in shares.items()})
         for name, values in summarize_scores(all_rows).items():
             summary[f"val/{name}"] = values["mean"]
             summary[f"val/{name}_std"] = values["std"]

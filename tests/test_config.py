@@ -64,6 +64,8 @@ def test_round_trip_through_yaml(tmp_path):
         (["--deepspeed.zero_stage", "4"], "deepspeed.zero_stage: 4"),
         (["--deepspeed.precision", "fp8"], "deepspeed.precision: 'fp8'"),
         (["--training.lr_g", "-1"], "training.lr_g: -1.0"),
+        (["--training.tumour_l1_weight", "-2"], "training.tumour_l1_weight: -2.0 must be >= 0"),
+        (["--model.generator.ssm_directions", "3"], "model.generator.ssm_directions: 3 must be 1, 2 or 4"),
         (["--training.lr_g", "fast"], "training.lr_g: 'fast' is not a number"),
         (["--data.batch_size", "2.5"], "data.batch_size: '2.5' is not an integer"),
         (["--model.generator.use_ssm", "maybe"], "model.generator.use_ssm: 'maybe' is not a boolean"),

@@ -2,12 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from medgan.data import SliceStream, TaskSpec, make_loader
 from medgan.models.conditioning import MODALITIES
-from medgan.shards import DataError, read_split
+from medgan.shards import DataError, raw_samples, read_split
 
 CANONICAL = list(MODALITIES)
 
@@ -153,3 +154,40 @@ def test_training_flips_are_left_right(phantom_shards):
                 assert torch.equal(images, plain[key].flip(-2)), f"{key}: not a left-right flip"
                 flipped += 1
     assert flipped > 0
+
+
+def test_segmentation_travels_with_the_images_and_flips_with_them(phantom_shards):
+    split = read_split(phantom_shards, "train")
+    plain = {}
+    for batch in take(make_loader(stream(split, random_flips=False), 0), 6):
+        assert batch["seg"].dtype == torch.uint8 and batch["seg"].shape == batch["mask"].shape
+        plain.update(zip(batch["key"], zip(batch["images"], batch["seg"])))
+    assert any(seg.any() for _, seg in plain.values()), "the phantom's tumour reaches the batches"
+    flipped = 0
+    for batch in take(make_loader(stream(split, random_flips=True), 0), 6):
+        for key, images, seg in zip(batch["key"], batch["images"], batch["seg"]):
+            if key not in plain:
+                continue
+            plain_images, plain_seg = plain[key]
+            if torch.equal(images, plain_images):
+                assert torch.equal(seg, plain_seg)
+            else:
+                assert torch.equal(seg, plain_seg.flip(-2)), f"{key}: seg not flipped with the images"
+                flipped += plain_seg.any()
+    assert flipped > 0
+
+
+def test_validation_batches_carry_the_segmentation(phantom_shards):
+    split = read_split(phantom_shards, "val")
+    batches = list(make_loader(stream(split, train=False, random_flips=False), 0))
+    seg = torch.cat([b["seg"] for b in batches])
+    assert seg.dtype == torch.uint8 and seg.shape == torch.cat([b["mask"] for b in batches]).shape
+
+
+def test_a_slice_without_segmentation_gets_an_all_zero_seg(phantom_shards):
+    split = read_split(phantom_shards, "val")
+    raw = next(iter(raw_samples(list(split.shards))))
+    raw.pop("seg.npy", None)
+    sample = stream(split, train=False, random_flips=False)._convert(raw, np.random.default_rng(0), 0)
+    assert sample["seg"].dtype == np.uint8 and sample["seg"].shape == sample["mask"].shape
+    assert not sample["seg"].any()

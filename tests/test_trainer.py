@@ -15,12 +15,14 @@ from medgan.checkpointing import CheckpointError
 from medgan.config import load_config
 from medgan.data import make_loader
 from medgan.distributed import init_distributed
+from medgan.models.blocks import MultiDirectionS6
 from medgan.train import (
     GANTrainer,
     ThroughputMeter,
     TrainState,
     discriminator_loss,
     generator_adversarial_loss,
+    weighted_l1,
 )
 
 TINY_RUN = {
@@ -138,3 +140,34 @@ def test_validate_equals_scoring_the_ema_generator_by_hand(trainer):
     for name, per_slice in values.items():
         assert summary[f"val/{name}"] == pytest.approx(np.nanmean(per_slice), rel=1e-5)
         assert summary[f"val/{name}_std"] == pytest.approx(np.nanstd(per_slice, ddof=1), rel=1e-4)
+
+
+def test_tumour_weighted_l1_equals_a_hand_computation():
+    fake = torch.tensor([[[[0.0, 0.5], [1.0, 1.5]]]])
+    real = torch.tensor([[[[0.25, 0.5], [0.5, 1.0]]]])
+    seg = torch.tensor([[[[0, 2], [4, 0]]]], dtype=torch.uint8)
+    # errors 0.25, 0, 0.5, 0.5; weights 1, 4, 4, 1 with tumour_weight 3
+    assert weighted_l1(fake, real, seg, 3.0).item() == pytest.approx((0.25 + 0 + 4 * 0.5 + 0.5) / 4)
+    assert weighted_l1(fake, real, seg, 0.0).item() == pytest.approx((0.25 + 0 + 0.5 + 0.5) / 4)
+    assert weighted_l1(fake, real, None, 3.0).item() == pytest.approx((0.25 + 0 + 0.5 + 0.5) / 4)
+
+
+def test_train_step_weights_the_tumour_when_asked(trainer, monkeypatch):
+    batch = trainer._to_device(next(iter(make_loader(trainer.slice_stream(train=True), 0))))
+    assert batch["seg"].dtype == torch.uint8
+    seen = []
+    monkeypatch.setattr(trainer.config.training, "tumour_l1_weight", 2.0)
+    monkeypatch.setattr(
+        "medgan.train.weighted_l1", lambda fake, real, seg, weight: seen.append((seg, weight)) or fake.mean()
+    )
+    trainer.train_step(batch)
+    assert seen and seen[0][0] is batch["seg"] and seen[0][1] == 2.0
+
+
+def test_validation_logs_each_s6_blocks_scan_share(trainer):
+    summary = trainer.validate()
+    model = trainer._evaluation_generator()
+    blocks = [name for name, m in model.named_modules() if isinstance(m, MultiDirectionS6)]
+    assert blocks
+    assert {f"model/scan_share/{name}" for name in blocks} == {k for k in summary if "scan_share" in k}
+    assert all(0 < summary[f"model/scan_share/{name}"] < 10 for name in blocks)

@@ -39,6 +39,44 @@ class ConvBlock(nn.Module):
         return F.silu(self.body(x) + self.skip(x))
 
 
+# The scale each residual branch starts at (LayerScale, Touvron et al. 2021): small, so a block added to a
+# working network starts close to the identity, but not zero, so every parameter inside gets a gradient.
+LAYER_SCALE_INIT = 0.1
+
+# The scan's step size at init, softplus(delta_bias), log-uniform in this range. Mamba's [1e-3, 1e-1] suits
+# 1D sequences thousands of tokens long; on a 2D map a token's neighbours are 1 (along a row) to W (the
+# next row) steps away, so the state should remember from about 2 to about 100 steps: 1 / dt.
+DT_RANGE = (0.01, 0.5)
+
+
+def init_linear_(module: nn.Module) -> None:
+    """VMamba's init for the linear maps (1x1 convolutions and Linear): trunc normal std 0.02, bias 0."""
+    for layer in module.modules():
+        is_pointwise = isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.groups == 1
+        if isinstance(layer, nn.Linear) or is_pointwise:
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+class LayerScale(nn.Module):
+    """A learned per-channel scale ``gamma [C]`` on ``[B, C, H, W]``, starting at ``init``."""
+
+    def __init__(self, channels: int, init: float = LAYER_SCALE_INIT) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((channels,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma.to(x.dtype)[:, None, None]
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each position (per token) of a ``[B, C, H, W]`` map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 def _directional_sequences(x: torch.Tensor, directions: int) -> torch.Tensor:
     """``[B, D, H, W] -> [B, K, D, H*W]``: row-major, column-major, then both reversed (first K of them)."""
     rows = x.flatten(2)
@@ -62,58 +100,105 @@ def _merge_directions(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return merged
 
 
+def _rms(x: torch.Tensor) -> float:
+    return float(x.detach().float().pow(2).mean().sqrt())
+
+
+def _rms_normalized(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``[b, K, n, L]`` scaled so that each token's ``n`` values have root mean square 1."""
+    return x * torch.rsqrt(x.pow(2).mean(2, keepdim=True) + eps)
+
+
 class MultiDirectionS6(nn.Module):
-    """An S6 (Mamba) block over a 2D feature map, scanned in ``directions`` raster orders and merged.
+    """An S6 (Mamba) block over a 2D feature map, scanned in ``directions`` raster orders and merged (as
+    VMamba's ``SS2D``).
 
     Input projection to (u, z), depthwise 3x3 conv on u, input-dependent delta/B/C per direction, the
-    selective scan, sum over directions, norm, gated by SiLU(z), output projection. ``directions``: 1 (rows),
-    2 (rows, columns) or 4 (rows, columns and both reversed). The state decay A, skip D and delta bias are
-    shared across directions (so all directions run as one batched scan); delta/B/C projections are not.
+    selective scan, sum over directions, per-token LayerNorm, gated by SiLU(z), output projection.
+    ``directions``: 1 (rows), 2 (rows, columns) or 4 (rows, columns and both reversed). Each direction has
+    its own state decay A, skip D and step bias: the directions are folded into the channels (``K * inner``)
+    and B/C grouped one group per direction, so all directions still run as one scan.
+
+    ``scan_off``: the scan's contribution is removed, ``y = D * u``, everything else unchanged (an
+    ablation). ``record_scan_share``: each forward stores ``scan_share = rms(scan term) / rms(D * u)``.
     """
 
-    def __init__(self, channels: int, d_state: int = 16, expand: int = 2, directions: int = 4) -> None:
+    def __init__(
+        self,
+        channels: int,
+        d_state: int = 16,
+        expand: int = 2,
+        directions: int = 4,
+        *,
+        dt_range: tuple[float, float] = DT_RANGE,
+        scan_off: bool = False,
+    ) -> None:
         super().__init__()
         if directions not in (1, 2, 4):
             raise ValueError(f"directions={directions} must be 1, 2 or 4")
+        if not 0 < dt_range[0] <= dt_range[1]:
+            raise ValueError(f"dt_range={dt_range} must be 0 < min <= max")
         inner = expand * channels
         self.directions = directions
         self.d_state = d_state
+        self.scan_off = scan_off
+        self.record_scan_share = False
+        self.scan_share: float | None = None
         self.dt_rank = max(1, math.ceil(channels / 16))
         self.in_proj = nn.Conv2d(channels, 2 * inner, 1)
         self.depthwise = nn.Conv2d(inner, inner, 3, padding=1, groups=inner)
         scale = inner**-0.5
-        self.x_proj = nn.Parameter(torch.randn(directions, self.dt_rank + 2 * d_state, inner) * scale)
-        self.dt_proj = nn.Parameter(torch.randn(directions, inner, self.dt_rank) * self.dt_rank**-0.5)
-        # Mamba's init: softplus(delta_bias) log-uniform in [1e-3, 1e-1], A = -(1..N) per channel, D = 1.
-        dt = torch.exp(torch.rand(inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        self.x_proj = nn.Parameter(
+            torch.empty(directions, self.dt_rank + 2 * d_state, inner).uniform_(-scale, scale)
+        )
+        dt_scale = self.dt_rank**-0.5
+        self.dt_proj = nn.Parameter(
+            torch.empty(directions, inner, self.dt_rank).uniform_(-dt_scale, dt_scale)
+        )
+        # one row per (direction, channel): softplus(delta_bias) log-uniform in dt_range, A = -(1..N), D = 1
+        folded = directions * inner
+        low, high = math.log(dt_range[0]), math.log(dt_range[1])
+        dt = torch.exp(torch.rand(folded) * (high - low) + low)
         self.delta_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         self.A_log = nn.Parameter(
-            torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(inner, 1)
+            torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(folded, 1)
         )
-        self.D = nn.Parameter(torch.ones(inner))
-        self.out_norm = norm_layer(inner)
+        self.D = nn.Parameter(torch.ones(folded))
+        self.out_norm = ChannelLayerNorm(inner)
         self.out_proj = nn.Conv2d(inner, channels, 1)
+        init_linear_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
         u, z = self.in_proj(x).chunk(2, dim=1)
         u = F.silu(self.depthwise(u))
         sequences = _directional_sequences(u, self.directions)  # [B, K, D, L]
-        projected = torch.einsum("bkdl,kcd->bkcl", sequences, self.x_proj)
-        dt, B, C = projected.split([self.dt_rank, self.d_state, self.d_state], dim=2)
-        delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_proj)
         length = height * width
-        flat = batch * self.directions
-        y = selective_scan(
-            sequences.reshape(flat, -1, length),
-            delta.reshape(flat, -1, length),
-            -torch.exp(self.A_log.float()),
-            B.reshape(flat, self.d_state, length),
-            C.reshape(flat, self.d_state, length),
-            D=self.D.float(),
-            delta_bias=self.delta_bias.float(),
-            delta_softplus=True,
-        )
+        folded = sequences.reshape(batch, -1, length)  # [B, K * D, L]: direction k is channel group k
+        if self.scan_off:
+            y = folded * self.D.to(folded.dtype)[:, None]
+        else:
+            projected = torch.einsum("bkdl,kcd->bkcl", sequences, self.x_proj)
+            dt, B, C = projected.split([self.dt_rank, self.d_state, self.d_state], dim=2)
+            # per-token RMS norm of B and C over the state: the scan term is quadratic in u's scale (u, B and
+            # C all project from it), so a small u would make it vanish against D * u
+            B, C = _rms_normalized(B), _rms_normalized(C)
+            delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_proj)
+            scan = selective_scan(
+                folded,
+                delta.reshape(batch, -1, length),
+                -torch.exp(self.A_log.float()),
+                B.contiguous(),
+                C.contiguous(),
+                D=None if self.record_scan_share else self.D.float(),
+                delta_bias=self.delta_bias.float(),
+                delta_softplus=True,
+            )
+            if self.record_scan_share:
+                skip = folded * self.D.to(folded.dtype)[:, None]
+                self.scan_share = _rms(scan) / max(_rms(skip), 1e-12)
+                scan = scan + skip
+            y = scan
         y = _merge_directions(y.view(batch, self.directions, -1, length), height, width)
         return self.out_proj(self.out_norm(y) * F.silu(z))
 
@@ -125,15 +210,28 @@ class MultiScaleS6(nn.Module):
     a single-scale block with the same interface.
     """
 
-    def __init__(self, channels: int, scales: tuple[int, ...], d_state: int, expand: int, directions: int):
+    def __init__(
+        self,
+        channels: int,
+        scales: tuple[int, ...],
+        d_state: int,
+        expand: int,
+        directions: int,
+        *,
+        scan_off: bool = False,
+    ):
         super().__init__()
         if not scales or any(s < 1 for s in scales):
             raise ValueError(f"scales={scales} must be positive integers")
         self.scales = tuple(scales)
         self.branches = nn.ModuleList(
-            MultiDirectionS6(channels, d_state=d_state, expand=expand, directions=directions) for _ in scales
+            MultiDirectionS6(
+                channels, d_state=d_state, expand=expand, directions=directions, scan_off=scan_off
+            )
+            for _ in scales
         )
         self.fuse = nn.Conv2d(channels * len(scales), channels, 1) if len(scales) > 1 else nn.Identity()
+        init_linear_(self.fuse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
@@ -151,13 +249,25 @@ class MultiScaleS6(nn.Module):
 
 
 class SSMStage(nn.Module):
-    """Pre-norm residual S6 mixing followed by a pre-norm residual convolutional feed-forward."""
+    """Pre-norm residual S6 mixing followed by a pre-norm residual convolutional feed-forward (per-token
+    LayerNorm, as VMamba's and MambaIR's blocks), each branch scaled by a learned per-channel
+    :class:`LayerScale` (the stage starts close to the identity)."""
 
-    def __init__(self, channels: int, scales: tuple[int, ...], d_state: int, expand: int, directions: int):
+    def __init__(
+        self,
+        channels: int,
+        scales: tuple[int, ...],
+        d_state: int,
+        expand: int,
+        directions: int,
+        *,
+        scan_off: bool = False,
+    ):
         super().__init__()
-        self.norm_mix = norm_layer(channels)
-        self.mix = MultiScaleS6(channels, scales, d_state, expand, directions)
-        self.norm_ffn = norm_layer(channels)
+        self.norm_mix = ChannelLayerNorm(channels)
+        self.mix = MultiScaleS6(channels, scales, d_state, expand, directions, scan_off=scan_off)
+        self.scale_mix = LayerScale(channels)
+        self.norm_ffn = ChannelLayerNorm(channels)
         self.ffn = nn.Sequential(
             nn.Conv2d(channels, 2 * channels, 1),
             nn.SiLU(),
@@ -165,10 +275,12 @@ class SSMStage(nn.Module):
             nn.SiLU(),
             nn.Conv2d(2 * channels, channels, 1),
         )
+        init_linear_(self.ffn)
+        self.scale_ffn = LayerScale(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mix(self.norm_mix(x))
-        return x + self.ffn(self.norm_ffn(x))
+        x = x + self.scale_mix(self.mix(self.norm_mix(x)))
+        return x + self.scale_ffn(self.ffn(self.norm_ffn(x)))
 
 
 class DynamicGate(nn.Module):
@@ -190,23 +302,51 @@ class DynamicGate(nn.Module):
         return x * (2 * torch.sigmoid(gate)) + shift
 
 
+def sinusoidal_positions(channels: int, height: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """``[channels, height, width]`` fixed 2D sine-cosine positions (half the channels for each axis), any
+    size, values in ``[-1, 1]``; ``channels`` a multiple of 4."""
+    quarter = channels // 4
+    frequencies = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
+    rows = torch.arange(height, device=device, dtype=torch.float32)[:, None] * frequencies  # [H, C/4]
+    columns = torch.arange(width, device=device, dtype=torch.float32)[:, None] * frequencies  # [W, C/4]
+    rows = torch.cat([rows.sin(), rows.cos()], dim=1).T[:, :, None].expand(-1, height, width)
+    columns = torch.cat([columns.sin(), columns.cos()], dim=1).T[:, None, :].expand(-1, height, width)
+    return torch.cat([rows, columns], dim=0).to(dtype)
+
+
 class NonLocalAttention(nn.Module):
-    """Multi-head self-attention over all ``H * W`` positions (Wang et al. 2018), pre-norm and residual."""
+    """Multi-head self-attention over all ``H * W`` positions (Wang et al. 2018), pre-norm (per-token
+    LayerNorm) and residual.
+
+    Fixed 2D sine-cosine positions are added to the normalised input of the projections (as ViT adds its
+    position embedding to the tokens), so the output depends on where a token is: without them the block
+    is permutation-equivariant and gives every position of a uniform map the same output;
+    the projection back is scaled by a :class:`LayerScale` so the block starts close to the identity.
+    """
 
     def __init__(self, channels: int, heads: int = 4) -> None:
         super().__init__()
         if channels % heads:
             raise ValueError(f"channels={channels} is not divisible by heads={heads}")
+        if channels % 4:
+            raise ValueError(f"channels={channels} must be a multiple of 4 (2D sine-cosine positions)")
         self.heads = heads
-        self.norm = norm_layer(channels)
+        self.norm = ChannelLayerNorm(channels)
+        # default (width-independent) init for q, k and v: trunc normal 0.02 would make a narrow block's
+        # attention uniform at init; the projection back starts small instead
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
+        init_linear_(self.proj)
+        self.scale = LayerScale(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(batch, 3, self.heads, channels // self.heads, -1).unbind(1)
+        normed = self.norm(x)
+        positions = sinusoidal_positions(channels, height, width, normed.dtype, normed.device)
+        qkv = self.qkv(normed + positions)
+        q, k, v = qkv.reshape(batch, 3, self.heads, channels // self.heads, -1).unbind(1)
         attended = F.scaled_dot_product_attention(
             q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
         )
         attended = attended.transpose(-1, -2).reshape(batch, channels, height, width)
-        return x + self.proj(attended)
+        return x + self.scale(self.proj(attended))

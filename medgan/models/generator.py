@@ -1,12 +1,18 @@
 """Generators: the SSM encoder-decoder and a plain U-Net baseline of similar size, with one interface.
 
-``generator(images [B, M, H, W], available [B, M], target_index [B]) -> [B, 1, H, W]`` in ``[0, 1]``, for
-any non-empty subset of inputs and any target, and any H, W (padded to a multiple of ``2 ** depth`` and
-cropped back).
+``generator(images [B, M, H, W], available [B, M], target_index [B]) -> [B, 1, H, W]``, for any non-empty
+subset of inputs and any target, and any H, W (padded to a multiple of ``2 ** depth`` and cropped back).
+
+The head is linear (a 1x1 convolution, no sigmoid: a sigmoid saturates on the bright tumour under an L1
+that pulls towards the median). In training mode the output is unclamped, so the loss sees and corrects
+values outside ``[0, 1]``; in eval mode (``model.eval()``: validation, evaluation, synthesis) it is clamped
+to ``[0, 1]``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from medgan.models.blocks import ConvBlock, DynamicGate, NonLocalAttention, SSMStage
+from medgan.models.blocks import (
+    ConvBlock,
+    DynamicGate,
+    MultiDirectionS6,
+    NonLocalAttention,
+    SSMStage,
+    init_linear_,
+)
 from medgan.models.conditioning import MODALITIES, condition_stack, condition_vector
 from medgan.models.config_checks import require
 
@@ -30,9 +43,11 @@ class GeneratorConfig:
     ``arch``: ``ssm`` (this project's model) or ``unet`` (the plain convolutional baseline; with
     ``unet_base_channels: 0`` its width is chosen to match the SSM generator's parameter count).
     ``ssm_levels``: encoder levels (0 = full resolution) that get an SSM stage; the bottleneck always does
-    when ``use_ssm``. ``checkpoint_stages``: recompute each SSM stage's activations in the backward instead
-    of keeping them (activation checkpointing): less memory for about one more forward of the stages;
-    the same gradients.
+    when ``use_ssm``. ``ssm_directions``: scan orders per S6 block (1 rows, 2 rows and columns, 4 both and
+    reversed; ``use_multi_direction: false`` is 1). ``scan_off``: inside every S6 block the scan's
+    contribution is removed (``y = D * u``), everything else unchanged (an ablation).
+    ``checkpoint_stages``: recompute each SSM stage's activations in the backward instead of keeping them
+    (activation checkpointing): less memory for about one more forward of the stages; the same gradients.
     """
 
     arch: str = "ssm"
@@ -42,6 +57,7 @@ class GeneratorConfig:
     ssm_levels: list[int] = field(default_factory=lambda: [1, 2])
     ssm_state: int = 16
     ssm_expand: int = 2
+    ssm_directions: int = 4
     scales: list[int] = field(default_factory=lambda: [1, 2])
     attention_heads: int = 4
     condition_dim: int = 64
@@ -50,6 +66,7 @@ class GeneratorConfig:
     use_multi_scale: bool = True
     use_dynamic_gating: bool = True
     use_attention: bool = True
+    scan_off: bool = False
     unet_base_channels: int = 0
     checkpoint_stages: bool = False
 
@@ -71,6 +88,9 @@ class GeneratorConfig:
         )
         _require(1 <= self.ssm_state <= 256, "ssm_state", f"{self.ssm_state} must be in 1..256")
         _require(1 <= self.ssm_expand <= 4, "ssm_expand", f"{self.ssm_expand} must be in 1..4")
+        _require(
+            self.ssm_directions in (1, 2, 4), "ssm_directions", f"{self.ssm_directions} must be 1, 2 or 4"
+        )
         _require(
             bool(self.scales) and all(s >= 1 for s in self.scales) and self.scales[0] == 1,
             "scales",
@@ -99,6 +119,18 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tupl
     return F.pad(x, (0, pad_w, 0, pad_h)), (height, width)
 
 
+def linear_head(channels: int) -> nn.Conv2d:
+    """The output layer both generators share: a 1x1 convolution to one channel, trunc normal 0.02, bias 0."""
+    head = nn.Conv2d(channels, 1, 1)
+    init_linear_(head)
+    return head
+
+
+def head_output(x: torch.Tensor, training: bool) -> torch.Tensor:
+    """The head's output as the generator returns it: unclamped in training, clamped to ``[0, 1]`` in eval."""
+    return x if training else x.clamp(0.0, 1.0)
+
+
 class SSMGenerator(nn.Module):
     """Encoder-decoder with skips; SSM stages in the encoder and bottleneck, task-conditioned gates."""
 
@@ -107,11 +139,18 @@ class SSMGenerator(nn.Module):
         self.config = config
         modalities = len(config.modalities)
         widths = [config.base_channels * 2**level for level in range(config.depth + 1)]
-        directions = 4 if config.use_multi_direction else 1
+        directions = config.ssm_directions if config.use_multi_direction else 1
         scales = tuple(config.scales) if config.use_multi_scale else (1,)
 
         def ssm_stage(channels: int, stage_scales: tuple[int, ...]) -> nn.Module:
-            return SSMStage(channels, stage_scales, config.ssm_state, config.ssm_expand, directions)
+            return SSMStage(
+                channels,
+                stage_scales,
+                config.ssm_state,
+                config.ssm_expand,
+                directions,
+                scan_off=config.scan_off,
+            )
 
         def gate(channels: int) -> DynamicGate | None:
             return DynamicGate(channels, config.condition_dim) if config.use_dynamic_gating else None
@@ -147,7 +186,7 @@ class SSMGenerator(nn.Module):
             self.upsample.append(nn.ConvTranspose2d(widths[level + 1], widths[level], 4, stride=2, padding=1))
             self.decoder.append(ConvBlock(2 * widths[level], widths[level]))
             self.decoder_gates.append(gate(widths[level]) or nn.Identity())
-        self.head = nn.Conv2d(widths[0], 1, 1)
+        self.head = linear_head(widths[0])
 
     def _gate(
         self, module: nn.Module | None, x: torch.Tensor, condition: torch.Tensor | None
@@ -165,7 +204,7 @@ class SSMGenerator(nn.Module):
         self, images: torch.Tensor, available: torch.Tensor, target_index: torch.Tensor
     ) -> torch.Tensor:
         """``images [B, M, H, W]`` in ``[0, 1]``, ``available [B, M]``, ``target_index [B]`` ->
-        ``[B, 1, H, W]`` in ``[0, 1]``."""
+        ``[B, 1, H, W]``: unclamped in training mode, in ``[0, 1]`` in eval mode."""
         stack, (height, width) = _pad_to_multiple(
             condition_stack(images, available, target_index), self.config.pad_multiple
         )
@@ -192,7 +231,7 @@ class SSMGenerator(nn.Module):
         for up, block, gate, skip in zip(self.upsample, self.decoder, self.decoder_gates, reversed(skips)):
             x = block(torch.cat([up(x), skip], dim=1))
             x = self._gate(gate, x, condition)
-        return torch.sigmoid(self.head(x))[..., :height, :width]
+        return head_output(self.head(x)[..., :height, :width], self.training)
 
 
 class UNetGenerator(nn.Module):
@@ -216,7 +255,7 @@ class UNetGenerator(nn.Module):
         self.decoder = nn.ModuleList(
             ConvBlock(2 * widths[i], widths[i]) for i in reversed(range(config.depth))
         )
-        self.head = nn.Conv2d(widths[0], 1, 1)
+        self.head = linear_head(widths[0])
 
     def forward(
         self, images: torch.Tensor, available: torch.Tensor, target_index: torch.Tensor
@@ -234,7 +273,7 @@ class UNetGenerator(nn.Module):
         x = self.bottleneck(x)
         for up, block, skip in zip(self.upsample, self.decoder, reversed(skips)):
             x = block(torch.cat([up(x), skip], dim=1))
-        return torch.sigmoid(self.head(x))[..., :height, :width]
+        return head_output(self.head(x)[..., :height, :width], self.training)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -247,6 +286,24 @@ def matched_unet_width(config: GeneratorConfig) -> int:
         target = count_parameters(SSMGenerator(config))
         candidates = range(8, 8 * 33, 8)
         return min(candidates, key=lambda width: abs(count_parameters(UNetGenerator(config, width)) - target))
+
+
+@contextmanager
+def recording_scan_share(model: nn.Module) -> Iterator[dict[str, float]]:
+    """Within the block, each S6 block of ``model`` records ``rms(scan term) / rms(D * u)`` of its latest
+    forward; on exit the yielded dict holds ``{module path: share}`` (empty for a model without S6 blocks,
+    and for ``scan_off``, where the scan term is absent by construction)."""
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, MultiDirectionS6)}
+    shares: dict[str, float] = {}
+    for block in blocks.values():
+        block.record_scan_share, block.scan_share = True, None
+    try:
+        yield shares
+    finally:
+        for name, block in blocks.items():
+            if block.scan_share is not None:
+                shares[name] = block.scan_share
+            block.record_scan_share, block.scan_share = False, None
 
 
 def build_generator(config: GeneratorConfig) -> nn.Module:

@@ -1,0 +1,156 @@
+"""The generator's cost against the matched U-Net on the CPU: issue 16's budget, measured side by side.
+
+    python bench/generator.py [--config configs/brats.yaml] [--size 128] [--rounds 3] [--threads 1]
+                              [--variant NAME '{"key": value, ...}' ...] [--quick]
+
+brats.yaml's ``model.generator`` (activation checkpointing off) and the U-Net baseline at width
+``--unet-width`` (72: the width that matched the SSM generator's parameter count when the budget was set;
+fixed, so the budget does not move with the design), one ``size x size`` sample in fp32,
+``g(x, available, target).mean().backward()`` in training mode after a 32 x 32 warm-up. Each
+measurement runs in a fresh process (one model's allocations cannot hide the next one's peak) and the
+models take turns, round after round, so a change in the machine's load falls on all of them; the table
+gives per model the median over rounds of the process's CPU time (user + system) and wall time, and of
+the peak memory growth: the peak resident set (``VmHWM``, reset after the warm-up) over the resident size
+before the timed call, with the parameters and their gradients already resident, so activations and
+temporaries. Ratios are of the medians, against the U-Net. The budget: time <= 2.5x, memory <= 2x.
+
+``--variant NAME JSON`` adds a design to the table (overrides of the config's ``model.generator``); with
+none, the config's design and the U-Net. ``--quick`` is a 32 x 32, one-round smoke run (the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from medgan.models.generator import GeneratorConfig, build_generator, count_parameters  # noqa: E402
+
+UNET_WIDTH = 72
+TIME_BUDGET, MEMORY_BUDGET = 2.5, 2.0
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_here(config: GeneratorConfig, size: int) -> dict:
+    """One model's forward + backward in this process: CPU and wall seconds, peak memory growth in bytes."""
+    torch.manual_seed(0)
+    model = build_generator(config).train()
+    modalities = len(config.modalities)
+
+    def step(pixels: int) -> None:
+        images = torch.rand(1, modalities, pixels, pixels)
+        available = torch.zeros(1, modalities, dtype=torch.bool)
+        available[:, :2] = True
+        model(images, available, torch.tensor([2])).mean().backward()
+        # kept, not freed: the parameters' gradients are then in the resident size before, not in the growth
+        model.zero_grad(set_to_none=False)
+
+    step(32)
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    before = _status_kib("VmRSS")
+    start, start_cpu = time.perf_counter(), time.process_time()
+    step(size)
+    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    growth = (_status_kib("VmHWM") - before) * 1024
+    return {"parameters": count_parameters(model), "wall": wall, "cpu": cpu, "peak_bytes": growth}
+
+
+def measure_in_child(settings: dict, size: int, threads: int) -> dict:
+    command = [sys.executable, __file__, "--child", json.dumps(settings), "--size", str(size)]
+    command += ["--threads", str(threads)]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
+def load_generator_settings(path: Path) -> dict:
+    return {**yaml.safe_load(path.read_text())["model"]["generator"], "checkpoint_stages": False}
+
+
+def run_table(variants: list[tuple[str, dict]], size: int, rounds: int, threads: int) -> list[dict]:
+    """Every variant once per round, in turn; per variant the medians and the ratios to the last one."""
+    samples: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    for _ in range(rounds):
+        for name, settings in variants:
+            samples[name].append(measure_in_child(settings, size, threads))
+    rows = []
+    for name, _ in variants:
+        runs = samples[name]
+        rows.append(
+            {
+                "name": name,
+                "parameters": runs[0]["parameters"],
+                **{key: statistics.median(r[key] for r in runs) for key in ("cpu", "wall", "peak_bytes")},
+                "cpu_runs": [round(r["cpu"], 2) for r in runs],
+            }
+        )
+    baseline = rows[-1]
+    for row in rows:
+        row["time_ratio"] = row["cpu"] / baseline["cpu"]
+        row["memory_ratio"] = row["peak_bytes"] / baseline["peak_bytes"]
+    return rows
+
+
+def print_table(rows: list[dict], size: int, rounds: int, threads: int) -> None:
+    print(
+        f"## Generator fwd+bwd, CPU fp32, one {size} x {size} sample, {threads} thread(s), {rounds} round(s)"
+    )
+    print(
+        "| model | parameters | CPU s (median) | wall s | peak growth GiB | time / U-Net | memory / U-Net |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['name']} | {row['parameters'] / 1e6:.1f} M | {row['cpu']:.2f} {row['cpu_runs']} | "
+            f"{row['wall']:.2f} | {row['peak_bytes'] / 2**30:.3f} | {row['time_ratio']:.2f}x | "
+            f"{row['memory_ratio']:.2f}x |"
+        )
+    print(f"budget: time <= {TIME_BUDGET}x, memory <= {MEMORY_BUDGET}x the U-Net's")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=str(REPO / "configs" / "brats.yaml"), help="model.generator from")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each measurement")
+    parser.add_argument("--unet-width", type=int, default=UNET_WIDTH)
+    parser.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "JSON"))
+    parser.add_argument("--quick", action="store_true", help="32 x 32, one round (a smoke test)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(measure_here(GeneratorConfig(**json.loads(args.child)), args.size)))
+        return 0
+    if args.quick:
+        args.size, args.rounds = 32, 1
+    generator = load_generator_settings(Path(args.config))
+    variants = [(name, {**generator, **json.loads(text)}) for name, text in args.variant]
+    variants = variants or [("ssm (config)", generator)]
+    unet = {**generator, "arch": "unet", "unet_base_channels": args.unet_width}
+    variants.append((f"unet, width {args.unet_width}", unet))
+    print_table(
+        run_table(variants, args.size, args.rounds, args.threads), args.size, args.rounds, args.threads
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
