@@ -19,7 +19,13 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.volumes import SEGMENTATION, VolumeError, discover_nifti_subjects
+from data_prep.volumes import (
+    SEGMENTATION,
+    IntensityScaling,
+    VolumeError,
+    denormalise,
+    discover_nifti_subjects,
+)
 from medgan.inference import LoadedGenerator
 from medgan.segmentation_score import BRATS2023_SUFFIXES, SegmenterError, score_with_segmenter
 from medgan.synthesis import SynthesisError, synthesize_volume
@@ -28,13 +34,13 @@ BRATS_CONTRASTS = tuple(BRATS2023_SUFFIXES)
 ORIGINAL_UNITS_DESCRIPTION = "MedGAN-SSM synthesized, mapped into the real target's intensity units"
 
 
-def in_original_units(image: nib.Nifti1Image, low: float, high: float) -> nib.Nifti1Image:
-    """A synthesized volume in ``[0, 1]`` (0 outside the mask) mapped back by data_prep's inverse,
-    ``x = low + y (high - low)``, inside the mask; outside stays 0. With the healthy-median scaling
-    (low 0, high 2.5 x the real target's median) 0.4 comes back as that median; values the
-    normalisation clipped (above high) cannot come back."""
+def in_original_units(image: nib.Nifti1Image, scaling: IntensityScaling) -> nib.Nifti1Image:
+    """A synthesized volume in ``[0, 1]`` (0 outside the mask) mapped back by data_prep's inverse
+    (``denormalise``: ``x = low + y (high - low)``) inside the mask; outside stays 0. With the
+    healthy-median scaling (low 0, high 2.5 x the real target's median) 0.4 comes back as that median;
+    values the normalisation clipped (above high) cannot come back."""
     data = np.asarray(image.dataobj, dtype=np.float32)
-    restored = np.where(data > 0, low + data * (high - low), 0.0).astype(np.float32)
+    restored = np.where(data > 0, denormalise(data, scaling), 0.0).astype(np.float32)
     result = nib.Nifti1Image(restored, image.affine, header=image.header)
     result.header["cal_min"], result.header["cal_max"] = 0.0, float(restored.max())
     # The synthesized header described the [0, 1] scale; these values are in the real target's units.
@@ -75,9 +81,8 @@ def segmentation_scores(
         except (SynthesisError, VolumeError) as error:
             left_out.append(f"{entry.subject}: {error}")
             continue
-        scaling = result.prepared.scaling[target]
         subjects[entry.subject] = {m: entry.files[m] for m in BRATS_CONTRASTS}
-        synthesized[entry.subject] = in_original_units(result.image, scaling.low, scaling.high)
+        synthesized[entry.subject] = in_original_units(result.image, result.prepared.scaling[target])
         references[entry.subject] = entry.files[SEGMENTATION]
     if not subjects:
         detail = f" ({left_out[0]})" if left_out else ""

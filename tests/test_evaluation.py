@@ -301,7 +301,7 @@ def test_in_original_units_puts_the_reference_level_back_on_the_real_median():
     synthesized 0.4 comes back as the real target's median, 1 as high, and outside the mask stays 0."""
     import nibabel as nib
 
-    from data_prep.volumes import CEILING_MULTIPLE, REFERENCE_LEVEL
+    from data_prep.volumes import CEILING_MULTIPLE, REFERENCE_LEVEL, IntensityScaling
     from medgan.downstream import ORIGINAL_UNITS_DESCRIPTION, in_original_units
 
     median = 612.0
@@ -310,7 +310,7 @@ def test_in_original_units_puts_the_reference_level_back_on_the_real_median():
     synthesized.header["descrip"] = (
         b"MedGAN-SSM synthesized FLAIR: 0.4 = brain median, clipped at 1, 0 outside"
     )
-    restored = in_original_units(synthesized, 0.0, CEILING_MULTIPLE * median)
+    restored = in_original_units(synthesized, IntensityScaling(0.0, CEILING_MULTIPLE * median))
     values = np.asarray(restored.dataobj)
     np.testing.assert_allclose(
         values.ravel(), [0.0, median, CEILING_MULTIPLE * median, 0.5 * median], rtol=1e-6
