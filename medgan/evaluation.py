@@ -23,6 +23,7 @@ by data_prep, whole in-plane extent). Outputs in ``--out``: ``per_slice.csv``, `
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import math
@@ -52,6 +53,7 @@ from medgan.scoring import (
     paired_statistics,
     score_subject,
     spread_error_correlation,
+    summarize_scores,
 )
 from medgan.shards import ChannelMap, ShardFolder, raw_samples
 from medgan.synthesis import (
@@ -475,79 +477,73 @@ def _best_input(psnrs: dict[str, list[float]]) -> str:
     return max(means, key=means.__getitem__)
 
 
-def keep_chosen_copies(scores: Scores, choice: dict[str, str]) -> tuple[list[dict], list[dict]]:
-    """Step 3: per-slice and per-volume rows as dicts, with only each task's chosen copy, renamed
+def keep_chosen_copies(scores: Scores, choice: dict[str, str]) -> tuple[list[SliceScore], list[VolumeScore]]:
+    """Step 3: the per-slice and per-volume rows with only each task's chosen copy, renamed
     ``best_input_copy``."""
 
     def kept(rows):
         for row in rows:
             if not row.method.startswith(COPY):
-                yield row.to_dict()
+                yield row
             elif row.method == f"{COPY}:{choice[row.task]}":
-                yield {**row.to_dict(), "method": COPY}
+                yield dataclasses.replace(row, method=COPY)
 
     return list(kept(scores.slices)), list(kept(scores.volumes))
 
 
-def _summaries(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {
-        name: metrics.summarize(np.array([row[name] for row in rows], dtype=np.float64)) for name in METRICS
-    }
-
-
-def _examples(volume_rows: list[dict[str, Any]]) -> dict[str, str]:
+def _examples(volume_rows: list[VolumeScore]) -> dict[str, str]:
     """best / median / worst subject by the model's per-volume brain PSNR."""
     ranked = sorted(
-        (row for row in volume_rows if row["method"] == MODEL and row["region"] == "brain"),
-        key=lambda row: -math.inf if math.isnan(row["psnr"]) else row["psnr"],
+        (row for row in volume_rows if row.method == MODEL and row.region == "brain"),
+        key=lambda row: -math.inf if math.isnan(row.psnr) else row.psnr,
         reverse=True,
     )
     if not ranked:
         return {}
     return {
-        "best": ranked[0]["subject"],
-        "median": ranked[len(ranked) // 2]["subject"],
-        "worst": ranked[-1]["subject"],
+        "best": ranked[0].subject,
+        "median": ranked[len(ranked) // 2].subject,
+        "worst": ranked[-1].subject,
     }
 
 
 def summarize_task(
     task: Task,
-    slice_rows: list[dict],
-    volume_rows: list[dict],
+    slice_rows: list[SliceScore],
+    volume_rows: list[VolumeScore],
     methods: list[str],
     skipped: list[str],
     copy: dict[str, str],
 ) -> dict[str, Any]:
     """Step 4: one task's summaries per method and region, paired statistics against each baseline
     (per-volume brain values over subjects) and the example subjects."""
-    task_volumes = [r for r in volume_rows if r["task"] == task.name]
-    task_slices = [r for r in slice_rows if r["task"] == task.name]
+    task_volumes = [r for r in volume_rows if r.task == task.name]
+    task_slices = [r for r in slice_rows if r.task == task.name]
     by_method = {
         method: {
             region: {
-                "per_volume": _summaries(
-                    [r for r in task_volumes if r["method"] == method and r["region"] == region]
+                "per_volume": summarize_scores(
+                    r for r in task_volumes if r.method == method and r.region == region
                 ),
-                "per_slice": _summaries(
-                    [r for r in task_slices if r["method"] == method and r["region"] == region]
+                "per_slice": summarize_scores(
+                    r for r in task_slices if r.method == method and r.region == region
                 ),
             }
             for region in REGIONS
-            if any(r["region"] == region for r in task_volumes)
+            if any(r.region == region for r in task_volumes)
         }
         for method in methods
     }
     brain = {
-        method: {r["subject"]: r for r in task_volumes if r["method"] == method and r["region"] == "brain"}
+        method: {r.subject: r for r in task_volumes if r.method == method and r.region == "brain"}
         for method in methods
     }
     order = sorted(brain[MODEL])
     paired = {
         method: {
             name: paired_statistics(
-                np.array([brain[MODEL][s][name] for s in order]),
-                np.array([brain[method][s][name] for s in order]),
+                np.array([getattr(brain[MODEL][s], name) for s in order]),
+                np.array([getattr(brain[method][s], name) for s in order]),
             )
             for name in METRICS
         }
@@ -577,13 +573,15 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def write_outputs(out: Path, slice_rows: list[dict], volume_rows: list[dict], summary: dict) -> None:
+def write_outputs(
+    out: Path, slice_rows: list[SliceScore], volume_rows: list[VolumeScore], summary: dict
+) -> None:
     """Step 5: ``per_slice.csv``, ``per_volume.csv`` and ``summary.json``."""
     for name, rows in (("per_slice.csv", slice_rows), ("per_volume.csv", volume_rows)):
         with open(out / name, "w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(stream, fieldnames=list(rows[0].to_dict()))
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(row.to_dict() for row in rows)
     (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
 
 
