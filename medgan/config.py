@@ -113,6 +113,13 @@ class TrainingConfig:
     ``tumour_l1_weight`` (``w >= 0``): the generator's L1 is ``mean(weight * |fake - real|)`` over every
     pixel of the batch, with ``weight = 1 + w`` where the segmentation is non-zero (any tumour label) and 1
     elsewhere (and everywhere on a slice without a segmentation); ``w = 0`` is the plain mean L1.
+
+    ``adversarial_weight``: the generator's loss is ``adversarial_weight * adversarial + l1_weight * L1``;
+    0 trains an L1-only generator (the discriminator is then neither run nor updated).
+    ``cpu_budget_seconds``: training stops (with validation and a checkpoint, as at ``max_steps``) once
+    the training loop (data, forward, backward, optimizer and EMA steps; not validation or saving) has
+    used this many seconds of the process's CPU time on any rank, counted across resumes; 0: no budget.
+    Equal CPU time, not equal steps, is how ``bench/study.py`` compares generators of different speed.
     """
 
     epochs: int = 100
@@ -126,6 +133,8 @@ class TrainingConfig:
     gan_loss: str = "lsgan"
     l1_weight: float = 100.0
     tumour_l1_weight: float = 0.0
+    adversarial_weight: float = 1.0
+    cpu_budget_seconds: float = 0.0
     ema: bool = True
     ema_decay: float = 0.999
     seed: int = 0
@@ -153,6 +162,16 @@ class TrainingConfig:
         _check(self.l1_weight >= 0, "training.l1_weight", f"{self.l1_weight} must be >= 0")
         _check(
             self.tumour_l1_weight >= 0, "training.tumour_l1_weight", f"{self.tumour_l1_weight} must be >= 0"
+        )
+        _check(
+            self.adversarial_weight >= 0,
+            "training.adversarial_weight",
+            f"{self.adversarial_weight} must be >= 0 (0: L1 only)",
+        )
+        _check(
+            self.cpu_budget_seconds >= 0,
+            "training.cpu_budget_seconds",
+            f"{self.cpu_budget_seconds} must be >= 0 (0: no budget)",
         )
         _check(0 < self.ema_decay < 1, "training.ema_decay", f"{self.ema_decay} must be in (0, 1)")
         _check(self.val_every_steps >= 1, "training.val_every_steps", f"{self.val_every_steps} must be >= 1")

@@ -165,9 +165,10 @@ def paired_statistics(
     """Paired comparison over subjects of per-volume values (pairs with a NaN are dropped).
 
     Returns n, mean_difference (model - baseline), the ``confidence`` t interval of the mean difference
-    (as ``scipy.stats.ttest_rel(...).confidence_interval``) and the two-sided Wilcoxon signed-rank p
-    (``scipy.stats.wilcoxon``); NaN where too few pairs (n < 2 for the interval, all differences zero
-    or n < 1 for the test).
+    (as ``scipy.stats.ttest_rel(...).confidence_interval``; the key stays ``ci95`` whatever the level),
+    the paired t test's two-sided p (``ttest_p``) and the two-sided Wilcoxon signed-rank p
+    (``scipy.stats.wilcoxon``); NaN where too few pairs (n < 2 for the interval and the t test, all
+    differences zero or n < 1 for the Wilcoxon test).
     """
     model, baseline = np.asarray(model, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
     keep = np.isfinite(model) & np.isfinite(baseline)
@@ -177,13 +178,28 @@ def paired_statistics(
     if n >= 2:
         spread = stats.t.ppf(0.5 + confidence / 2, n - 1) * differences.std(ddof=1) / math.sqrt(n)
         result["ci95"] = [result["mean_difference"] - spread, result["mean_difference"] + spread]
+        result["ttest_p"] = float(stats.ttest_rel(model[keep], baseline[keep]).pvalue)
     else:
         result["ci95"] = [math.nan, math.nan]
+        result["ttest_p"] = math.nan
     if n >= 1 and np.any(differences != 0):
         result["wilcoxon_p"] = float(stats.wilcoxon(model[keep], baseline[keep]).pvalue)
     else:
         result["wilcoxon_p"] = math.nan
     return result
+
+
+def holm_adjusted(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: sorted ascending, the i-th smallest (from
+    0) is multiplied by ``m - i``, made non-decreasing, capped at 1. Rejecting where the adjusted p is
+    below alpha controls the family-wise error rate at alpha (Holm 1979)."""
+    m = len(p_values)
+    adjusted = [math.nan] * m
+    running = 0.0
+    for rank, index in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 def spread_error_correlation(spread: np.ndarray, error: np.ndarray, mask: np.ndarray) -> float:

@@ -184,12 +184,14 @@ def build_engines(config: Config, world_size: int, batches_per_epoch: int):
 @dataclass(slots=True)
 class TrainState:
     """Where training is: optimizer steps taken, the epoch and the batch within it, the best validation
-    PSNR so far. Travels in the generator checkpoint's client state with what a resume must check."""
+    PSNR so far, the training loop's CPU seconds (``training.cpu_budget_seconds``). Travels in the
+    generator checkpoint's client state with what a resume must check."""
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     best_psnr: float = float("-inf")
+    train_cpu_seconds: float = 0.0
 
     def to_client_state(self, world_size: int, samples_per_step: int) -> dict[str, Any]:
         return {
@@ -197,6 +199,7 @@ class TrainState:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "best_psnr": self.best_psnr,
+            "train_cpu_seconds": self.train_cpu_seconds,
             "samples_consumed": self.step * samples_per_step,
             "world_size": world_size,
         }
@@ -214,6 +217,7 @@ class TrainState:
             epoch=state["epoch"],
             batch_in_epoch=state["batch_in_epoch"],
             best_psnr=state.get("best_psnr", float("-inf")),
+            train_cpu_seconds=state.get("train_cpu_seconds", 0.0),
         )
 
     def advance(self, batches_per_epoch: int) -> None:
@@ -295,6 +299,7 @@ class GANTrainer:
         self.provenance = provenance(self.train_split.manifest_sha256)
         self.state = TrainState()
         self.stop_requested = False
+        self.stop_reason = ""
         self.reporter: SilentReporter = SilentReporter()
         self.timer = PhaseTimer()
         self.throughput = ThroughputMeter(config.data.batch_size * context.world_size)
@@ -372,19 +377,23 @@ class GANTrainer:
             batch["target_index"],
             batch["target"],
         )
-        timer = self.timer
+        timer, training = self.timer, self.config.training
+        adversarial_on = training.adversarial_weight > 0
         condition = condition_stack(images, available, target_index)
         with timer("g_forward"):
             fake = self.g_engine(images, available, target_index)
 
-        with timer("d_forward"):
-            d_loss = discriminator_loss(
-                kind, self.d_engine(condition, real), self.d_engine(condition, fake.detach())
-            )
-        with timer("d_backward"):
-            self.d_engine.backward(d_loss)
-        with timer("d_optimizer"):
-            self.d_engine.step()
+        losses: dict[str, float] = {}
+        if adversarial_on:
+            with timer("d_forward"):
+                d_loss = discriminator_loss(
+                    kind, self.d_engine(condition, real), self.d_engine(condition, fake.detach())
+                )
+            with timer("d_backward"):
+                self.d_engine.backward(d_loss)
+            with timer("d_optimizer"):
+                self.d_engine.step()
+            losses["loss_d"] = d_loss.item()
 
         # The adversarial term goes through D's module, not its engine, with D frozen: a second engine
         # forward would make ZeRO 2 reduce D's gradients twice ("already been reduced") and ZeRO 0 refuse.
@@ -392,11 +401,14 @@ class GANTrainer:
         for parameter in discriminator.parameters():
             parameter.requires_grad_(False)
         with timer("g_adversarial_forward"):
-            adversarial = generator_adversarial_loss(kind, discriminator(condition, fake))
             # the L1 sees the unclamped output, so values outside [0, 1] are pulled back; D sees it too
             # (a fake outside the real's range is then an easy tell, a second pull back into range)
-            l1 = weighted_l1(fake, real, batch.get("seg"), self.config.training.tumour_l1_weight)
-            g_loss = adversarial + self.config.training.l1_weight * l1
+            l1 = weighted_l1(fake, real, batch.get("seg"), training.tumour_l1_weight)
+            g_loss = training.l1_weight * l1
+            if adversarial_on:
+                adversarial = generator_adversarial_loss(kind, discriminator(condition, fake))
+                g_loss = g_loss + training.adversarial_weight * adversarial
+                losses["loss_adv"] = adversarial.item()
         with timer("g_backward"):
             self.g_engine.backward(g_loss)
         with timer("g_optimizer"):
@@ -407,12 +419,8 @@ class GANTrainer:
             if self.ema is not None and self.g_engine.is_gradient_accumulation_boundary():
                 self.ema.update(self.g_engine.module, self.g_engine.global_steps)
         self._last_images = (batch, fake.detach())
-        return {
-            "loss_d": d_loss.item(),
-            "loss_g": g_loss.item(),
-            "loss_adv": adversarial.item(),
-            "loss_l1": l1.item(),
-        }
+        # loss_d and loss_adv only when the discriminator trains (training.adversarial_weight > 0)
+        return {**losses, "loss_g": g_loss.item(), "loss_l1": l1.item()}
 
     # ------------------------------------------------------------------------------------ validation
     def _evaluation_generator(self) -> torch.nn.Module:
@@ -524,8 +532,7 @@ class GANTrainer:
         self.reporter.progress(
             self.step,
             {
-                "loss_g": losses["loss_g"],
-                "loss_d": losses["loss_d"],
+                **{name: losses[name] for name in ("loss_g", "loss_d") if name in losses},
                 "img/s": values["perf/images_per_s"],
                 "data_wait_%": values["perf/data_wait_pct"],
             },
@@ -543,10 +550,17 @@ class GANTrainer:
             self.save()
             self.checkpoints.mark_best(tag_for_step(self.step))
 
+    def _budget_spent(self) -> bool:
+        """True on every rank once any rank's training loop has used ``training.cpu_budget_seconds``."""
+        budget = self.config.training.cpu_budget_seconds
+        return bool(budget) and all_ranks_agree(self.state.train_cpu_seconds >= budget)
+
     def _after_step(self, losses: dict[str, float]) -> bool:
-        """Logging, validation and saving due at this step; True when every rank agrees to stop."""
+        """Logging, validation and saving due at this step; True when every rank agrees to stop (a
+        SIGTERM, or the CPU budget spent: ``self.stop_reason`` says which)."""
         config, step = self.config, self.step
-        last = step == self.total_steps
+        budget_spent = self._budget_spent()
+        last = step == self.total_steps or budget_spent
         if step % config.logging.log_every_steps == 0 or last:
             self._log(losses)
         if step % config.logging.image_every_steps == 0 and self.context.is_main:
@@ -557,7 +571,14 @@ class GANTrainer:
             self.save()
         # a SIGTERM on any rank stops every rank at the same step
         self.stop_requested = all_ranks_agree(self.stop_requested)
-        return self.stop_requested
+        if self.stop_requested:
+            self.stop_reason = f"SIGTERM: stopping at step {step}"
+        elif budget_spent:
+            self.stop_reason = (
+                f"CPU budget spent: {self.state.train_cpu_seconds:.0f} s of training loop "
+                f"(training.cpu_budget_seconds {config.training.cpu_budget_seconds:g}) at step {step}"
+            )
+        return self.stop_requested or budget_spent
 
     def fit(self) -> None:
         """Train to ``total_steps`` (or a SIGTERM agreed by all ranks), saving on the way and at the end."""
@@ -567,23 +588,27 @@ class GANTrainer:
             stream = self.slice_stream(train=True, epoch=epoch, skip_batches=self.state.batch_in_epoch)
             batches = iter(make_loader(stream, self.config.data.num_workers))
             while self.state.epoch == epoch and self.step < self.total_steps:
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 batch = self._to_device(next(batches))
                 fetched = time.perf_counter()
                 losses = self.train_step(batch)
                 self.state.advance(self.batches_per_epoch)
+                self.state.train_cpu_seconds += time.process_time() - cpu_started
                 self.throughput.add(fetched - started, time.perf_counter() - started)
                 if self._after_step(losses):
-                    self.reporter.print(f"SIGTERM: stopping at step {self.step}")
+                    self.reporter.print(self.stop_reason)
                     break
             del batches
-            if self.stop_requested:
+            if self.stop_reason:
                 break
         if self.last_saved != self.step:
             self.save()
         self.reporter.finish()
         if not self.stop_requested:
-            self.reporter.print(f"done: {self.step} steps; checkpoints in {self.config.checkpoint.dir}")
+            self.reporter.print(
+                f"done: {self.step} steps, {self.state.train_cpu_seconds:.0f} s of training-loop CPU time; "
+                f"checkpoints in {self.config.checkpoint.dir}"
+            )
 
 
 def _load_resumed_model_config(config: Config) -> Config:

@@ -65,6 +65,8 @@ def test_round_trip_through_yaml(tmp_path):
         (["--deepspeed.precision", "fp8"], "deepspeed.precision: 'fp8'"),
         (["--training.lr_g", "-1"], "training.lr_g: -1.0"),
         (["--training.tumour_l1_weight", "-2"], "training.tumour_l1_weight: -2.0 must be >= 0"),
+        (["--training.adversarial_weight", "-1"], "training.adversarial_weight: -1.0 must be >= 0"),
+        (["--training.cpu_budget_seconds", "-5"], "training.cpu_budget_seconds: -5.0 must be >= 0"),
         (["--model.generator.ssm_directions", "3"], "model.generator.ssm_directions: 3 must be 1, 2 or 4"),
         (["--training.lr_g", "fast"], "training.lr_g: 'fast' is not a number"),
         (["--data.batch_size", "2.5"], "data.batch_size: '2.5' is not an integer"),

@@ -16,7 +16,7 @@ from skimage.metrics import structural_similarity
 
 from medgan.evaluation import NiftiSubjects, ShardSubjects, Task, evaluate, tasks_to_evaluate
 from medgan.inference import load_generator
-from medgan.scoring import COPY, paired_statistics, score_volume
+from medgan.scoring import COPY, holm_adjusted, paired_statistics, score_volume
 
 
 def test_paired_statistics_equal_scipy():
@@ -31,8 +31,22 @@ def test_paired_statistics_equal_scipy():
     assert result["mean_difference"] == pytest.approx(np.mean(model[keep] - baseline[keep]))
     assert result["ci95"] == pytest.approx([interval.low, interval.high])
     assert result["wilcoxon_p"] == pytest.approx(stats.wilcoxon(model[keep], baseline[keep]).pvalue)
+    assert result["ttest_p"] == pytest.approx(stats.ttest_rel(model[keep], baseline[keep]).pvalue)
+    wider = paired_statistics(model, baseline, confidence=0.975)
+    assert wider["ci95"] == pytest.approx(
+        list(stats.ttest_rel(model[keep], baseline[keep]).confidence_interval(0.975))
+    )
     same = paired_statistics(baseline, baseline)
     assert np.isnan(same["wilcoxon_p"]) and same["mean_difference"] == 0
+
+
+def test_holm_adjusts_step_down_in_the_given_order():
+    # sorted 0.01, 0.02, 0.04, 0.30 (m = 4): x4, x3, x2, x1 = 0.04, 0.06, 0.08, 0.30, already monotone
+    assert holm_adjusted([0.04, 0.01, 0.30, 0.02]) == pytest.approx([0.08, 0.04, 0.30, 0.06])
+    # a later step smaller than an earlier one is raised to it (monotone), and nothing exceeds 1
+    assert holm_adjusted([0.03, 0.031]) == pytest.approx([0.06, 0.06])
+    assert holm_adjusted([0.6, 0.7]) == pytest.approx([1.0, 1.0])
+    assert holm_adjusted([]) == []
 
 
 def test_per_volume_figures_equal_a_direct_3d_computation():

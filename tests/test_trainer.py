@@ -171,3 +171,50 @@ def test_validation_logs_each_s6_blocks_scan_share(trainer):
     assert blocks
     assert {f"model/scan_share/{name}" for name in blocks} == {k for k in summary if "scan_share" in k}
     assert all(0 < summary[f"model/scan_share/{name}"] < 10 for name in blocks)
+
+
+def test_adversarial_weight_zero_trains_g_on_l1_alone_and_leaves_d_unrun(trainer, monkeypatch):
+    batch = trainer._to_device(next(iter(make_loader(trainer.slice_stream(train=True), 0))))
+    monkeypatch.setattr(trainer.config.training, "adversarial_weight", 0.0)
+    calls = []
+    discriminator = trainer.d_engine.module
+    hook = discriminator.register_forward_hook(lambda *_: calls.append(1))
+    g_before, d_before = _copy(trainer.g_engine.module), _copy(discriminator)
+    try:
+        losses = trainer.train_step(batch)
+    finally:
+        hook.remove()
+    assert set(losses) == {"loss_g", "loss_l1"}
+    assert losses["loss_g"] == pytest.approx(100.0 * losses["loss_l1"], rel=1e-5)
+    assert not calls, "the discriminator ran in an L1-only step"
+    assert all(torch.equal(d_before[k], v) for k, v in discriminator.state_dict().items())
+    assert any(not torch.equal(g_before[k], v) for k, v in trainer.g_engine.module.state_dict().items())
+
+
+def test_adversarial_weight_scales_the_adversarial_term(trainer, monkeypatch):
+    batch = trainer._to_device(next(iter(make_loader(trainer.slice_stream(train=True), 0))))
+    monkeypatch.setattr(trainer.config.training, "adversarial_weight", 0.25)
+    losses = trainer.train_step(batch)
+    assert losses["loss_g"] == pytest.approx(0.25 * losses["loss_adv"] + 100.0 * losses["loss_l1"], rel=1e-5)
+
+
+def test_cpu_budget_stops_training_with_validation_and_a_checkpoint(trainer, monkeypatch):
+    """A budget of one CPU microsecond is spent by the first step: the run validates, saves, says why."""
+    monkeypatch.setattr(trainer.config.training, "cpu_budget_seconds", 1e-6)
+    monkeypatch.setattr(trainer, "total_steps", trainer.step + 50)
+    monkeypatch.setattr(trainer.config.training, "val_every_steps", 1000)
+    monkeypatch.setattr(trainer.config.checkpoint, "every_steps", 1000)
+    monkeypatch.setattr(trainer, "state", TrainState(step=trainer.step))
+    monkeypatch.setattr(trainer, "stop_reason", "")
+    validated, printed = [], []
+    monkeypatch.setattr(trainer, "_validate_and_keep_best", lambda: validated.append(trainer.step))
+    monkeypatch.setattr(trainer, "_start", lambda: None)
+    monkeypatch.setattr(trainer.reporter, "print", printed.append)
+    start = trainer.step
+    trainer.fit()
+    assert trainer.step == start + 1 and validated == [start + 1]
+    assert trainer.last_saved == trainer.step
+    assert trainer.state.train_cpu_seconds > 0
+    assert any(line.startswith("CPU budget spent:") and f"at step {start + 1}" in line for line in printed)
+    saved = trainer.state.to_client_state(world_size=1, samples_per_step=2)
+    assert TrainState.from_client_state(saved, 1, "x").train_cpu_seconds == trainer.state.train_cpu_seconds
