@@ -1,0 +1,631 @@
+"""The study: does the state-space generator beat the matched U-Net and its own scan-off ablation at equal
+CPU time? Declared in docs/results.md before it ran; this script runs it and writes the tables there.
+
+    python bench/study.py [--out runs/study] [--budget-minutes 6] [--seeds 0 1 2]
+                          [--parts l1 gan pilot report] [--subjects 80] [--cores 0 1]
+                          [--results docs/results.md]
+
+Arms, all on one fixed task (t1 t1ce t2 -> flair) of a seeded BraTS-layout phantom (tumour and tumour-free
+subjects), one process each on one pinned core (one torch thread), ``configs/demo.yaml``'s generator and
+recipe with a constant learning rate:
+
+- ``l1``: L1-only (``training.adversarial_weight 0``) U-Net (width matched to the SSM's parameter count),
+  SSM and SSM with ``scan_off``, each seed of ``--seeds``, at 64 x 64 (the primary comparison);
+- ``gan``: the SSM and the U-Net with the adversarial term (``adversarial_weight 1``), each seed;
+- ``pilot``: one seed of the three L1-only arms at 128 x 128, the SSM stages at the encoder levels whose
+  convolutional receptive field is smaller than the image (``receptive_fields``).
+
+Every run stops when its training loop has used ``--budget-minutes`` of CPU time
+(``training.cpu_budget_seconds``); validation on the whole val split every ``VAL_EVERY`` steps keeps the
+best-PSNR checkpoint, which ``python -m medgan evaluate`` scores on the test split. Two runs go at once, one
+per core of ``--cores``; a background thread samples the load average every 30 s into ``OUT/load.csv``.
+
+Resumable: a run writes ``OUT/runs/NAME/train.json`` when it finishes and its evaluation
+``OUT/eval/NAME/summary.json``; both are skipped when present, and a run stopped before its
+``train.json`` starts again from scratch (its CPU time stays whole). ``report`` writes the tables between
+``<!-- study:tables -->`` and ``<!-- study:end -->`` of ``--results`` and leaves the rest of that file (the
+declaration and the reading) as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# bench/data_prep.py would shadow the data_prep package that medgan imports: drop this script's folder.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from medgan.scoring import holm_adjusted, paired_statistics  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/demo.yaml"
+INPUTS, TARGET = ("t1", "t1ce", "t2"), "flair"
+BATCH = 4
+ALPHA = 0.05
+PRIMARY = ("tumour", "psnr")
+SECONDARY = (("brain", "ssim"), ("tumour", "ssim"), ("brain", "mae"), ("tumour", "mae"), ("brain", "psnr"))
+DIGITS = {"psnr": 2, "ssim": 4, "mae": 4}
+# Validation (the whole val split) every this many steps at each size: a few seconds each at 64 x 64.
+VAL_EVERY = {64: 200, 128: 100}
+PARTS = ("l1", "gan", "pilot", "report")
+ARMS = {
+    "unet": ["--model.generator.arch", "unet"],
+    "ssm": [],
+    "scanoff": ["--model.generator.scan_off", "true"],
+}
+LABELS = {"unet": "U-Net", "ssm": "SSM", "scanoff": "SSM, scan off"}
+PARAMETERS = re.compile(r"^generator ([\d,]+) parameters")
+VALIDATION = re.compile(r"^step (\d+): val PSNR ([0-9.]+) dB")
+BUDGET_LINE = re.compile(r"^CPU budget spent: (\d+) s of training loop .* at step (\d+)")
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------- the runs
+@dataclass(frozen=True)
+class Run:
+    """One training: its recipe (``l1`` or ``gan``), arm, seed and image size."""
+
+    recipe: str
+    arm: str
+    seed: int
+    size: int
+
+    @property
+    def name(self) -> str:
+        size = "" if self.size == 64 else f"_{self.size}"
+        return f"{self.recipe}_{self.arm}{size}_seed{self.seed}"
+
+
+def receptive_fields(depth: int) -> dict[str, int]:
+    """Receptive field in input pixels of the features at each encoder level's SSM stage and at the
+    bottleneck's: the 3x3 stem, two 3x3 convolutions per ConvBlock, a 4x4 stride-2 convolution down."""
+    field, jump, fields = 3, 1, {}
+    for level in range(depth):
+        field += 2 * 2 * jump  # the level's ConvBlock
+        fields[f"level {level}"] = field
+        field += 3 * jump  # the 4x4 stride-2 downsampling
+        jump *= 2
+    fields["bottleneck"] = field + 2 * 2 * jump
+    return fields
+
+
+def ssm_levels_without_global_reach(size: int, depth: int) -> list[int]:
+    """Encoder levels whose features see less than the whole image (receptive field < size); level 0
+    (full-resolution sequences) is left out: its scans are the costliest and its features see 7 pixels."""
+    fields = receptive_fields(depth)
+    return [level for level in range(1, depth) if fields[f"level {level}"] < size]
+
+
+def run_flags(run: Run, shards: Path, folder: Path, budget_seconds: float) -> list[str]:
+    flags = [
+        "--config", CONFIG, "--data_path", str(shards), "--checkpoint_dir", str(folder),
+        "--input_modalities", *INPUTS, "--target_modality", TARGET, "--batch_size", str(BATCH),
+        "--data.num_workers", "0", "--training.epochs", "10000", "--training.max_steps", "0",
+        "--training.cpu_budget_seconds", str(budget_seconds), "--training.lr_schedule", "constant",
+        "--training.seed", str(run.seed), "--training.val_every_steps", str(VAL_EVERY[run.size]),
+        "--training.val_max_batches", "0", "--checkpoint.every_steps", "1000000",
+        "--checkpoint.keep_last", "1",
+        "--training.adversarial_weight", "0" if run.recipe == "l1" else "1",
+        "--deepspeed.zero_stage", "0", "--logging.wandb", "disabled", "--logging.progress_bar", "false",
+        "--logging.log_every_steps", "50", "--logging.image_every_steps", "1000000",
+        *ARMS[run.arm],
+    ]  # fmt: skip
+    if run.size != 64:
+        levels = ssm_levels_without_global_reach(run.size, depth=3)
+        flags += ["--model.generator.ssm_levels", *map(str, levels)]
+    return flags
+
+
+def pinned_to(core: int | None):
+    """A preexec_fn pinning the child to one core (so torch takes one thread: medgan.distributed)."""
+    if core is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    return lambda: os.sched_setaffinity(0, {core})
+
+
+def run_logged(command: list[str], log: Path, core: int | None) -> float:
+    """Run ``command`` from the repository root with its output in ``log``; its wall seconds."""
+    started = time.perf_counter()
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    with open(log, "w") as stream:
+        stream.write("$ " + shlex.join(command) + "\n")
+        stream.flush()
+        status = subprocess.run(
+            command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, env=environment,
+            preexec_fn=pinned_to(core),
+        ).returncode  # fmt: skip
+    wall = time.perf_counter() - started
+    if status != 0:
+        raise RuntimeError(f"{shlex.join(command[:4])} ... failed ({status}); see {log}")
+    return wall
+
+
+def make_data(out: Path, subjects: int, size: int) -> Path:
+    """The phantom at ``size`` x ``size`` x 32, sharded 50/15/35 by subject (made once)."""
+    shards = out / f"shards{size}"
+    if (shards / "manifest.json").is_file():
+        return shards
+    raw = out / f"phantom{size}"
+    shutil.rmtree(raw, ignore_errors=True)
+    shutil.rmtree(shards, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    phantom = ["phantom", "--layout", "brats", "--subjects", str(subjects), "--out", str(raw), "--seed", "0"]
+    phantom += ["--shape", str(size), str(size), "32"]
+    shard = ["shard", "--format", "brats", "--src", str(raw), "--out", str(shards)]
+    shard += ["--size", str(size), "--split", "0.5", "0.15", "0.35"]
+    for arguments in (phantom, shard):
+        say("python -m data_prep " + shlex.join(arguments))
+        run_logged(
+            [sys.executable, "-m", "data_prep", *arguments], out / f"data{size}_{arguments[0]}.log", None
+        )
+    return shards
+
+
+def train_and_evaluate(out: Path, run: Run, budget_seconds: float, core: int | None) -> dict:
+    """Train ``run`` (skipped when its train.json exists), then score its best checkpoint on test."""
+    folder = out / "runs" / run.name
+    record_path = folder / "train.json"
+    shards = out / f"shards{run.size}"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        command = [sys.executable, "launch/train.py", *run_flags(run, shards, folder, budget_seconds)]
+        say(f"{run.name}: training on core {core} (load {load_average()})")
+        load_before = load_average()
+        wall = run_logged(command, folder / "train.log", core)
+        record = {
+            **training_summary(folder / "train.log"),
+            "name": run.name,
+            "budget_seconds": budget_seconds,
+            "process_wall_seconds": wall,
+            "load_average_before": load_before,
+            "load_average_after": load_average(),
+            "command": "python " + shlex.join(command[1:]),
+        }
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        say(f"{run.name}: {record['steps']} steps in {record['train_cpu_seconds']} s CPU, {wall:.0f} s wall")
+    evaluation = out / "eval" / run.name
+    if not (evaluation / "summary.json").is_file():
+        shutil.rmtree(evaluation, ignore_errors=True)
+        evaluation.mkdir(parents=True)
+        command = [
+            sys.executable, "-m", "medgan", "evaluate", "--checkpoint", str(folder),
+            "--data_path", str(shards), "--split", "test", "--input_modalities", *INPUTS,
+            "--target_modality", TARGET, "--out", str(evaluation), "--batch_size", "16", "--device", "cpu",
+        ]  # fmt: skip
+        wall = run_logged(command, evaluation / "evaluate.log", core)
+        say(f"{run.name}: evaluated in {wall:.0f} s")
+    return record
+
+
+def training_summary(log: Path) -> dict:
+    """Steps, CPU seconds, parameters and the best validation from a run's train.log."""
+    lines = log.read_text().splitlines()
+    budget = next((m for m in map(BUDGET_LINE.match, lines) if m), None)
+    if budget is None:
+        raise RuntimeError(f"{log}: no 'CPU budget spent' line; the run ended some other way")
+    validations = [(int(m.group(1)), float(m.group(2))) for m in map(VALIDATION.match, lines) if m]
+    best_step, best_psnr = max(validations, key=lambda v: v[1])
+    return {
+        "steps": int(budget.group(2)),
+        "train_cpu_seconds": int(budget.group(1)),
+        "parameters": next(int(m.group(1).replace(",", "")) for m in map(PARAMETERS.match, lines) if m),
+        "validations": validations,
+        "best_step": best_step,
+        "best_val_psnr": best_psnr,
+    }
+
+
+def load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def sample_load(path: Path, stop: threading.Event, every: float = 30.0) -> None:
+    """Append (unix time, 1-minute load average) to ``path`` until ``stop`` is set."""
+    while not stop.is_set():
+        with open(path, "a") as stream:
+            stream.write(f"{time.time():.0f},{os.getloadavg()[0]:.2f}\n")
+        stop.wait(every)
+
+
+def run_all(out: Path, runs: list[Run], budget_seconds: float, cores: list[int]) -> None:
+    """Every run, ``len(cores)`` at a time, each worker on its own core."""
+    free = list(cores)
+    lock = threading.Lock()
+
+    def work(run: Run) -> None:
+        with lock:
+            core = free.pop()
+        try:
+            train_and_evaluate(out, run, budget_seconds, core)
+        finally:
+            with lock:
+                free.append(core)
+
+    with ThreadPoolExecutor(max_workers=len(cores)) as pool:
+        for future in [pool.submit(work, run) for run in runs]:
+            future.result()
+
+
+# ------------------------------------------------------------------------------------------- the report
+def volume_values(out: Path, name: str, method: str = "model") -> dict[tuple[str, str], dict[str, float]]:
+    """(region, metric) -> subject -> value from an evaluation's per_volume.csv (NaN-free)."""
+    values: dict[tuple[str, str], dict[str, float]] = {}
+    with open(out / "eval" / name / "per_volume.csv") as stream:
+        for row in csv.DictReader(stream):
+            if row["method"] != method:
+                continue
+            for metric in DIGITS:
+                value = float(row[metric])
+                if np.isfinite(value):
+                    values.setdefault((row["region"], metric), {})[row["subject"]] = value
+    return values
+
+
+def seed_averaged(per_seed: list[dict], endpoint: tuple[str, str]) -> dict[str, float]:
+    """Subject -> the mean over seeds (subjects scored in every seed): subjects are the units."""
+    common = set.intersection(*(set(seed[endpoint]) for seed in per_seed))
+    return {s: float(np.mean([seed[endpoint][s] for seed in per_seed])) for s in sorted(common)}
+
+
+def comparison_rows(
+    arms: dict[str, list[dict]], pairs: list[tuple[str, str]], endpoint: tuple[str, str]
+) -> list[dict]:
+    """Paired over subjects, per pair: difference, Bonferroni interval (1 - alpha/m), t p, Holm p."""
+    m = len(pairs)
+    rows = []
+    for first, second in pairs:
+        a, b = seed_averaged(arms[first], endpoint), seed_averaged(arms[second], endpoint)
+        subjects = sorted(set(a) & set(b))
+        stats = paired_statistics(
+            np.array([a[s] for s in subjects]), np.array([b[s] for s in subjects]), confidence=1 - ALPHA / m
+        )
+        rows.append({"pair": (first, second), **stats})
+    for row, adjusted in zip(rows, holm_adjusted([row["ttest_p"] for row in rows])):
+        row["holm_p"] = adjusted
+    return rows
+
+
+def better(metric: str, difference: float) -> bool:
+    return difference < 0 if metric == "mae" else difference > 0
+
+
+def format_row(row: dict, metric: str) -> str:
+    d = DIGITS[metric]
+    low, high = row["ci95"]
+    return (
+        f"{row['mean_difference']:+.{d}f} | [{low:+.{d}f}, {high:+.{d}f}] | {row['ttest_p']:.3g} | "
+        f"{row['holm_p']:.3g} | {row['wilcoxon_p']:.3g} | {row['n']}"
+    )
+
+
+def mean_sd(values: list[float], digits: int) -> str:
+    array = np.asarray(values, dtype=np.float64)
+    spread = array.std(ddof=1) if array.size > 1 else float("nan")
+    return f"{array.mean():.{digits}f} ± {spread:.{digits}f}"
+
+
+def scan_shares(out: Path, name: str, size: int, batches: int = 8) -> dict[str, float]:
+    """Each S6 block's rms(scan term) / rms(D * u) at the scored (best) checkpoint, the mean over the
+    first ``batches`` batches of the test split."""
+    import torch
+
+    from medgan.data import SliceStream, TaskSpec, make_loader
+    from medgan.inference import load_generator
+    from medgan.models.generator import recording_scan_share
+    from medgan.shards import ShardFolder
+
+    generator = load_generator(out / "runs" / name)
+    canonical = list(generator.modalities)
+    task = TaskSpec.from_names(list(INPUTS), TARGET, canonical)
+    split = ShardFolder.open(out / f"shards{size}").split("test")
+    stream = SliceStream(split, canonical, task, 16, seed=0, rank=0, world_size=1, train=False)
+    collected: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for index, batch in enumerate(make_loader(stream, 0)):
+            if index >= batches:
+                break
+            with recording_scan_share(generator.module) as shares:
+                generator.module(batch["images"], batch["available"], batch["target_index"])
+            for block, share in shares.items():
+                collected.setdefault(block, []).append(share)
+    return {block: float(np.mean(values)) for block, values in collected.items()}
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    import torch
+
+    return (
+        f"{os.cpu_count()} CPU cores ({model}), no GPU, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def git_commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return result.stdout.strip() or "unknown"
+
+
+def write_report(args: argparse.Namespace, invocation: str) -> str:
+    """The tables (markdown) from every finished run and evaluation; raises on a missing one."""
+    out, seeds = args.out, args.seeds
+    records = {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/train.json"))}
+    l1 = {arm: [Run("l1", arm, s, 64) for s in seeds] for arm in ARMS}
+    gan = {arm: [Run("gan", arm, s, 64) for s in seeds] for arm in ("unet", "ssm")}
+    pilot = {arm: [Run("l1", arm, seeds[0], 128)] for arm in ARMS}
+    needed = [r for group in (l1, gan, pilot) for runs in group.values() for r in runs]
+    missing = [r.name for r in needed if not (out / "eval" / r.name / "summary.json").is_file()]
+    if missing:
+        raise SystemExit(f"bench/study.py: report needs {' '.join(missing)} (run the other parts first)")
+    values = {r.name: volume_values(out, r.name) for r in needed}
+    copied = volume_values(out, l1["ssm"][0].name, "best_input_copy")
+    manifest = json.loads((out / "shards64" / "manifest.json").read_text())
+    splits = {k: (v["samples"], len(v.get("subjects", []))) for k, v in manifest["splits"].items()}
+    test_tumour = len(seed_averaged([values[l1["ssm"][0].name]], PRIMARY))
+    loads = [float(line.split(",")[1]) for line in (out / "load.csv").read_text().splitlines() if line]
+    budget_minutes = records[l1["ssm"][0].name]["budget_seconds"] / 60
+
+    lines = [
+        "Made by:",
+        "",
+        "```",
+        invocation,
+        "```",
+        "",
+        f"`bench/study.py` at commit `{git_commit()}`; each run's command is in `runs/study/runs/NAME/"
+        "train.json`, each evaluation's in `runs/study/eval/NAME/summary.json`.",
+        "",
+        "### Setup as run",
+        "",
+        f"- **Machine**: {machine()}; two runs at a time, each pinned to one core (one torch thread). Load "
+        f"average (1 min) sampled every 30 s during the study: median {np.median(loads):.2f}, "
+        f"range {min(loads):.2f}-{max(loads):.2f} ({len(loads)} samples), on 2 cores.",
+        f"- **Data** (64 x 64): {args.subjects} phantom subjects; train {splits['train'][1]} subjects "
+        f"({splits['train'][0]} slices), val {splits['val'][1]} ({splits['val'][0]}), test "
+        f"{splits['test'][1]} ({splits['test'][0]}), of which {test_tumour} have a tumour (the primary "
+        "endpoint's subjects).",
+        f"- **Budget**: {budget_minutes:g} min of training-loop CPU time per run "
+        f"(`training.cpu_budget_seconds {budget_minutes * 60:g}`), validation every {VAL_EVERY[64]} steps "
+        f"({VAL_EVERY[128]} at 128) on the whole val split, the best-val-PSNR checkpoint scored.",
+        "",
+        "### Steps reached and compute",
+        "",
+        "| run | parameters | steps | epochs | CPU s (loop) | best-val step | process wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in needed:
+        record = records[run.name]
+        samples = splits["train"][0] if run.size == 64 else None
+        epochs = f"{record['steps'] * BATCH / samples:.1f}" if samples else "-"
+        lines.append(
+            f"| {run.name} | {record['parameters']:,} | {record['steps']} | {epochs} | "
+            f"{record['train_cpu_seconds']} | {record['best_step']} | {record['process_wall_seconds']:.0f} |"
+        )
+
+    # primary and secondary endpoints, L1 arms
+    arm_values = {arm: [values[r.name] for r in runs] for arm, runs in l1.items()}
+    lines += [
+        "",
+        "### Arms (L1-only, 64 x 64)",
+        "",
+        "Mean ± SD over test subjects of each subject's value averaged over seeds "
+        f"({' '.join(map(str, seeds))}); tumour-region rows over the {test_tumour} subjects with a tumour.",
+        "",
+        "| arm | tumour PSNR (dB) | brain PSNR (dB) | brain SSIM | tumour SSIM | brain MAE | tumour MAE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    columns = [PRIMARY, ("brain", "psnr"), ("brain", "ssim"), ("tumour", "ssim"), ("brain", "mae"),
+               ("tumour", "mae")]  # fmt: skip
+    rows = {**{LABELS[a]: v for a, v in arm_values.items()}, "Best copied input": [copied]}
+    for label, per_seed in rows.items():
+        cells = [mean_sd(list(seed_averaged(per_seed, c).values()), DIGITS[c[1]]) for c in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Per seed, mean tumour PSNR (dB) over test subjects:", ""]
+    lines += ["| seed | " + " | ".join(LABELS[a] for a in ARMS) + " |", "|---" * (len(ARMS) + 1) + "|"]
+    for index, seed in enumerate(seeds):
+        cells = [f"{np.mean(list(arm_values[a][index][PRIMARY].values())):.2f}" for a in ARMS]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+
+    pairs = [("ssm", "unet"), ("ssm", "scanoff")]
+    header = [
+        "| endpoint | comparison | difference | corrected 95% CI | t p | Holm p | Wilcoxon p | subjects |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        "",
+        "### The declared comparisons",
+        "",
+        "Paired over test subjects (seed-averaged). Corrected 95% CI: the paired t interval at "
+        f"1 - 0.05/{len(pairs)} (Bonferroni); Holm p over the {len(pairs)} comparisons of each endpoint. "
+        "Positive favours the first arm for PSNR and SSIM, negative for MAE.",
+        "",
+        *header,
+    ]
+    verdicts = []
+    for endpoint in (PRIMARY, *SECONDARY):
+        for row in comparison_rows(arm_values, pairs, endpoint):
+            first, second = row["pair"]
+            kind = "**primary**" if endpoint == PRIMARY else "secondary"
+            lines.append(
+                f"| {kind}: {endpoint[0]} {endpoint[1].upper()} | {LABELS[first]} - {LABELS[second]} | "
+                + format_row(row, endpoint[1])
+                + " |"
+            )
+            if endpoint == PRIMARY:
+                low, high = row["ci95"]
+                verdicts.append(better("psnr", low) and better("psnr", high) and row["holm_p"] < ALPHA)
+    claim = all(verdicts)
+    lines += [
+        "",
+        f"**Declared rule**: an SSM advantage is claimed only if it beats both comparators on the primary "
+        f"endpoint with the corrected interval excluding 0 and Holm p < {ALPHA}. **Met: "
+        f"{'yes' if claim else 'no'}.**",
+    ]
+
+    # the adversarial term
+    gan_values = {f"gan_{a}": [values[r.name] for r in runs] for a, runs in gan.items()}
+    everything = {**{f"l1_{a}": v for a, v in arm_values.items()}, **gan_values}
+    gan_pairs = [("gan_ssm", "l1_ssm"), ("gan_unet", "l1_unet"), ("gan_ssm", "gan_unet")]
+    names = {"gan_ssm": "SSM + GAN", "gan_unet": "U-Net + GAN", "l1_ssm": "SSM, L1", "l1_unet": "U-Net, L1"}
+    lines += [
+        "",
+        "### The adversarial term (64 x 64)",
+        "",
+        "| arm | tumour PSNR (dB) | brain PSNR (dB) | brain SSIM | tumour SSIM | brain MAE | tumour MAE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, per_seed in gan_values.items():
+        cells = [mean_sd(list(seed_averaged(per_seed, c).values()), DIGITS[c[1]]) for c in columns]
+        lines.append(f"| {names[key]} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Holm over these {len(gan_pairs)} comparisons per endpoint, intervals at 1 - 0.05/{len(gan_pairs)}.",
+        "",
+        *header,
+    ]
+    for endpoint in (PRIMARY, ("brain", "ssim"), ("brain", "mae")):
+        for row in comparison_rows(everything, gan_pairs, endpoint):
+            first, second = row["pair"]
+            lines.append(
+                f"| {endpoint[0]} {endpoint[1].upper()} | {names[first]} - {names[second]} | "
+                + format_row(row, endpoint[1])
+                + " |"
+            )
+
+    # the 128 x 128 pilot
+    pilot_values = {arm: [values[r.name] for r in runs] for arm, runs in pilot.items()}
+    fields = receptive_fields(3)
+    levels = ssm_levels_without_global_reach(128, 3)
+    lines += [
+        "",
+        f"### Pilot: 128 x 128, one seed ({seeds[0]}), L1-only",
+        "",
+        "Receptive field (input pixels) of the features at each SSM position, depth 3: "
+        + ", ".join(f"{k} {v}" for k, v in fields.items())
+        + f"; the pilot's SSM stages at encoder levels {levels} (and the bottleneck), the 64 x 64 arms' at "
+        "[2] (configs/demo.yaml). One seed: the paired test sees subjects, not training runs.",
+        "",
+        "| arm | tumour PSNR (dB) | brain PSNR (dB) | brain SSIM | tumour SSIM | brain MAE | tumour MAE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, per_seed in pilot_values.items():
+        cells = [mean_sd(list(seed_averaged(per_seed, c).values()), DIGITS[c[1]]) for c in columns]
+        lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
+    lines += ["", *header]
+    for endpoint in (PRIMARY, ("brain", "ssim")):
+        for row in comparison_rows(pilot_values, pairs, endpoint):
+            first, second = row["pair"]
+            lines.append(
+                f"| {endpoint[0]} {endpoint[1].upper()} | {LABELS[first]} - {LABELS[second]} | "
+                + format_row(row, endpoint[1])
+                + " |"
+            )
+
+    # scan share
+    lines += [
+        "",
+        "### Scan share after training",
+        "",
+        "Each S6 block's rms(scan term) / rms(D * u) at the scored checkpoint, mean over the first 8 test "
+        "batches: 0 would mean the scan adds nothing to the block's output, 1 as much as its skip term "
+        "D * u.",
+        "",
+    ]
+    share_runs = [*l1["ssm"], *gan["ssm"], *pilot["ssm"]]
+    shares = {r.name: scan_shares(out, r.name, r.size) for r in share_runs}
+    blocks = sorted({b for s in shares.values() for b in s})
+    lines += ["| run | " + " | ".join(f"`{b}`" for b in blocks) + " |", "|---" * (len(blocks) + 1) + "|"]
+    for name, share in shares.items():
+        lines.append(
+            f"| {name} | " + " | ".join(f"{share[b]:.3f}" if b in share else "-" for b in blocks) + " |"
+        )
+    total_wall = sum(r["process_wall_seconds"] for r in records.values())
+    lines += [
+        "",
+        f"Compute: {len(records)} trainings, {total_wall / 3600:.2f} h of process wall time (start-up and "
+        "validation included) over 2 cores.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def insert_tables(results: Path, tables: str) -> None:
+    start, end = "<!-- study:tables -->", "<!-- study:end -->"
+    text = results.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{results}: needs the markers {start} and {end} where the tables go")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    results.write_text(before + start + "\n\n" + tables + "\n" + end + after)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/study"), help="data, runs and evaluations")
+    parser.add_argument("--budget-minutes", type=float, default=6.0, help="training-loop CPU time per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--subjects", type=int, default=80, help="phantom subjects")
+    parser.add_argument("--cores", type=int, nargs="+", default=[0, 1], help="one run at a time on each")
+    parser.add_argument("--results", type=Path, default=Path("docs/results.md"))
+    args = parser.parse_args()
+    args.out = args.out if args.out.is_absolute() else ROOT / args.out
+    args.results = args.results if args.results.is_absolute() else ROOT / args.results
+    invocation = "python bench/study.py " + shlex.join(sys.argv[1:])
+    budget = args.budget_minutes * 60
+
+    runs: list[Run] = []
+    if "l1" in args.parts:
+        runs += [Run("l1", arm, seed, 64) for seed in args.seeds for arm in ARMS]
+    if "gan" in args.parts:
+        runs += [Run("gan", arm, seed, 64) for seed in args.seeds for arm in ("ssm", "unet")]
+    if "pilot" in args.parts:
+        runs += [Run("l1", arm, args.seeds[0], 128) for arm in ARMS]
+    for size in sorted({run.size for run in runs} | ({64, 128} if "report" in args.parts else set())):
+        make_data(args.out, args.subjects, size)
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_load, args=(args.out / "load.csv", stop), daemon=True)
+    sampler.start()
+    try:
+        run_all(args.out, runs, budget, args.cores)
+    except RuntimeError as error:
+        raise SystemExit(f"bench/study.py: {error}") from None
+    finally:
+        stop.set()
+    if "report" in args.parts:
+        tables = write_report(args, invocation)
+        print(tables)
+        insert_tables(args.results, tables)
+        say(f"wrote the tables into {args.results}")
+
+
+if __name__ == "__main__":
+    main()
