@@ -224,7 +224,7 @@ def training_summary(log: Path) -> dict:
     budget = next((m for m in map(BUDGET_LINE.match, lines) if m), None)
     if budget is None:
         raise RuntimeError(f"{log}: no 'CPU budget spent' line; the run ended some other way")
-    validations = [(int(m.group(1)), float(m.group(2))) for m in map(VALIDATION.match, lines) if m]
+    validations = [[int(m.group(1)), float(m.group(2))] for m in map(VALIDATION.match, lines) if m]
     best_step, best_psnr = max(validations, key=lambda v: v[1])
     return {
         "steps": int(budget.group(2)),

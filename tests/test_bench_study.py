@@ -1,0 +1,130 @@
+"""bench/study.py: its receptive fields are the generator's, its statistics are scoring's with Holm, and one
+run goes from launch/train.py's log through evaluation to the scan share."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from torch import nn
+
+from medgan.models.generator import GeneratorConfig, build_generator
+from medgan.scoring import holm_adjusted, paired_statistics
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("bench_study", REPO / "bench" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def _gradient_extent(model: nn.Module, feature_module: nn.Module, size: int) -> int:
+    """Rows of the input that reach the centre pixel of ``feature_module``'s output."""
+    captured = {}
+    hook = feature_module.register_forward_hook(lambda _m, _i, output: captured.update(out=output))
+    images = torch.rand(1, len(model.config.modalities), size, size, requires_grad=True)
+    available = torch.ones(1, len(model.config.modalities), dtype=torch.bool)
+    try:
+        model(images, available, torch.tensor([0]))
+    finally:
+        hook.remove()
+    feature = captured["out"]
+    feature[0, :, feature.shape[2] // 2, feature.shape[3] // 2].sum().backward()
+    rows = torch.nonzero(images.grad[0].abs().sum(dim=(0, 2)) > 0)
+    return int(rows.max() - rows.min() + 1)
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_receptive_fields_are_the_generators_measured_by_the_gradient(study, depth):
+    config = GeneratorConfig(
+        base_channels=8, depth=depth, ssm_levels=[], use_ssm=False, use_attention=False,
+        use_dynamic_gating=False, attention_heads=1, condition_dim=4,
+    )  # fmt: skip
+    model = build_generator(config).double()
+    # group norm mixes statistics over the whole image: out of the way, so the gradient shows the convolutions
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.GroupNorm):
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], nn.Identity())
+    model = model.float()
+    expected = study.receptive_fields(depth)
+    size = 256
+    for level in range(depth):
+        assert _gradient_extent(model, model.encoder[level], size) == expected[f"level {level}"]
+    assert _gradient_extent(model, model.bottleneck, size) == expected["bottleneck"]
+
+
+def test_ssm_levels_without_global_reach(study):
+    # depth 3: level 1 sees 18 pixels, level 2 40; level 0 is never chosen
+    assert study.ssm_levels_without_global_reach(128, 3) == [1, 2]
+    assert study.ssm_levels_without_global_reach(32, 3) == [1]
+    assert study.ssm_levels_without_global_reach(16, 3) == []
+
+
+def test_comparisons_are_scorings_paired_statistics_with_holm_and_a_bonferroni_interval(study):
+    rng = np.random.default_rng(0)
+    endpoint = ("tumour", "psnr")
+    subjects = [f"s{i}" for i in range(10)]
+
+    def arm(shift: float) -> list[dict]:
+        return [{endpoint: {s: 20 + shift + rng.normal() for s in subjects}} for _ in range(3)]
+
+    arms = {"ssm": arm(0.5), "unet": arm(0.0), "scanoff": arm(0.4)}
+    arms["unet"][1][endpoint].pop("s3")  # a subject missing from one seed drops out of that comparison
+    rows = study.comparison_rows(arms, [("ssm", "unet"), ("ssm", "scanoff")], endpoint)
+    averaged = {name: study.seed_averaged(per_seed, endpoint) for name, per_seed in arms.items()}
+    assert "s3" not in averaged["unet"] and len(averaged["ssm"]) == 10
+    p_values = []
+    for row, other in zip(rows, ("unet", "scanoff")):
+        common = sorted(set(averaged["ssm"]) & set(averaged[other]))
+        expected = paired_statistics(
+            np.array([averaged["ssm"][s] for s in common]),
+            np.array([averaged[other][s] for s in common]),
+            confidence=0.975,
+        )
+        assert row["n"] == len(common) == (9 if other == "unet" else 10)
+        assert row["ci95"] == pytest.approx(expected["ci95"])
+        assert row["ttest_p"] == pytest.approx(expected["ttest_p"])
+        p_values.append(expected["ttest_p"])
+    assert [row["holm_p"] for row in rows] == pytest.approx(holm_adjusted(p_values))
+
+
+def test_tables_go_between_the_markers_and_nothing_else_moves(study, tmp_path):
+    results = tmp_path / "results.md"
+    results.write_text("# declared\n<!-- study:tables -->\nold\n<!-- study:end -->\n## reading\n")
+    study.insert_tables(results, "| new |\n")
+    assert results.read_text() == (
+        "# declared\n<!-- study:tables -->\n\n| new |\n\n<!-- study:end -->\n## reading\n"
+    )
+    results.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="needs the markers"):
+        study.insert_tables(results, "x")
+
+
+def test_one_run_trains_to_its_budget_then_is_scored_and_skipped_when_done(study, phantom_shards, tmp_path):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "shards64").symlink_to(phantom_shards)
+    run = study.Run("l1", "ssm", 0, 64)
+    record = study.train_and_evaluate(out, run, budget_seconds=2.0, core=None)
+    assert record["steps"] >= 1 and record["train_cpu_seconds"] >= 2
+    assert record["best_step"] in [step for step, _ in record["validations"]]
+    assert record["validations"][-1][0] == record["steps"], "the budget's last step validates"
+    summary = json.loads((out / "eval" / run.name / "summary.json").read_text())
+    assert summary["tasks"]
+    values = study.volume_values(out, run.name)
+    assert set(values[("brain", "psnr")]) and all(np.isfinite(list(values[("brain", "psnr")].values())))
+    shares = study.scan_shares(out, run.name, 64, batches=1)
+    assert shares and all(0 < share < 10 for share in shares.values())
+    # done runs are read back, not trained again
+    (out / "runs" / run.name / "train.log").unlink()
+    assert study.train_and_evaluate(out, run, budget_seconds=2.0, core=None) == record
