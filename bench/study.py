@@ -352,6 +352,46 @@ def scan_shares(out: Path, name: str, size: int, batches: int = 8) -> dict[str, 
     return {block: float(np.mean(values)) for block, values in collected.items()}
 
 
+def plot_validation(records: dict[str, dict], groups: dict[str, list[str]], path: Path) -> None:
+    """Val PSNR against training-loop CPU minutes, one panel per group, one line per run (a run's CPU
+    time at a step taken as its mean CPU time per step times the step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"unet": "tab:blue", "ssm": "tab:red", "scanoff": "tab:orange"}
+    figure, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), sharey=True, squeeze=False)
+    for axis, (title, names) in zip(axes[0], groups.items()):
+        for name in names:
+            record = records[name]
+            per_step = record["train_cpu_seconds"] / record["steps"] / 60
+            steps, psnr = zip(*record["validations"])
+            arm = name.split("_")[1]  # Run.name: recipe_arm[_size]_seedN
+            style = "--" if name.startswith("gan_") else "-"
+            label = ("GAN " if name.startswith("gan_") else "") + LABELS[arm]
+            axis.plot(
+                [st * per_step for st in steps],
+                psnr,
+                style,
+                marker=".",
+                color=colours[arm],
+                alpha=0.8,
+                label=label,
+            )
+        handles, labels = axis.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        axis.legend(unique.values(), unique.keys(), fontsize=8)
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("training-loop CPU minutes")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("val PSNR (dB, brain, per slice)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def machine() -> str:
     model = "unknown CPU"
     cpuinfo = Path("/proc/cpuinfo")
@@ -566,6 +606,23 @@ def write_report(args: argparse.Namespace, invocation: str) -> str:
         lines.append(
             f"| {name} | " + " | ".join(f"{share[b]:.3f}" if b in share else "-" for b in blocks) + " |"
         )
+    figure = args.results.parent / "images" / "study_validation.png"
+    plot_validation(
+        records,
+        {
+            "64 x 64, L1-only": [r.name for runs in l1.values() for r in runs],
+            "64 x 64, with the adversarial term": [r.name for runs in gan.values() for r in runs],
+            "128 x 128 pilot, L1-only": [r.name for runs in pilot.values() for r in runs],
+        },
+        figure,
+    )
+    lines += [
+        "",
+        "Val PSNR (whole val split, brain mask, mean over slices) through each run, against its "
+        "training-loop CPU time:",
+        "",
+        f"![validation PSNR against CPU time]({figure.relative_to(args.results.parent)})",
+    ]
     total_wall = sum(r["process_wall_seconds"] for r in records.values())
     lines += [
         "",
