@@ -41,7 +41,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,11 +134,28 @@ def run_flags(run: Run, shards: Path, folder: Path, budget_seconds: float) -> li
     return flags
 
 
-def pinned_to(core: int | None):
-    """A preexec_fn pinning the child to one core (so torch takes one thread: medgan.distributed)."""
-    if core is None or not hasattr(os, "sched_setaffinity"):
-        return None
-    return lambda: os.sched_setaffinity(0, {core})
+def pinned_to(core: int | None) -> list[str]:
+    """The command prefix that pins a child to one core (so torch takes one thread: medgan.distributed);
+    empty without a core or without ``taskset`` (util-linux)."""
+    if core is None or shutil.which("taskset") is None:
+        return []
+    return ["taskset", "-c", str(core)]
+
+
+# What a run's behaviour depends on: their git tree hashes go into every train.json.
+CODE_PATHS = ("medgan", "data_prep", "launch", "configs")
+
+
+def code_state() -> dict[str, str | bool]:
+    """HEAD, the git tree of each of CODE_PATHS at HEAD, and whether any of them differs from HEAD."""
+
+    def git(*arguments: str) -> str:
+        return subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    state: dict[str, str | bool] = {"commit": git("rev-parse", "HEAD") or "unknown"}
+    state.update({path: git("rev-parse", f"HEAD:{path}") for path in CODE_PATHS})
+    state["dirty"] = bool(git("status", "--porcelain", "--", *CODE_PATHS))
+    return state
 
 
 def run_logged(command: list[str], log: Path, core: int | None) -> float:
@@ -149,9 +166,8 @@ def run_logged(command: list[str], log: Path, core: int | None) -> float:
         stream.write("$ " + shlex.join(command) + "\n")
         stream.flush()
         status = subprocess.run(
-            command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, env=environment,
-            preexec_fn=pinned_to(core),
-        ).returncode  # fmt: skip
+            [*pinned_to(core), *command], cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, env=environment
+        ).returncode
     wall = time.perf_counter() - started
     if status != 0:
         raise RuntimeError(f"{shlex.join(command[:4])} ... failed ({status}); see {log}")
@@ -201,6 +217,7 @@ def train_and_evaluate(out: Path, run: Run, budget_seconds: float, core: int | N
             "load_average_before": load_before,
             "load_average_after": load_average(),
             "command": "python " + shlex.join(command[1:]),
+            "code": code_state(),
         }
         record_path.write_text(json.dumps(record, indent=2) + "\n")
         say(f"{run.name}: {record['steps']} steps in {record['train_cpu_seconds']} s CPU, {wall:.0f} s wall")
@@ -225,7 +242,9 @@ def training_summary(log: Path) -> dict:
     if budget is None:
         raise RuntimeError(f"{log}: no 'CPU budget spent' line; the run ended some other way")
     validations = [[int(m.group(1)), float(m.group(2))] for m in map(VALIDATION.match, lines) if m]
-    best_step, best_psnr = max(validations, key=lambda v: v[1])
+    # the tag the trainer kept as best (chosen at full precision; the log prints two decimals)
+    best_step = int((log.parent / "best").read_text().strip().removeprefix("step_"))
+    best_psnr = dict(validations)[best_step]
     return {
         "steps": int(budget.group(2)),
         "train_cpu_seconds": int(budget.group(1)),
@@ -263,8 +282,12 @@ def run_all(out: Path, runs: list[Run], budget_seconds: float, cores: list[int])
                 free.append(core)
 
     with ThreadPoolExecutor(max_workers=len(cores)) as pool:
-        for future in [pool.submit(work, run) for run in runs]:
-            future.result()
+        futures = [pool.submit(work, run) for run in runs]
+        for future in as_completed(futures):
+            if future.exception() is not None:
+                # stop at the first failure instead of after every queued run
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise future.exception()
 
 
 # ------------------------------------------------------------------------------------------- the report
@@ -308,6 +331,15 @@ def comparison_rows(
 
 def better(metric: str, difference: float) -> bool:
     return difference < 0 if metric == "mae" else difference > 0
+
+
+def claim_met(rows: list[dict], metric: str) -> bool:
+    """The declared rule: the SSM beats every comparator, its corrected interval excluding 0 on the
+    favourable side and Holm p < ALPHA."""
+    return bool(rows) and all(
+        better(metric, row["ci95"][0]) and better(metric, row["ci95"][1]) and row["holm_p"] < ALPHA
+        for row in rows
+    )
 
 
 def format_row(row: dict, metric: str) -> str:
@@ -408,6 +440,28 @@ def machine() -> str:
     )
 
 
+def code_line(records: dict[str, dict]) -> str:
+    """Which code the runs trained with: the git trees of CODE_PATHS, grouped."""
+    groups: dict[str, list[str]] = {}
+    for name, record in records.items():
+        code = record.get("code")
+        key = (
+            "not recorded"
+            if code is None
+            else " ".join(f"{p} {str(code[p])[:10]}" for p in CODE_PATHS)
+            + (", uncommitted changes" if code["dirty"] else ", clean")
+            + f" (commit {str(code['commit'])[:7]})"
+        )
+        groups.setdefault(key, []).append(name)
+    if len(groups) == 1:
+        return f"- **Code**: every run trained with {next(iter(groups))}."
+    return (
+        "- **Code** (differs between runs): "
+        + "; ".join(f"{key}: {', '.join(names)}" for key, names in groups.items())
+        + "."
+    )
+
+
 def git_commit() -> str:
     result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return result.stdout.strip() or "unknown"
@@ -444,6 +498,7 @@ def write_report(args: argparse.Namespace, invocation: str) -> str:
         "",
         "### Setup as run",
         "",
+        code_line(records),
         f"- **Machine**: {machine()}; two runs at a time, each pinned to one core (one torch thread). Load "
         f"average (1 min) sampled every 30 s during the study: median {np.median(loads):.2f}, "
         f"range {min(loads):.2f}-{max(loads):.2f} ({len(loads)} samples), on 2 cores.",
@@ -519,9 +574,8 @@ def write_report(args: argparse.Namespace, invocation: str) -> str:
                 + " |"
             )
             if endpoint == PRIMARY:
-                low, high = row["ci95"]
-                verdicts.append(better("psnr", low) and better("psnr", high) and row["holm_p"] < ALPHA)
-    claim = all(verdicts)
+                verdicts.append(row)
+    claim = claim_met(verdicts, PRIMARY[1])
     lines += [
         "",
         f"**Declared rule**: an SSM advantage is claimed only if it beats both comparators on the primary "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -81,7 +82,16 @@ def test_comparisons_are_scorings_paired_statistics_with_holm_and_a_bonferroni_i
     arms = {"ssm": arm(0.5), "unet": arm(0.0), "scanoff": arm(0.4)}
     arms["unet"][1][endpoint].pop("s3")  # a subject missing from one seed drops out of that comparison
     rows = study.comparison_rows(arms, [("ssm", "unet"), ("ssm", "scanoff")], endpoint)
-    averaged = {name: study.seed_averaged(per_seed, endpoint) for name, per_seed in arms.items()}
+    # each subject's mean over the seeds that scored it in all of them, by hand
+    averaged = {
+        name: {
+            s: np.mean([seed[endpoint][s] for seed in per_seed])
+            for s in subjects
+            if all(s in seed[endpoint] for seed in per_seed)
+        }
+        for name, per_seed in arms.items()
+    }
+    assert study.seed_averaged(arms["unet"], endpoint) == pytest.approx(averaged["unet"])
     assert "s3" not in averaged["unet"] and len(averaged["ssm"]) == 10
     p_values = []
     for row, other in zip(rows, ("unet", "scanoff")):
@@ -96,6 +106,18 @@ def test_comparisons_are_scorings_paired_statistics_with_holm_and_a_bonferroni_i
         assert row["ttest_p"] == pytest.approx(expected["ttest_p"])
         p_values.append(expected["ttest_p"])
     assert [row["holm_p"] for row in rows] == pytest.approx(holm_adjusted(p_values))
+
+
+def test_the_claim_needs_every_comparison_won_with_its_interval_and_holm(study):
+    won = {"ci95": [0.2, 1.0], "holm_p": 0.01}
+    assert study.claim_met([won, won], "psnr")
+    assert not study.claim_met([won, {"ci95": [-0.1, 1.0], "holm_p": 0.01}], "psnr")  # interval spans 0
+    assert not study.claim_met([won, {"ci95": [0.1, 1.0], "holm_p": 0.06}], "psnr")  # Holm p too large
+    assert not study.claim_met([won, {"ci95": [-1.0, -0.2], "holm_p": 0.01}], "psnr")  # the SSM is worse
+    # for MAE lower is better
+    assert study.claim_met([{"ci95": [-0.02, -0.01], "holm_p": 0.001}], "mae")
+    assert not study.claim_met([won], "mae")
+    assert not study.claim_met([], "psnr")
 
 
 def test_tables_go_between_the_markers_and_nothing_else_moves(study, tmp_path):
@@ -119,6 +141,10 @@ def test_one_run_trains_to_its_budget_then_is_scored_and_skipped_when_done(study
     assert record["steps"] >= 1 and record["train_cpu_seconds"] >= 2
     assert record["best_step"] in [step for step, _ in record["validations"]]
     assert record["validations"][-1][0] == record["steps"], "the budget's last step validates"
+    head_medgan = subprocess.run(
+        ["git", "rev-parse", "HEAD:medgan"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    assert record["code"]["medgan"] == head_medgan and "dirty" in record["code"]
     summary = json.loads((out / "eval" / run.name / "summary.json").read_text())
     assert summary["tasks"]
     values = study.volume_values(out, run.name)
