@@ -119,6 +119,8 @@ class TrainingConfig:
     ``cpu_budget_seconds``: training stops (with validation and a checkpoint, as at ``max_steps``) once
     the training loop (data, forward, backward, optimizer and EMA steps; not validation or saving) has
     used this many seconds of the process's CPU time on any rank, counted across resumes; 0: no budget.
+    DataLoader workers (``data.num_workers > 0``) are other processes, so their CPU time is not counted:
+    with a budget, 0 workers makes it whole.
     Equal CPU time, not equal steps, is how ``bench/study.py`` compares generators of different speed.
     """
 

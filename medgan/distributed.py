@@ -110,6 +110,15 @@ def init_distributed() -> DistributedContext:
     return context
 
 
+def max_over_ranks(value: float) -> float:
+    """The largest ``value`` over the ranks (one all-reduce), on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 def all_ranks_agree(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank (one all-reduce; used to stop together)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -193,6 +193,8 @@ def holm_adjusted(p_values: list[float]) -> list[float]:
     """Holm's step-down adjusted p-values, in the order given: sorted ascending, the i-th smallest (from
     0) is multiplied by ``m - i``, made non-decreasing, capped at 1. Rejecting where the adjusted p is
     below alpha controls the family-wise error rate at alpha (Holm 1979)."""
+    if any(math.isnan(p) for p in p_values):
+        raise ValueError(f"Holm's correction needs every p-value; got {p_values}")
     m = len(p_values)
     adjusted = [math.nan] * m
     running = 0.0

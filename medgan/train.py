@@ -33,6 +33,7 @@ from medgan.distributed import (
     all_ranks_agree,
     barrier,
     init_distributed,
+    max_over_ranks,
     set_thread_share,
 )
 from medgan.ema import ExponentialMovingAverage, gathered_parameters
@@ -334,6 +335,8 @@ class GANTrainer:
         return saved
 
     def save(self) -> str:
+        # the checkpoint keeps one rank's client state: the budget's "any rank" must survive a resume
+        self.state.train_cpu_seconds = max_over_ranks(self.state.train_cpu_seconds)
         tag = self.checkpoints.save(self.step, self.g_engine, self.d_engine, self.ema, self._client_state())
         self.last_saved = self.step
         self.reporter.print(f"saved checkpoint {self.checkpoints.layout.tag_dir(tag)}")
@@ -581,9 +584,17 @@ class GANTrainer:
         return self.stop_requested or budget_spent
 
     def fit(self) -> None:
-        """Train to ``total_steps`` (or a SIGTERM agreed by all ranks), saving on the way and at the end."""
+        """Train to ``total_steps`` (or a SIGTERM agreed by all ranks, or the CPU budget spent), saving on
+        the way and at the end."""
         self._start()
-        while self.step < self.total_steps:
+        if self.step < self.total_steps and self._budget_spent():
+            # resumed with the budget already spent: nothing more to train
+            self.stop_reason = (
+                f"CPU budget spent before this start: {self.state.train_cpu_seconds:.0f} s of training "
+                f"loop at step {self.step}"
+            )
+            self.reporter.print(self.stop_reason)
+        while self.step < self.total_steps and not self.stop_reason:
             epoch = self.state.epoch
             stream = self.slice_stream(train=True, epoch=epoch, skip_batches=self.state.batch_in_epoch)
             batches = iter(make_loader(stream, self.config.data.num_workers))

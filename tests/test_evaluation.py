@@ -47,6 +47,8 @@ def test_holm_adjusts_step_down_in_the_given_order():
     assert holm_adjusted([0.03, 0.031]) == pytest.approx([0.06, 0.06])
     assert holm_adjusted([0.6, 0.7]) == pytest.approx([1.0, 1.0])
     assert holm_adjusted([]) == []
+    with pytest.raises(ValueError, match="needs every p-value"):
+        holm_adjusted([0.01, float("nan")])
 
 
 def test_per_volume_figures_equal_a_direct_3d_computation():

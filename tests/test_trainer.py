@@ -218,3 +218,19 @@ def test_cpu_budget_stops_training_with_validation_and_a_checkpoint(trainer, mon
     assert any(line.startswith("CPU budget spent:") and f"at step {start + 1}" in line for line in printed)
     saved = trainer.state.to_client_state(world_size=1, samples_per_step=2)
     assert TrainState.from_client_state(saved, 1, "x").train_cpu_seconds == trainer.state.train_cpu_seconds
+
+
+def test_a_run_resumed_with_its_budget_spent_trains_no_further(trainer, monkeypatch):
+    monkeypatch.setattr(trainer.config.training, "cpu_budget_seconds", 5.0)
+    monkeypatch.setattr(trainer, "total_steps", trainer.step + 50)
+    monkeypatch.setattr(trainer, "state", TrainState(step=trainer.step, train_cpu_seconds=5.0))
+    monkeypatch.setattr(trainer, "stop_reason", "")
+    monkeypatch.setattr(trainer, "last_saved", trainer.step)
+    monkeypatch.setattr(trainer, "_start", lambda: None)
+    monkeypatch.setattr(trainer, "train_step", lambda batch: pytest.fail("trained past a spent budget"))
+    printed = []
+    monkeypatch.setattr(trainer.reporter, "print", printed.append)
+    start = trainer.step
+    trainer.fit()
+    assert trainer.step == start
+    assert any(line.startswith("CPU budget spent before this start") for line in printed)
