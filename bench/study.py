@@ -467,6 +467,13 @@ def git_commit() -> str:
     return result.stdout.strip() or "unknown"
 
 
+def study_command(args: argparse.Namespace) -> str:
+    """The command that runs (or continues) this study and writes its tables: every part."""
+    command = ["python", "bench/study.py", "--budget-minutes", f"{args.budget_minutes:g}"]
+    command += ["--seeds", *map(str, args.seeds), "--subjects", str(args.subjects)]
+    return shlex.join(command)
+
+
 def write_report(args: argparse.Namespace, invocation: str) -> str:
     """The tables (markdown) from every finished run and evaluation; raises on a missing one."""
     out, seeds = args.out, args.seeds
@@ -487,14 +494,14 @@ def write_report(args: argparse.Namespace, invocation: str) -> str:
     budget_minutes = records[l1["ssm"][0].name]["budget_seconds"] / 60
 
     lines = [
-        "Made by:",
+        "Made by (it runs what is missing, then writes these tables; stopped, it continues):",
         "",
         "```",
-        invocation,
+        study_command(args),
         "```",
         "",
-        f"`bench/study.py` at commit `{git_commit()}`; each run's command is in `runs/study/runs/NAME/"
-        "train.json`, each evaluation's in `runs/study/eval/NAME/summary.json`.",
+        f"These tables: `{invocation}`, `bench/study.py` at commit `{git_commit()}`; each run's command "
+        "is in `runs/study/runs/NAME/train.json`, each evaluation's in `runs/study/eval/NAME/summary.json`.",
         "",
         "### Setup as run",
         "",
