@@ -351,6 +351,55 @@ def format_row(row: dict, metric: str) -> str:
     )
 
 
+COLUMNS = (
+    PRIMARY,
+    ("brain", "psnr"),
+    ("brain", "ssim"),
+    ("tumour", "ssim"),
+    ("brain", "mae"),
+    ("tumour", "mae"),
+)
+COMPARISON_HEADER = [
+    "| endpoint | comparison | difference | corrected 95% CI | t p | Holm p | Wilcoxon p | subjects |",
+    "|---|---|---|---|---|---|---|---|",
+]
+
+
+def arm_table(per_arm: dict[str, list[dict]]) -> list[str]:
+    """Label -> per-seed values: mean ± SD over subjects of the seed-averaged values, one row each."""
+    lines = [
+        "| arm | tumour PSNR (dB) | brain PSNR (dB) | brain SSIM | tumour SSIM | brain MAE | tumour MAE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, per_seed in per_arm.items():
+        cells = [mean_sd(list(seed_averaged(per_seed, c).values()), DIGITS[c[1]]) for c in COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def comparison_table(
+    values: dict[str, list[dict]],
+    pairs: list[tuple[str, str]],
+    endpoints: list[tuple[str, str]],
+    labels: dict[str, str],
+    declared: bool = False,
+) -> tuple[list[str], dict[tuple[str, str], list[dict]]]:
+    """The comparison rows of each endpoint (Holm within it), as table lines and as rows by endpoint;
+    ``declared``: the declared comparisons, whose primary endpoint is marked."""
+    lines, by_endpoint = list(COMPARISON_HEADER), {}
+    for endpoint in endpoints:
+        by_endpoint[endpoint] = comparison_rows(values, pairs, endpoint)
+        for row in by_endpoint[endpoint]:
+            first, second = row["pair"]
+            kind = "**primary**: " if declared and endpoint == PRIMARY else ""
+            lines.append(
+                f"| {kind}{endpoint[0]} {endpoint[1].upper()} | {labels[first]} - {labels[second]} | "
+                + format_row(row, endpoint[1])
+                + " |"
+            )
+    return lines, by_endpoint
+
+
 def mean_sd(values: list[float], digits: int) -> str:
     array = np.asarray(values, dtype=np.float64)
     spread = array.std(ddof=1) if array.size > 1 else float("nan")
@@ -454,7 +503,7 @@ def code_line(records: dict[str, dict]) -> str:
         )
         groups.setdefault(key, []).append(name)
     if len(groups) == 1:
-        return f"- **Code**: every run trained with {next(iter(groups))}."
+        return f"- **Code**: {next(iter(groups))}, for every run."
     return (
         "- **Code** (differs between runs): "
         + "; ".join(f"{key}: {', '.join(names)}" for key, names in groups.items())
@@ -540,26 +589,19 @@ def write_report(args: argparse.Namespace, invocation: str) -> str:
         "Mean ± SD over test subjects of each subject's value averaged over seeds "
         f"({' '.join(map(str, seeds))}); tumour-region rows over the {test_tumour} subjects with a tumour.",
         "",
-        "| arm | tumour PSNR (dB) | brain PSNR (dB) | brain SSIM | tumour SSIM | brain MAE | tumour MAE |",
-        "|---|---|---|---|---|---|---|",
+        *arm_table({**{LABELS[a]: v for a, v in arm_values.items()}, "Best copied input": [copied]}),
+        "",
+        "Per seed, mean tumour PSNR (dB) over test subjects:",
+        "",
+        "| seed | " + " | ".join(LABELS[a] for a in ARMS) + " |",
+        "|---" * (len(ARMS) + 1) + "|",
     ]
-    columns = [PRIMARY, ("brain", "psnr"), ("brain", "ssim"), ("tumour", "ssim"), ("brain", "mae"),
-               ("tumour", "mae")]  # fmt: skip
-    rows = {**{LABELS[a]: v for a, v in arm_values.items()}, "Best copied input": [copied]}
-    for label, per_seed in rows.items():
-        cells = [mean_sd(list(seed_averaged(per_seed, c).values()), DIGITS[c[1]]) for c in columns]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Per seed, mean tumour PSNR (dB) over test subjects:", ""]
-    lines += ["| seed | " + " | ".join(LABELS[a] for a in ARMS) + " |", "|---" * (len(ARMS) + 1) + "|"]
     for index, seed in enumerate(seeds):
         cells = [f"{np.mean(list(arm_values[a][index][PRIMARY].values())):.2f}" for a in ARMS]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
-
     pairs = [("ssm", "unet"), ("ssm", "scanoff")]
-    header = [
-        "| endpoint | comparison | difference | corrected 95% CI | t p | Holm p | Wilcoxon p | subjects |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    table, by_endpoint = comparison_table(arm_values, pairs, [PRIMARY, *SECONDARY], LABELS, declared=True)
+    claim = claim_met(by_endpoint[PRIMARY], PRIMARY[1])
     lines += [
         "",
         "### The declared comparisons",
@@ -568,22 +610,7 @@ def write_report(args: argparse.Namespace, invocation: str) -> str:
         f"1 - 0.05/{len(pairs)} (Bonferroni); Holm p over the {len(pairs)} comparisons of each endpoint. "
         "Positive favours the first arm for PSNR and SSIM, negative for MAE.",
         "",
-        *header,
-    ]
-    verdicts = []
-    for endpoint in (PRIMARY, *SECONDARY):
-        for row in comparison_rows(arm_values, pairs, endpoint):
-            first, second = row["pair"]
-            kind = "**primary**" if endpoint == PRIMARY else "secondary"
-            lines.append(
-                f"| {kind}: {endpoint[0]} {endpoint[1].upper()} | {LABELS[first]} - {LABELS[second]} | "
-                + format_row(row, endpoint[1])
-                + " |"
-            )
-            if endpoint == PRIMARY:
-                verdicts.append(row)
-    claim = claim_met(verdicts, PRIMARY[1])
-    lines += [
+        *table,
         "",
         f"**Declared rule**: an SSM advantage is claimed only if it beats both comparators on the primary "
         f"endpoint with the corrected interval excluding 0 and Holm p < {ALPHA}. **Met: "
@@ -595,35 +622,23 @@ def write_report(args: argparse.Namespace, invocation: str) -> str:
     everything = {**{f"l1_{a}": v for a, v in arm_values.items()}, **gan_values}
     gan_pairs = [("gan_ssm", "l1_ssm"), ("gan_unet", "l1_unet"), ("gan_ssm", "gan_unet")]
     names = {"gan_ssm": "SSM + GAN", "gan_unet": "U-Net + GAN", "l1_ssm": "SSM, L1", "l1_unet": "U-Net, L1"}
+    table, _ = comparison_table(everything, gan_pairs, [PRIMARY, ("brain", "ssim"), ("brain", "mae")], names)
     lines += [
         "",
         "### The adversarial term (64 x 64)",
         "",
-        "| arm | tumour PSNR (dB) | brain PSNR (dB) | brain SSIM | tumour SSIM | brain MAE | tumour MAE |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for key, per_seed in gan_values.items():
-        cells = [mean_sd(list(seed_averaged(per_seed, c).values()), DIGITS[c[1]]) for c in columns]
-        lines.append(f"| {names[key]} | " + " | ".join(cells) + " |")
-    lines += [
+        *arm_table({names[key]: per_seed for key, per_seed in gan_values.items()}),
         "",
         f"Holm over these {len(gan_pairs)} comparisons per endpoint, intervals at 1 - 0.05/{len(gan_pairs)}.",
         "",
-        *header,
+        *table,
     ]
-    for endpoint in (PRIMARY, ("brain", "ssim"), ("brain", "mae")):
-        for row in comparison_rows(everything, gan_pairs, endpoint):
-            first, second = row["pair"]
-            lines.append(
-                f"| {endpoint[0]} {endpoint[1].upper()} | {names[first]} - {names[second]} | "
-                + format_row(row, endpoint[1])
-                + " |"
-            )
 
     # the 128 x 128 pilot
     pilot_values = {arm: [values[r.name] for r in runs] for arm, runs in pilot.items()}
     fields = receptive_fields(3)
     levels = ssm_levels_without_global_reach(128, 3)
+    table, _ = comparison_table(pilot_values, pairs, [PRIMARY, ("brain", "ssim")], LABELS)
     lines += [
         "",
         f"### Pilot: 128 x 128, one seed ({seeds[0]}), L1-only",
@@ -633,21 +648,10 @@ def write_report(args: argparse.Namespace, invocation: str) -> str:
         + f"; the pilot's SSM stages at encoder levels {levels} (and the bottleneck), the 64 x 64 arms' at "
         "[2] (configs/demo.yaml). One seed: the paired test sees subjects, not training runs.",
         "",
-        "| arm | tumour PSNR (dB) | brain PSNR (dB) | brain SSIM | tumour SSIM | brain MAE | tumour MAE |",
-        "|---|---|---|---|---|---|---|",
+        *arm_table({LABELS[arm]: per_seed for arm, per_seed in pilot_values.items()}),
+        "",
+        *table,
     ]
-    for arm, per_seed in pilot_values.items():
-        cells = [mean_sd(list(seed_averaged(per_seed, c).values()), DIGITS[c[1]]) for c in columns]
-        lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
-    lines += ["", *header]
-    for endpoint in (PRIMARY, ("brain", "ssim")):
-        for row in comparison_rows(pilot_values, pairs, endpoint):
-            first, second = row["pair"]
-            lines.append(
-                f"| {endpoint[0]} {endpoint[1].upper()} | {LABELS[first]} - {LABELS[second]} | "
-                + format_row(row, endpoint[1])
-                + " |"
-            )
 
     # scan share
     lines += [
