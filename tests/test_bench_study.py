@@ -154,3 +154,18 @@ def test_one_run_trains_to_its_budget_then_is_scored_and_skipped_when_done(study
     # done runs are read back, not trained again
     (out / "runs" / run.name / "train.log").unlink()
     assert study.train_and_evaluate(out, run, budget_seconds=2.0, core=None) == record
+
+
+def test_the_per_step_view_takes_the_last_step_every_run_validated(study):
+    runs = {arm: [study.Run("l1", arm, seed, 64) for seed in (0, 1)] for arm in ("unet", "ssm")}
+    records = {
+        "l1_unet_seed0": {"validations": [[200, 20.0], [400, 22.0], [600, 23.0]]},
+        "l1_unet_seed1": {"validations": [[200, 21.0], [400, 24.0], [600, 25.0]]},
+        "l1_ssm_seed0": {"validations": [[200, 19.0], [400, 21.0], [455, 21.5]]},
+        "l1_ssm_seed1": {"validations": [[200, 18.0], [400, 20.0]]},
+    }
+    lines = study.equal_step_lines(records, runs)
+    assert "at step 400" in lines[0]
+    assert lines[-1] == "| 23.00 (22.00, 24.00) | 20.50 (21.00, 20.00) |"
+    records["l1_ssm_seed1"]["validations"] = [[50, 10.0]]
+    assert "No validated step" in study.equal_step_lines(records, runs)[0]
