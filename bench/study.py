@@ -387,7 +387,7 @@ def equal_step_lines(records: dict[str, dict], runs: dict[str, list[Run]]) -> li
     step = max(common)
     lines = [
         f"Per step rather than per CPU second (descriptive, not an endpoint): val PSNR (dB) at step {step}, "
-        "the last validated step every run reached, mean over seeds (per seed in brackets):",
+        "the last validated step every L1 run reached, mean over seeds (per seed in brackets):",
         "",
         "| " + " | ".join(LABELS[arm] for arm in runs) + " |",
         "|---" * len(runs) + "|",
@@ -757,8 +757,8 @@ def main() -> None:
     for size in sorted({run.size for run in runs} | ({64, 128} if "report" in args.parts else set())):
         make_data(args.out, args.subjects, size)
     stop = threading.Event()
-    sampler = threading.Thread(target=sample_load, args=(args.out / "load.csv", stop), daemon=True)
-    sampler.start()
+    if runs:  # the load while runs train (or are checked as done), not while a report is written
+        threading.Thread(target=sample_load, args=(args.out / "load.csv", stop), daemon=True).start()
     try:
         run_all(args.out, runs, budget, args.cores)
     except RuntimeError as error:
