@@ -299,6 +299,9 @@ class GANTrainer:
         self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last, context)
         self.provenance = provenance(self.train_split.manifest_sha256)
         self.state = TrainState()
+        # set by the SIGTERM handler only, never cleared: an assignment of the ranks' agreement to the same
+        # attribute could overwrite a signal that arrived during the all-reduce (a lost SIGTERM)
+        self.sigterm_received = False
         self.stop_requested = False
         self.stop_reason = ""
         self.reporter: SilentReporter = SilentReporter()
@@ -494,7 +497,7 @@ class GANTrainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def _handle_sigterm(self, signum, frame) -> None:
-        self.stop_requested = True
+        self.sigterm_received = True
 
     def _start(self) -> dict[str, Any] | None:
         """Resume when a checkpoint exists, start the rank-0 reporter, write the run's files."""
@@ -573,7 +576,7 @@ class GANTrainer:
         if step % config.checkpoint.every_steps == 0 and self.last_saved != step:
             self.save()
         # a SIGTERM on any rank stops every rank at the same step
-        self.stop_requested = all_ranks_agree(self.stop_requested)
+        self.stop_requested = all_ranks_agree(self.sigterm_received)
         if self.stop_requested:
             self.stop_reason = f"SIGTERM: stopping at step {step}"
         elif budget_spent:

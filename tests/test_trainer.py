@@ -234,3 +234,22 @@ def test_a_run_resumed_with_its_budget_spent_trains_no_further(trainer, monkeypa
     trainer.fit()
     assert trainer.step == start
     assert any(line.startswith("CPU budget spent before this start") for line in printed)
+
+
+def test_a_sigterm_during_the_ranks_agreement_is_not_lost(trainer, monkeypatch):
+    """The signal lands while the all-reduce runs (where a rank waits for the others): the agreement of
+    that step says "go on", and the next step must still stop."""
+    monkeypatch.setattr(trainer, "state", TrainState(step=7))
+    monkeypatch.setattr(trainer, "total_steps", 100)
+    monkeypatch.setattr(trainer, "sigterm_received", False)
+    monkeypatch.setattr(trainer, "stop_requested", False)
+    monkeypatch.setattr(trainer, "stop_reason", "")
+
+    def signal_during_agreement(flag: bool) -> bool:
+        trainer._handle_sigterm(15, None)
+        return flag  # the other ranks had no signal when the all-reduce started
+
+    monkeypatch.setattr("medgan.train.all_ranks_agree", signal_during_agreement)
+    assert trainer._after_step({"loss_g": 1.0, "loss_l1": 0.01}) is False
+    assert trainer._after_step({"loss_g": 1.0, "loss_l1": 0.01}) is True
+    assert trainer.stop_reason == "SIGTERM: stopping at step 7"
