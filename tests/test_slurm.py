@@ -100,7 +100,9 @@ def test_train_sbatch_trains_to_a_checkpoint(slurm, phantom_shards, tmp_path):
 def test_preempted_job_saves_requeues_and_resumes(slurm, phantom_shards, tmp_path):
     output = tmp_path / "job.out"
     checkpoints = tmp_path / "checkpoints"
-    steps = 10
+    # USR1 goes slurmctld -> slurmd -> the batch shell's trap -> SIGTERM to the ranks, which took longer
+    # than 9 of these tiny steps once (the ranks stopped at the last step): enough steps to land inside
+    steps = 40
     arguments = training_arguments(phantom_shards, checkpoints, steps)
     job = submit(slurm, "launch/slurm/train_preemptible.sbatch", output, arguments)
 
