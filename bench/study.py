@@ -146,12 +146,13 @@ def pinned_to(core: int | None) -> list[str]:
 CODE_PATHS = ("medgan", "data_prep", "launch", "configs")
 
 
+def git(*arguments: str) -> str:
+    """``git ARGUMENTS`` in the repository: its stripped output ("" outside a checkout)."""
+    return subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
 def code_state() -> dict[str, str | bool]:
     """HEAD, the git tree of each of CODE_PATHS at HEAD, and whether any of them differs from HEAD."""
-
-    def git(*arguments: str) -> str:
-        return subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
     state: dict[str, str | bool] = {"commit": git("rev-parse", "HEAD") or "unknown"}
     state.update({path: git("rev-parse", f"HEAD:{path}") for path in CODE_PATHS})
     state["dirty"] = bool(git("status", "--porcelain", "--", *CODE_PATHS))
@@ -534,8 +535,7 @@ def code_line(records: dict[str, dict]) -> str:
 
 
 def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
+    return git("rev-parse", "--short", "HEAD") or "unknown"
 
 
 def study_command(args: argparse.Namespace) -> str:

@@ -121,11 +121,7 @@ def max_over_ranks(value: float) -> float:
 
 def all_ranks_agree(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank (one all-reduce; used to stop together)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item() > 0)
+    return max_over_ranks(1.0 if flag else 0.0) > 0
 
 
 def barrier() -> None:
