@@ -9,7 +9,12 @@ Forward (``shard``, and ``synthesize`` on its inputs), each step recorded so it 
 4. `brain_mask` (BraTS: nonzero, already skull-stripped) or `head_mask` (IXI: Otsu + morphology).
 5. `fit_scaling` + `normalise`: the median within the mask onto 0.4 and 2.5 x the median onto 1 (clipped
    above, ``data_prep.intensity``), zero outside the mask.
-6. `choose_crop` + `crop`: keep the axial slices with enough brain, crop or pad in-plane to a square.
+6. `choose_crop` + `crop`: keep the axial slices with enough brain (shards) or every slice with any
+   brain (inference: ``every_brain_slice=True``), crop or pad in-plane to a square.
+
+``prepare_subject(..., scored=...)`` also carries files read only to score (the real target in
+evaluation): put on the same grid and crop, each normalised by its own scale within the inputs' mask,
+they choose nothing of what synthesis sees (reference grid, mask, crop, the inputs' scales).
 
 Inverse (``synthesize``, ``evaluate --subjects``), nnU-Net style: `restore_volume` pastes slices back
 at the crop box, undoes the normalisation and the reorientation, and returns a NIfTI with the
@@ -97,6 +102,7 @@ __all__ = [
     "discover_nifti_subjects",
     "fit_scaling",
     "from_canonical",
+    "grid_difference",
     "head_mask",
     "load_volume",
     "normalisation_method",
@@ -115,7 +121,8 @@ __all__ = [
 SEG_LABELS = {1: "necrotic tumour core", 2: "peritumoural oedema", 4: "enhancing tumour"}
 # BraTS 2023+ renumbered enhancing tumour from 4 to 3; shards always carry the BraTS 2021 labels.
 _BRATS_2023_ENHANCING = 3
-# An axial slice is kept when its mask covers at least this share of the largest axial cross-section.
+# Shards keep an axial slice when its mask covers at least this share of the largest axial cross-section
+# (slivers at the top and bottom of the brain teach little); inference keeps every slice with any brain.
 MIN_SLICE_BRAIN_SHARE = 0.1
 _AFFINE_TOLERANCE_MM = 1e-3
 _REGISTRATION_SAMPLES = 20_000
@@ -450,12 +457,15 @@ class CropBox:
         return cls(x=tuple(record["x"]), y=tuple(record["y"]), z=tuple(record["z"]))
 
 
-def choose_crop(mask: np.ndarray, size: int) -> tuple[CropBox, bool]:
-    """Crop box for a canonical mask [X, Y, Z]: slices whose mask area is >= MIN_SLICE_BRAIN_SHARE of
-    the largest, in-plane window of `size` centred on the mask. Returns (box, whether the mask's
-    in-plane extent is larger than `size`, i.e. the crop cuts into it)."""
+def choose_crop(
+    mask: np.ndarray, size: int, min_slice_share: float = MIN_SLICE_BRAIN_SHARE
+) -> tuple[CropBox, bool]:
+    """Crop box for a canonical mask [X, Y, Z]: the axial slices from the first to the last whose mask
+    area is > 0 and >= ``min_slice_share`` of the largest (0: every slice with any mask voxel), the
+    in-plane window of `size` centred on the mask. Returns (box, whether the mask's in-plane extent is
+    larger than `size`, i.e. the crop cuts into it)."""
     area = mask.sum(axis=(0, 1))
-    kept = np.flatnonzero(area >= MIN_SLICE_BRAIN_SHARE * area.max())
+    kept = np.flatnonzero((area > 0) & (area >= min_slice_share * area.max()))
     z = (int(kept[0]), int(kept[-1]) + 1)
     in_plane = mask[:, :, z[0] : z[1]].any(axis=2)
     box = []
@@ -595,12 +605,14 @@ class SubjectGeometry:
 
 @dataclass(slots=True)
 class PreparedSubject:
-    """A subject ready for sharding.
+    """A subject ready for sharding or for the model.
 
     images: [M, Z, H, W] in [0, 1] (float32 unless asked otherwise), in `modalities` order, all zero for
     absent modalities.
     mask: uint8 [Z, H, W] in {0, 1}. seg: uint8 [Z, H, W] BraTS 2021 labels {0, 1, 2, 4}, or None.
     scaling: modality -> IntensityScaling (present modalities only). repairs: one line per fix.
+    scored: the files given as ``scored`` (e.g. the real target in evaluation): modality -> [Z, H, W] in
+    [0, 1] on the same slices, each by its own scale (`scored_scaling`) fitted within `mask`, 0 outside.
     """
 
     modalities: tuple[str, ...]
@@ -611,6 +623,8 @@ class PreparedSubject:
     geometry: SubjectGeometry
     scaling: dict[str, IntensityScaling]
     repairs: list[str]
+    scored: dict[str, np.ndarray] = field(default_factory=dict)
+    scored_scaling: dict[str, IntensityScaling] = field(default_factory=dict)
 
 
 def _all_oriented_alike(volumes) -> bool:
@@ -623,6 +637,23 @@ def _same_grid(a: LoadedVolume, b: LoadedVolume) -> bool:
     return a.data.shape == b.data.shape and np.allclose(a.affine, b.affine, atol=_AFFINE_TOLERANCE_MM)
 
 
+def grid_difference(shape_a, affine_a: np.ndarray, shape_b, affine_b: np.ndarray) -> str:
+    """What tells two voxel grids apart, for an error message: their shapes when those differ, else how
+    far apart (mm) the same voxel index lies on the two, at worst over the volume's corners."""
+    if tuple(shape_a) != tuple(shape_b):
+        return f"shape {tuple(shape_a)} vs {tuple(shape_b)}"
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in shape_a[:3]], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    apart = np.linalg.norm((np.asarray(affine_a) @ corners - np.asarray(affine_b) @ corners)[:3], axis=0)
+    return f"same shape {tuple(shape_a)}, but the affines place voxels up to {apart.max():.3g} mm apart"
+
+
+def _describe_grids(reference: str, fixed: LoadedVolume, modality: str, volume: LoadedVolume) -> str:
+    """``t1 vs t2 (path): shape (..) vs (..)``, or the affines' distance in mm."""
+    difference = grid_difference(fixed.data.shape, fixed.affine, volume.data.shape, volume.affine)
+    return f"{reference} vs {modality} ({volume.path}): {difference}"
+
+
 def prepare_subject(
     files: dict[str, Path],
     *,
@@ -631,12 +662,19 @@ def prepare_subject(
     size: int,
     seed: int = 0,
     dtype=np.float32,
+    every_brain_slice: bool = False,
+    scored: dict[str, Path] | None = None,
 ) -> PreparedSubject:
     """Load, validate, reorient, register, mask, normalise and crop one subject.
 
     files: modality -> path, optionally "seg" -> path; modalities: the channel order of `images`
     (modalities without a file are absent: all zero). dataset: "brats" or "ixi" (see DATASET_SETTINGS).
     dtype: of `images`; computed in float32 either way, so float16 equals float32 images cast afterwards.
+    every_brain_slice: keep every axial slice with any mask voxel (inference: nothing of the brain left
+    blank) instead of shards' `MIN_SLICE_BRAIN_SHARE` rule.
+    scored: modality -> path of files read only to score (`PreparedSubject.scored`): put on the
+    reference grid (registered when the dataset registers) and cropped alike, normalised within the mask
+    of `files`; they choose nothing: not the reference, the mask, the crop nor any scale of `files`.
     Raises VolumeError with a one-line reason when the subject cannot be used.
     """
     settings = DATASET_SETTINGS[dataset]
@@ -649,23 +687,27 @@ def prepare_subject(
     fixed = loaded[reference]
     canonical, canonical_affine, reorientation = to_canonical(fixed.data, fixed.affine)
 
-    on_reference = {}
-    registered = {}
-    for modality, volume in loaded.items():
+    def onto_reference(modality: str, volume: LoadedVolume):
+        """(the volume on the canonical reference grid, (registration, own reorientation) or None)."""
         if _same_grid(volume, fixed):
-            on_reference[modality] = to_canonical(volume.data, volume.affine)[0]
-            continue
+            return to_canonical(volume.data, volume.affine)[0], None
         if not settings.register:
             raise VolumeError(
-                f"modalities on different grids: {reference} {fixed.data.shape} "
-                f"vs {modality} {volume.data.shape} ({volume.path})"
+                f"modalities on different grids: {_describe_grids(reference, fixed, modality, volume)}"
             )
         moving, moving_affine, moving_reorientation = to_canonical(volume.data, volume.affine)
         registration = register_rigid(moving, moving_affine, canonical, canonical_affine, seed=seed)
-        on_reference[modality] = resample_onto(
+        resampled = resample_onto(
             moving, moving_affine, canonical.shape, canonical_affine, registration.fixed_to_moving
         )
-        registered[modality] = (registration, moving_reorientation)
+        return resampled, (registration, moving_reorientation)
+
+    on_reference = {}
+    registered = {}
+    for modality, volume in loaded.items():
+        on_reference[modality], registration = onto_reference(modality, volume)
+        if registration is not None:
+            registered[modality] = registration
 
     if settings.mask == "nonzero" and _all_oriented_alike(loaded.values()) and not registered:
         # The mask does not depend on voxel order: made in the files' contiguous order and reoriented
@@ -677,32 +719,44 @@ def prepare_subject(
         mask = head_mask(on_reference[reference])
     if not mask.any():
         raise VolumeError(f"{files[reference]}: the {settings.mask} mask is empty (no voxel to keep)")
-    box, cut = choose_crop(mask, size)
+    box, cut = choose_crop(mask, size, 0.0 if every_brain_slice else MIN_SLICE_BRAIN_SHARE)
     if cut:
         repairs.append(f"mask wider than --size {size}: the in-plane crop cuts into it")
 
-    scaling = {}
     cropped_mask = crop(mask, box)
     # Median over the mask's bounding box only: the same voxels, a fraction of the volume to scan.
     within = _bounding_box(mask) if mask.any() else (slice(None),) * 3
-    images = np.zeros((len(modalities), box.z[1] - box.z[0], size, size), dtype=dtype)
     outside = ~cropped_mask
-    for channel, modality in enumerate(modalities):
-        if modality not in on_reference:
-            continue
-        volume = on_reference[modality]
+
+    def normalised(modality: str, volume: np.ndarray, path: Path, out: np.ndarray) -> IntensityScaling:
+        """Fit `modality`'s scale within the mask, crop and normalise `volume` into zeroed `out`."""
         try:
-            scaling[modality] = fit_scaling(volume[within], mask[within])
+            scaling = fit_scaling(volume[within], mask[within])
         except VolumeError as error:
-            raise VolumeError(f"{files[modality]}: {error}") from None
+            raise VolumeError(f"{path}: {error}") from None
         if uses_lookup(volume.dtype):
             # 8/16-bit integers (BraTS, IXI files): one gather through a table of every value's result.
-            lookup = normalisation_lookup(volume.dtype, scaling[modality], dtype)
+            lookup = normalisation_lookup(volume.dtype, scaling, out.dtype)
             window, inside = _crop_view(volume, box, box.z[0], len(cropped_mask))
-            normalise_by_lookup(inside, lookup, out=images[channel][window])
-            np.copyto(images[channel], 0, where=outside)
+            normalise_by_lookup(inside, lookup, out=out[window])
+            np.copyto(out, 0, where=outside)
         else:
-            _normalise_into(images[channel], volume, box, scaling[modality], cropped_mask)
+            _normalise_into(out, volume, box, scaling, cropped_mask)
+        return scaling
+
+    scaling = {}
+    images = np.zeros((len(modalities), box.z[1] - box.z[0], size, size), dtype=dtype)
+    for channel, modality in enumerate(modalities):
+        if modality in on_reference:
+            scaling[modality] = normalised(modality, on_reference[modality], files[modality], images[channel])
+
+    scored_images, scored_scaling = {}, {}
+    for modality, path in (scored or {}).items():
+        volume = load_volume(path, keep_integers=True)
+        repairs.extend(volume.repairs)
+        on_grid, _ = onto_reference(modality, volume)
+        scored_images[modality] = np.zeros(images.shape[1:], dtype=dtype)
+        scored_scaling[modality] = normalised(modality, on_grid, path, scored_images[modality])
 
     seg = None
     if "seg" in files:
@@ -724,6 +778,8 @@ def prepare_subject(
         geometry=geometry,
         scaling=scaling,
         repairs=repairs,
+        scored=scored_images,
+        scored_scaling=scored_scaling,
     )
 
 
@@ -749,9 +805,8 @@ def _load_segmentation(path: Path, reference: LoadedVolume) -> np.ndarray:
     """uint8 label map on the reference grid, in BraTS 2021 labels (2023+ label 3 becomes 4)."""
     volume = load_volume(path, is_label=True, keep_integers=True)
     if not _same_grid(volume, reference):
-        raise VolumeError(
-            f"{path}: seg {volume.data.shape} is not on the grid of the images {reference.data.shape}"
-        )
+        difference = grid_difference(volume.data.shape, volume.affine, reference.data.shape, reference.affine)
+        raise VolumeError(f"{path}: the seg is not on the grid of the images ({difference})")
     # In place: the loaded float32 copy is ours, and a full-size label map is mostly passes over memory.
     rounded = volume.data if volume.data.dtype.kind in "iu" else np.rint(volume.data, out=volume.data)
     # min/max first: np.unique on a full-size volume is slow, and only needed to name bad labels.

@@ -249,6 +249,7 @@ def _run_synthesize(args, argv: list[str]) -> int:
     from medgan.synthesis import (
         load_for_synthesis,
         parse_input_flags,
+        provenance_folder,
         spread_path,
         synthesize_folder,
         synthesize_volume,
@@ -284,8 +285,14 @@ def _run_synthesize(args, argv: list[str]) -> int:
             f"{args.target} for every subject" if args.target else "each subject's missing contrast (BraSyn)"
         )
         spread = f", each with its spread ({args.spread})" if args.spread else ""
+        sidecars = (
+            "with JSON sidecars beside them"
+            if args.target
+            else f"(the folder to zip and submit; sidecars{' and spreads' if args.spread else ''} in "
+            f"{provenance_folder(Path(args.out))})"
+        )
         _say(
-            f"wrote {len(written)} synthesized volumes ({mode}{spread}) with JSON sidecars to {args.out} "
+            f"wrote {len(written)} synthesized volumes ({mode}{spread}) to {args.out} {sidecars} "
             f"in {time.perf_counter() - started:.0f} s"
         )
         if not written:

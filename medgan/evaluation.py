@@ -15,8 +15,11 @@ there is none) and, when given, another generator checkpoint (the plain U-Net). 
 subjects, the paired difference (model minus baseline) of the per-volume brain figures: mean with a
 95% t confidence interval, and the two-sided Wilcoxon signed-rank p-value (scipy).
 
-Subjects come from a shard split (the slices data_prep kept) or a folder of NIfTI subjects (prepared
-by data_prep, whole in-plane extent). Outputs in ``--out``: ``per_slice.csv``, ``per_volume.csv``,
+Subjects come from a shard split (the slices and the mask data_prep kept for training: every contrast
+of the subject made that mask and its scales; out of scope for the rule below) or a folder of NIfTI
+subjects, prepared per task from its inputs alone as ``synthesize`` prepares them (their mask, crop and
+scales; every axial slice with brain; whole in-plane extent), with the real target read onto those
+slices by its own scale only to score. Outputs in ``--out``: ``per_slice.csv``, ``per_volume.csv``,
 ``summary.json`` and ``views/`` (three orthogonal planes per subject, for the report).
 """
 
@@ -107,6 +110,11 @@ class SubjectSlices:
     slices: np.ndarray
     spacing: tuple[float, float, float]
 
+    def for_task(self, task: Task) -> SubjectSlices | None:
+        """The slices to score ``task`` on: a shard subject is the same for every task (the shards' own
+        mask and slices)."""
+        return self
+
 
 def _spacing(geometry: dict[str, Any] | None) -> tuple[float, float, float]:
     """(z, x, y) mm of the canonical grid; slices are [Z, H = x, W = y]."""
@@ -160,10 +168,61 @@ class ShardSubjects:
         )
 
 
+@dataclass(slots=True)
+class NiftiSubject:
+    """One subject of a NIfTI folder, prepared anew for each task from that task's inputs alone (their
+    mask, crop and scales, every axial slice with brain), with the real target read only to score.
+
+    files: contrast (or "seg") -> path. present: the contrasts it has. failures: where a task that
+    cannot be prepared is noted (one line per subject and reason).
+    """
+
+    subject: str
+    files: dict[str, Path]
+    present: list[str]
+    generator: LoadedGenerator
+    failures: list[str]
+
+    def for_task(self, task: Task) -> SubjectSlices | None:
+        """The subject prepared from ``task.inputs`` (images [Z, M, H, W] in the generator's channel order:
+        the inputs, and the real target on its own scale in its channel, to score), or None after noting
+        why it cannot be."""
+        from data_prep.volumes import VolumeError
+
+        inputs = {m: self.files[m] for m in task.inputs}
+        if SEGMENTATION in self.files:
+            inputs[SEGMENTATION] = self.files[SEGMENTATION]
+        try:
+            prepared = prepare_nifti_subject(
+                self.generator,
+                inputs,
+                default_reference(list(task.inputs)),
+                scored={task.target: self.files[task.target]},
+            )
+        except (SynthesisError, VolumeError) as error:
+            line = f"{self.subject}: {error}"
+            if line not in self.failures:
+                self.failures.append(line)
+            return None
+        images = prepared.images
+        images[self.generator.modalities.index(task.target)] = prepared.scored[task.target]
+        first = prepared.geometry.crop.z[0]
+        return SubjectSlices(
+            subject=self.subject,
+            images=images.transpose(1, 0, 2, 3),
+            present=list(task.inputs) + [task.target],
+            mask=prepared.mask.astype(bool),
+            seg=prepared.seg,
+            slices=np.arange(first, first + prepared.mask.shape[0]),
+            spacing=_spacing(prepared.geometry.to_dict()),
+        )
+
+
 class NiftiSubjects:
     """Subjects in a folder of NIfTI files (data_prep's `discover_nifti_subjects`), each prepared by
-    data_prep like the shards but keeping the whole in-plane extent. Subjects that cannot be prepared
-    are listed in `failures` with the reason."""
+    data_prep like the shards, but per task from its inputs alone, keeping the whole in-plane extent and
+    every axial slice with brain (`NiftiSubject`). Subjects or tasks that cannot be prepared are listed
+    in `failures` with the reason."""
 
     def __init__(self, folder: str | Path, generator: LoadedGenerator) -> None:
         self.found = {
@@ -176,8 +235,9 @@ class NiftiSubjects:
         self._available = [m for m in generator.modalities if m in contrasts]
         self.subjects = list(self.found)
         self.scope = (
-            f"the whole brain (mask) of each NIfTI subject in {folder}, over the axial slices data_prep "
-            "keeps (at least 10% of the largest axial mask area)"
+            f"the whole brain of each NIfTI subject in {folder}: every axial slice with any voxel of the "
+            "mask of the task's inputs, which alone give the mask, crop and scales (the real target is "
+            "read only to score)"
         )
 
     @property
@@ -187,30 +247,14 @@ class NiftiSubjects:
     def __len__(self) -> int:
         return len(self.subjects)
 
-    def __iter__(self) -> Iterator[SubjectSlices]:
-        from data_prep.volumes import VolumeError
-
+    def __iter__(self) -> Iterator[NiftiSubject]:
         for subject, files in self.found.items():
             usable = {m: p for m, p in files.items() if m in self.generator.modalities or m == SEGMENTATION}
             contrasts = [m for m in usable if m != SEGMENTATION]
             if not contrasts:
                 self.failures.append(f"{subject}: no contrast the checkpoint knows")
                 continue
-            try:
-                prepared = prepare_nifti_subject(self.generator, usable, default_reference(contrasts))
-            except (SynthesisError, VolumeError) as error:
-                self.failures.append(f"{subject}: {error}")
-                continue
-            first = prepared.geometry.crop.z[0]
-            yield SubjectSlices(
-                subject=subject,
-                images=prepared.images.transpose(1, 0, 2, 3),
-                present=list(prepared.present),
-                mask=prepared.mask.astype(bool),
-                seg=prepared.seg,
-                slices=np.arange(first, first + prepared.mask.shape[0]),
-                spacing=_spacing(prepared.geometry.to_dict()),
-            )
+            yield NiftiSubject(subject, usable, contrasts, self.generator, self.failures)
 
 
 def tasks_to_evaluate(
@@ -359,7 +403,7 @@ def _channels(generator: LoadedGenerator, images: np.ndarray, modalities: list[s
     return mapped
 
 
-def _serves(subject: SubjectSlices, task: Task) -> bool:
+def _serves(subject: SubjectSlices | NiftiSubject, task: Task) -> bool:
     return task.target in subject.present and all(m in subject.present for m in task.inputs)
 
 
@@ -400,12 +444,14 @@ def score_subjects(
     (``medgan.synthesis.spread_variants``) whose voxelwise SD is set against the model's error."""
     modalities = generator.modalities
     scores = Scores(skipped={task.name: [] for task in tasks})
-    for subject in tqdm(subjects, total=len(subjects), desc="evaluate", unit="subject", disable=None):
-        scores.evaluated += 1
+    for entry in tqdm(subjects, total=len(subjects), desc="evaluate", unit="subject", disable=None):
+        scored_any = False
         for task in tasks:
-            if not _serves(subject, task):
-                scores.skipped[task.name].append(subject.subject)
+            subject = entry.for_task(task) if _serves(entry, task) else None
+            if subject is None:
+                scores.skipped[task.name].append(entry.subject)
                 continue
+            scored_any = True
             target = subject.images[:, modalities.index(task.target)]
             mask = subject.mask.astype(np.float32)
             inputs = list(task.inputs)
@@ -428,6 +474,7 @@ def score_subjects(
                 baseline_pred = scores.predict(UNET, baseline, images, inputs, task.target, batch_size)
                 scores.add(UNET, task, subject, baseline_pred * mask, target)
             _write_views(out, task, subject, modalities, pred, target, mask, spread_map)
+        scores.evaluated += scored_any
     return scores
 
 
@@ -435,9 +482,10 @@ def choose_copied_inputs_on(subjects, tasks: list[Task], modalities: list[str]) 
     """Step 2 (with a validation split): per task, the input whose copy has the highest mean per-volume
     brain PSNR on ``subjects``."""
     psnrs: dict[str, dict[str, list[float]]] = {task.name: {m: [] for m in task.inputs} for task in tasks}
-    for subject in tqdm(subjects, desc="choose copied input", unit="subject", disable=None):
+    for entry in tqdm(subjects, desc="choose copied input", unit="subject", disable=None):
         for task in tasks:
-            if not _serves(subject, task):
+            subject = entry.for_task(task) if _serves(entry, task) else None
+            if subject is None:
                 continue
             target = subject.images[:, modalities.index(task.target)]
             for name in task.inputs:

@@ -99,8 +99,11 @@ def input_record(files: Mapping[str, Path]) -> dict[str, dict[str, str]]:
     }
 
 
-def write_sidecar(nifti: Path, record: Mapping[str, Any]) -> Path:
-    """Write ``record`` as the JSON sidecar of ``nifti`` (`sidecar_path`); returns its path."""
+def write_sidecar(nifti: Path, record: Mapping[str, Any], folder: Path | None = None) -> Path:
+    """Write ``record`` as the JSON sidecar of ``nifti`` (`sidecar_path`), beside it or, with ``folder``,
+    under the same name in ``folder``; returns its path."""
     path = sidecar_path(nifti)
+    if folder is not None:
+        path = Path(folder) / path.name
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path

@@ -65,6 +65,8 @@ SPREAD_DESCRIPTION = "MedGAN-SSM spread of {target}: SD over {count} variants, n
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SPREADS = ("flip", "weights", "both")
 SPREAD_SUFFIX = "_spread"
+# BraSyn mode's sidecars go to the sibling folder <OUT>-provenance: OUT itself is what a participant zips.
+PROVENANCE_SUFFIX = "-provenance"
 # The flip training augments with (medgan.data): left-right, the H axis of the [.., H, W] model slices.
 FLIP_AXIS = LEFT_RIGHT_AXIS
 # BraTS 2023+ file names of the canonical contrasts (data_prep's aliases, read backwards).
@@ -275,10 +277,16 @@ def predict_with_spread(
 
 
 def prepare_nifti_subject(
-    generator: LoadedGenerator, files: dict[str, Path], reference: str, seed: int = 0
+    generator: LoadedGenerator,
+    files: dict[str, Path],
+    reference: str,
+    seed: int = 0,
+    scored: dict[str, Path] | None = None,
 ) -> PreparedSubject:
-    """data_prep's preparation of one subject's files (modality or "seg" -> path) for ``generator``:
-    images [M, Z, H, W] in the generator's channel order, in-plane size covering the whole volume."""
+    """data_prep's preparation of one subject's inputs (modality or "seg" -> path) for ``generator``:
+    images [M, Z, H, W] in the generator's channel order, in-plane size covering the whole volume, every
+    axial slice with any voxel of the inputs' mask. scored: files read only to score (the real target),
+    prepared onto the same slices without changing anything the inputs give (`prepare_subject`)."""
     size = _in_plane_size(files[reference])
     try:
         return prepare_subject(
@@ -287,13 +295,30 @@ def prepare_nifti_subject(
             modalities=tuple(generator.modalities),
             size=size,
             seed=seed,
+            every_brain_slice=True,
+            scored=scored,
         )
     except RuntimeError as error:
         # SimpleITK reports a registration that cannot start or converge as a RuntimeError.
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        others = " ".join(str(path) for name, path in files.items() if name not in (reference, SEGMENTATION))
+        others = [
+            str(path)
+            for name, path in {**files, **(scored or {})}.items()
+            if name not in (reference, SEGMENTATION)
+        ]
         detail = lines[-1][:200] if lines else "ITK error"
-        raise SynthesisError(f"could not register {others} onto {files[reference]}: {detail}") from None
+        raise SynthesisError(
+            f"could not register {' '.join(others)} onto {files[reference]}: {detail}"
+        ) from None
+
+
+def check_reference(reference: str) -> str:
+    """``--reference`` as a canonical modality name (``t2w`` -> t2); a one-line SynthesisError for a name
+    that is no contrast."""
+    name = canonical_modality(reference)
+    if name not in MODALITIES:
+        raise SynthesisError(f"--reference {reference}: unknown modality (known: {' '.join(MODALITIES)})")
+    return name
 
 
 def synthesize_volume(
@@ -303,20 +328,20 @@ def synthesize_volume(
     *,
     reference: str | None = None,
     batch_size: int = 8,
-    extra_files: dict[str, Path] | None = None,
     seed: int = 0,
     progress: str | None = None,
     spread: str | None = None,
     other_weights: LoadedGenerator | None = None,
 ) -> SynthesisResult:
-    """Synthesize ``target`` for one subject from its NIfTI ``inputs`` (modality -> file).
+    """Synthesize ``target`` for one subject from its NIfTI ``inputs`` (modality -> file) and nothing else:
+    the mask, the crop and every scale come from the inputs, and every axial slice with any voxel of
+    their mask is predicted.
 
-    reference: the input whose grid the output takes (default `default_reference`). extra_files: more
-    files prepared with the subject but not shown to the model (the real target and ``seg`` for
-    evaluation). spread: None, "flip", "weights" or "both" (see `spread_variants`; "weights" and "both"
-    need ``other_weights``, e.g. ``load_generator(C, weights="raw")`` beside the EMA ``generator``):
-    the result then has ``spread`` [Z, H, W] and ``spread_image``, while ``synthesized`` stays the
-    generator's own prediction. Raises SynthesisError or data_prep's VolumeError with a one-line reason.
+    reference: the input whose grid the output takes (default `default_reference`). spread: None,
+    "flip", "weights" or "both" (see `spread_variants`; "weights" and "both" need ``other_weights``,
+    e.g. ``load_generator(C, weights="raw")`` beside the EMA ``generator``): the result then has
+    ``spread`` [Z, H, W] and ``spread_image``, while ``synthesized`` stays the generator's own
+    prediction. Raises SynthesisError or data_prep's VolumeError with a one-line reason.
     """
     variants = spread_variants(generator, spread, other_weights)
     target = canonical_modality(target)
@@ -328,11 +353,10 @@ def synthesize_volume(
     reason = generator.serves(names, target)
     if reason:
         raise SynthesisError(reason)
-    reference = canonical_modality(reference) if reference else default_reference(names)
+    reference = check_reference(reference) if reference else default_reference(names)
     if reference not in names:
         raise SynthesisError(f"--reference {reference}: not among the inputs {' '.join(names)}")
     files = {canonical_modality(name): Path(path) for name, path in inputs.items()}
-    files.update(extra_files or {})
     prepared = prepare_nifti_subject(generator, files, reference, seed)
     synthesized, spread_slices = predict_with_spread(
         variants,
@@ -445,19 +469,32 @@ def spread_sidecar(result: SynthesisResult, synthesized: Path, command: str) -> 
     }
 
 
-def write_synthesized(result: SynthesisResult, path: Path, command: str = "") -> list[Path]:
+def provenance_folder(out: Path) -> Path:
+    """Where BraSyn mode keeps the sidecars of ``out``'s volumes: the sibling ``<out>-provenance``, so
+    ``out`` holds the volumes alone and can be zipped and submitted as it is."""
+    out = Path(out)
+    return out.with_name(out.name + PROVENANCE_SUFFIX)
+
+
+def write_synthesized(
+    result: SynthesisResult, path: Path, command: str = "", sidecar_folder: Path | None = None
+) -> list[Path]:
     """Write ``result.image`` to ``path`` (.nii.gz), its spread (if any) to `spread_path`, each with
-    its JSON sidecar, and the folder's ``dataset_description.json`` unless it has one. Returns the
-    files written."""
+    its JSON sidecar, and the folder's ``dataset_description.json`` unless it has one; the spread, the
+    sidecars and the description go to ``sidecar_folder`` when given, else beside the volume. Returns
+    the files written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sidecars = Path(sidecar_folder) if sidecar_folder is not None else path.parent
+    sidecars.mkdir(parents=True, exist_ok=True)
     nib.save(result.image, path)
-    written = [path, provenance.write_sidecar(path, synthesized_sidecar(result, command))]
+    written = [path, provenance.write_sidecar(path, synthesized_sidecar(result, command), sidecars)]
     if result.spread_image is not None:
-        spread_file = spread_path(path)
+        spread_file = sidecars / spread_path(path).name
         nib.save(result.spread_image, spread_file)
-        written += [spread_file, provenance.write_sidecar(spread_file, spread_sidecar(result, path, command))]
-    description = provenance.write_dataset_description(path.parent)
+        record = spread_sidecar(result, path, command)
+        written += [spread_file, provenance.write_sidecar(spread_file, record, sidecars)]
+    description = provenance.write_dataset_description(sidecars)
     return written + ([description] if description else [])
 
 
@@ -539,18 +576,24 @@ def synthesize_folder(
 ) -> tuple[list[Path], list[str]]:
     """Synthesize a contrast for every subject under ``folder`` into ``out``, with JSON sidecars.
 
-    target: that contrast, written as ``out/SUBJECT_TARGET.nii.gz``; None for BraSyn mode: each
-    subject's one missing contrast (`missing_contrast`) as ``out/SUBJECT-MOD.nii.gz``, MOD spelled as
-    the subject's files are (``t2f`` for BraTS 2023+ names, ``flair`` otherwise), on the subject's grid.
-    spread / other_weights: as for `synthesize_volume`; the spread goes to ``..._spread.nii.gz``.
-    command: the command line, for the sidecars. Returns (synthesized volumes written, one line per
-    subject that failed); a bad subject never stops the others.
+    target: that contrast, written as ``out/SUBJECT_TARGET.nii.gz`` with its sidecar beside it; None for
+    BraSyn mode: each subject's one missing contrast (`missing_contrast`) as ``out/SUBJECT-MOD.nii.gz``,
+    MOD spelled as the subject's files are (``t2f`` for BraTS 2023+ names, ``flair`` otherwise), on the
+    subject's grid, and ``out`` holds those volumes only: the sidecars go to `provenance_folder`.
+    reference: the input whose grid each output takes (canonicalised; a subject without it as an input
+    takes `default_reference`). spread / other_weights: as for `synthesize_volume`; the spread goes to
+    ``..._spread.nii.gz``. command: the command line, for the sidecars. Returns (synthesized volumes
+    written, one line per subject that failed, subject folders without images included); a bad subject
+    never stops the others.
     """
     target = canonical_modality(target) if target else None
+    reference = check_reference(reference) if reference else None
     spread_variants(generator, spread, other_weights)  # a bad spread fails once, before any subject
     found = discover_nifti_subjects(folder, flag="--subjects")
     out.mkdir(parents=True, exist_ok=True)
-    written, failures = [], []
+    sidecar_folder = None if target else provenance_folder(out)
+    written = []
+    failures = [f"{path.name}: {reason}" for path, reason in found.ignored if path.is_dir()]
     for entry in tqdm(found.subjects, desc="synthesize", unit="subject", disable=None):
         subject, files = entry.subject, entry.files
         try:
@@ -573,6 +616,6 @@ def synthesize_folder(
             path = out / f"{subject}_{target}.nii.gz"
         else:
             path = out / f"{subject}-{contrast_spelling(files)[wanted]}.nii.gz"
-        write_synthesized(result, path, command)
+        write_synthesized(result, path, command, sidecar_folder)
         written.append(path)
     return written, failures

@@ -85,21 +85,29 @@ def test_synthesize_brasyn_folder_one_line_per_bad_subject_with_spread_and_sidec
     argv = ["synthesize", "--checkpoint", checkpoint, "--subjects", str(folder), "--out", str(out)]
     argv += ["--spread", "flip"]
     assert main(argv) == 1  # as in folder mode: some subjects failed, the others were written
-    errors = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    errors = captured.err.strip().splitlines()
     assert len(errors) == 2, errors
     assert errors[0].startswith("medgan synthesize: BraTS2021_00003: has all of t1 t1ce t2 flair: ")
     assert errors[1].startswith("medgan synthesize: BraTS2021_00004: misses 2 of t1 t1ce t2 flair (t1ce t2)")
-    assert sorted(path.name for path in out.iterdir()) == [
-        "BraTS2021_00002-flair.json", "BraTS2021_00002-flair.nii.gz", "BraTS2021_00002-flair_spread.json",
+    # OUT is the folder to zip and submit: volumes alone; spreads and provenance go to OUT-provenance
+    provenance = tmp_path / "out-provenance"
+    assert sorted(path.name for path in out.iterdir()) == ["BraTS2021_00002-flair.nii.gz"]
+    assert sorted(path.name for path in provenance.iterdir()) == [
+        "BraTS2021_00002-flair.json", "BraTS2021_00002-flair_spread.json",
         "BraTS2021_00002-flair_spread.nii.gz", "dataset_description.json",
     ]  # fmt: skip
     reference = nib.load(folder / "BraTS2021_00002" / "BraTS2021_00002_t2.nii.gz")
-    for name in ("BraTS2021_00002-flair.nii.gz", "BraTS2021_00002-flair_spread.nii.gz"):
-        written = nib.load(out / name)
+    for written_file in (
+        out / "BraTS2021_00002-flair.nii.gz",
+        provenance / "BraTS2021_00002-flair_spread.nii.gz",
+    ):
+        written = nib.load(written_file)
         assert written.shape == reference.shape and written.get_data_dtype() == np.float32
         np.testing.assert_allclose(written.affine, reference.affine, atol=1e-5)
-    sidecar = json.loads((out / "BraTS2021_00002-flair.json").read_text())
+    sidecar = json.loads((provenance / "BraTS2021_00002-flair.json").read_text())
     assert sidecar["Command"] == "python -m medgan " + shlex.join(argv)
+    assert f"sidecars and spreads in {provenance}" in captured.out
 
 
 def test_export_from_the_command_line(tmp_path):

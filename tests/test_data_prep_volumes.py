@@ -219,3 +219,56 @@ def test_nan_voxels_and_singleton_fourth_axis_are_repaired_and_reported(tmp_path
         "repair.nii.gz: dropped a length-1 fourth dimension",
         "repair.nii.gz: replaced 2 NaN/Inf voxels with 0",
     ]
+
+
+def test_a_grid_mismatch_says_what_differs(tmp_path):
+    """Two files of one shape on grids 25 mm apart: the message names the distance, not two equal shapes;
+    different shapes are named as shapes."""
+    data = _blob_volume((16, 16, 8), np.random.default_rng(5))
+    t1 = _save(tmp_path, "s_t1.nii.gz", data)
+    shifted = np.eye(4)
+    shifted[:3, 3] = (25.0, 0.0, 0.0)
+    t2 = tmp_path / "s_t2.nii.gz"
+    nib.save(nib.Nifti1Image(data, shifted), t2)
+    with pytest.raises(VolumeError) as error:
+        prepare_subject({"t1": t1, "t2": t2}, dataset="brats", modalities=("t1", "t2"), size=16)
+    message = str(error.value)
+    assert "up to 25 mm apart" in message and str(t2) in message and "\n" not in message, message
+    other_shape = _save(tmp_path, "o_t2.nii.gz", data[:, :, :6])
+    with pytest.raises(VolumeError, match=r"shape \(16, 16, 8\) vs \(16, 16, 6\)"):
+        prepare_subject({"t1": t1, "t2": other_shape}, dataset="brats", modalities=("t1", "t2"), size=16)
+
+
+def test_every_brain_slice_keeps_the_slivers_shards_drop_and_scored_files_choose_nothing(tmp_path):
+    """Inference keeps every axial slice with any brain (shards drop slices under 10% of the largest);
+    a file given as `scored` neither grows the mask nor moves any input's scale."""
+    data = np.zeros((16, 16, 10), np.float32)
+    data[2:14, 2:14, 2:8] = np.random.default_rng(6).uniform(50, 150, (12, 12, 6))
+    data[7, 7, 1] = data[7, 7, 8] = 100.0  # a one-voxel sliver below and above the brain
+    t1 = _save(tmp_path, "s_t1.nii.gz", data)
+    target = data * 3.0
+    target[0, 0, :] = 500.0  # bright voxels outside the inputs' brain
+    real = _save(tmp_path, "s_flair.nii.gz", target)
+    shards = prepare_subject({"t1": t1}, dataset="brats", modalities=("t1", "flair"), size=16)
+    whole = prepare_subject(
+        {"t1": t1}, dataset="brats", modalities=("t1", "flair"), size=16, every_brain_slice=True,
+        scored={"flair": real},
+    )  # fmt: skip
+    assert shards.geometry.crop.z == (2, 8) and whole.geometry.crop.z == (1, 9)
+    together = prepare_subject(
+        {"t1": t1, "flair": real},
+        dataset="brats",
+        modalities=("t1", "flair"),
+        size=16,
+        every_brain_slice=True,
+    )
+    assert together.geometry.crop.z == (0, 10)  # given as an input, the target would choose the slices
+    alone = prepare_subject(
+        {"t1": t1}, dataset="brats", modalities=("t1", "flair"), size=16, every_brain_slice=True
+    )
+    np.testing.assert_array_equal(whole.images, alone.images)
+    np.testing.assert_array_equal(whole.mask, alone.mask)
+    assert whole.scaling == alone.scaling and whole.present == ["t1"]
+    # the real target, on its own scale within the inputs' mask: 3x the input's values, the same normalised
+    np.testing.assert_allclose(whole.scored["flair"], whole.images[0], atol=1e-6)
+    assert np.all(whole.scored["flair"][whole.mask == 0] == 0)

@@ -8,6 +8,7 @@ import json
 import sys
 import tarfile
 
+import nibabel as nib
 import numpy as np
 import pytest
 from conftest import REPO, write_checkpoint, write_format_1_shards
@@ -312,23 +313,90 @@ def test_evaluate_refuses_shards_or_a_checkpoint_of_another_normalisation(capsys
     assert not (tmp_path / "eval" / "summary.json").exists()
 
 
-def test_in_original_units_puts_the_reference_level_back_on_the_real_median():
-    """evaluate --segmenter's way back: with the healthy-median scaling (low 0, high 2.5 x median) a
-    synthesized 0.4 comes back as the real target's median, 1 as high, and outside the mask stays 0."""
-    import nibabel as nib
+def _with_another_real_target(phantom_subjects, folder, subject, target="flair"):
+    """``folder/subject``: the subject's files, its real ``target`` replaced by other voxels (rescaled,
+    noisy, and bright where the inputs have no brain, as a target with another extent would be)."""
+    _subject_folder(phantom_subjects, folder, (subject,))
+    path = folder / subject / f"{subject}_{target}.nii.gz"
+    real = nib.load(path)
+    data = np.asarray(real.dataobj, dtype=np.float32)
+    other = data * 2.5 + np.random.default_rng(0).uniform(0, 30, data.shape).astype(np.float32) * (data > 0)
+    other[:, :, 0] = other[:, :, -1] = 400.0
+    path.unlink()
+    nib.save(nib.Nifti1Image(other, real.affine), path)
+    return folder
 
-    from data_prep.volumes import CEILING_MULTIPLE, REFERENCE_LEVEL, IntensityScaling
-    from medgan.downstream import ORIGINAL_UNITS_DESCRIPTION, in_original_units
 
-    median = 612.0
-    data = np.array([[[0.0, REFERENCE_LEVEL, 1.0, 0.2]]], dtype=np.float32)
-    synthesized = nib.Nifti1Image(data, np.eye(4))
-    synthesized.header["descrip"] = (
-        b"MedGAN-SSM synthesized FLAIR: 0.4 = brain median, clipped at 1, 0 outside"
-    )
-    restored = in_original_units(synthesized, IntensityScaling(0.0, CEILING_MULTIPLE * median))
-    values = np.asarray(restored.dataobj)
-    np.testing.assert_allclose(
-        values.ravel(), [0.0, median, CEILING_MULTIPLE * median, 0.5 * median], rtol=1e-6
-    )
-    assert restored.header["descrip"].tobytes().rstrip(b"\0").decode() == ORIGINAL_UNITS_DESCRIPTION
+def _views(evaluation, task, subject):
+    with np.load(evaluation / "views" / task / f"{subject}.npz") as views:
+        return {key: views[key] for key in views.files}
+
+
+def test_the_real_target_changes_the_scores_and_nothing_synthesis_gives(phantom_subjects, tmp_path):
+    """evaluate --subjects: each task is prepared from its inputs alone (own mask, crop, scales); the
+    real target is read only to score, so replacing its voxels moves the scores and nothing else."""
+    subject = "BraTS2021_00004"
+    same = _subject_folder(phantom_subjects, tmp_path / "same", (subject,))
+    other = _with_another_real_target(phantom_subjects, tmp_path / "other", subject)
+    generator = load_generator(write_checkpoint(tmp_path / "model", arch="unet"))
+    tasks = [Task(("t1",), "flair"), Task(("t1", "t2"), "flair")]
+    for folder in (same, other):
+        evaluate(generator, NiftiSubjects(folder, generator), tasks, tmp_path / f"eval_{folder.name}")
+    for task in ("t1_to_flair", "t1+t2_to_flair"):
+        before = _views(tmp_path / "eval_same", task, subject)
+        after = _views(tmp_path / "eval_other", task, subject)
+        for key in before:
+            if "real" not in key:
+                np.testing.assert_array_equal(before[key], after[key], err_msg=f"{task} {key}")
+        assert not np.array_equal(before["axial_real"], after["axial_real"])
+    rows = {}
+    for folder in ("same", "other"):
+        with open(tmp_path / f"eval_{folder}" / "per_volume.csv", newline="") as stream:
+            rows[folder] = {
+                (r["task"], r["method"]): float(r["psnr"])
+                for r in csv.DictReader(stream)
+                if r["region"] == "brain"
+            }
+    assert rows["same"].keys() == rows["other"].keys()
+    assert all(rows["same"][key] != rows["other"][key] for key in rows["same"])
+    # each input subset has its own mask: the mask of t1 alone, not the union with t2 or the target
+    t1_alone = next(iter(NiftiSubjects(same, generator))).for_task(tasks[0])
+    t1_file = np.asarray(nib.load(same / subject / f"{subject}_t1.nii.gz").dataobj)
+    assert t1_alone.mask.sum() == np.count_nonzero(t1_file)
+
+
+def test_the_segmenter_is_given_what_synthesis_makes_from_the_inputs_alone(
+    phantom_subjects, tmp_path, monkeypatch
+):
+    """evaluate --segmenter: the synthesized contrast the segmenter reads is the model's [0, 1] output,
+    the same whatever the real target holds."""
+    import medgan.downstream as downstream
+
+    given = {}
+
+    class Handed(Exception):
+        pass
+
+    def capture(command, subjects, target, synthesized, references, labels, out):
+        given[out.parent.name] = {s: np.asarray(image.dataobj) for s, image in synthesized.items()}
+        raise Handed
+
+    monkeypatch.setattr(downstream, "score_with_segmenter", capture)
+    subject = "BraTS2021_00001"
+    generator = load_generator(write_checkpoint(tmp_path / "model", arch="unet"))
+    for name, folder in (
+        ("same", _subject_folder(phantom_subjects, tmp_path / "same", (subject,))),
+        ("other", _with_another_real_target(phantom_subjects, tmp_path / "other", subject)),
+    ):
+        with pytest.raises(Handed):
+            downstream.segmentation_scores(
+                generator,
+                folder,
+                ["t1", "t1ce", "t2"],
+                "flair",
+                "seg {input} {output}",
+                None,
+                tmp_path / name,
+            )
+    np.testing.assert_array_equal(given["same"][subject], given["other"][subject])
+    assert given["same"][subject].min() >= 0.0 and given["same"][subject].max() <= 1.0

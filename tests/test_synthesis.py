@@ -20,7 +20,7 @@ from conftest import (
 )
 from torch import nn
 
-from data_prep.volumes import VolumeError, discover_nifti_subjects
+from data_prep.volumes import VolumeError, discover_nifti_subjects, to_canonical
 from medgan.checkpointing import MODEL_STATES_FILE, CheckpointError, CheckpointLayout, read_safetensors
 from medgan.export import export_generator
 from medgan.inference import load_generator
@@ -87,6 +87,24 @@ def test_brats_subject_comes_back_on_the_reference_grid(phantom_subjects, tmp_pa
     assert (float(result.image.header["cal_min"]), float(result.image.header["cal_max"])) == (0.0, 1.0)
 
 
+def test_every_axial_slice_with_brain_in_the_inputs_is_synthesized(generator, phantom_subjects):
+    """Top and bottom slices included: inference keeps every slice with any voxel of the inputs' mask,
+    not the shards' 10%-of-the-largest rule, and the output is the prediction there."""
+    files = _brats_files(phantom_subjects)
+    inputs = {name: files[name] for name in ("t1", "t1ce", "t2")}
+    result = synthesize_volume(generator, inputs, "flair")
+    volumes = [nib.load(path) for path in inputs.values()]
+    mask = to_canonical(np.any([v.get_fdata() != 0 for v in volumes], axis=0), volumes[0].affine)[0]
+    synthesized = to_canonical(np.asarray(result.image.dataobj), result.image.affine)[0]
+    with_brain = np.flatnonzero(mask.any(axis=(0, 1)))
+    area = mask.sum(axis=(0, 1))
+    assert area[with_brain].min() < 0.1 * area.max()  # the phantom has slivers the shards drop
+    assert result.synthesized.shape[0] == with_brain[-1] - with_brain[0] + 1
+    blank = [int(z) for z in with_brain if not np.any(synthesized[:, :, z][mask[:, :, z]] != 0)]
+    assert blank == [], f"axial slices {blank} are all zero inside the brain"
+    assert np.all(synthesized[~mask] == 0)
+
+
 @pytest.mark.parametrize("reference", [None, "t1"])
 def test_ixi_with_t1_among_the_inputs_is_registered_and_written_on_the_reference_grid(
     generator, ixi_subject, tmp_path, reference
@@ -122,9 +140,17 @@ def test_folder_of_subjects(generator, phantom_subjects, tmp_path):
             (small / subject / path.name).symlink_to(path)
     (small / "BraTS2021_00003" / "BraTS2021_00003_t2.nii.gz").unlink()
     (small / "BraTS2021_00003" / "BraTS2021_00003_t2.nii.gz").write_bytes(b"broken")
-    written, failures = synthesize_folder(generator, small, "flair", tmp_path / "out")
+    written, failures = synthesize_folder(generator, small, "flair", tmp_path / "out", reference="T2w")
     assert [path.name for path in written] == ["BraTS2021_00002_flair.nii.gz"]
     assert len(failures) == 1 and failures[0].startswith("BraTS2021_00003: ") and "\n" not in failures[0]
+    # --reference is read as everywhere else (t2w is T2), not silently dropped for the default (t1ce)
+    sidecar = json.loads((tmp_path / "out" / "BraTS2021_00002_flair.json").read_text())
+    assert sidecar["ReferenceGrid"].endswith("BraTS2021_00002_t2.nii.gz")
+    with pytest.raises(
+        SynthesisError, match=r"^--reference t2x: unknown modality \(known: t1 t1ce t2 flair pd\)$"
+    ):
+        synthesize_folder(generator, small, "flair", tmp_path / "bad", reference="t2x")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_each_bad_input_is_one_line(generator, phantom_subjects, ixi_subject, tmp_path):
@@ -183,14 +209,16 @@ def test_brasyn_mode_fills_each_subjects_one_missing_contrast_in_its_naming_styl
     broken = folder / "BraTS-GLI-00006-000" / "BraTS-GLI-00006-000-t1c.nii.gz"
     broken.unlink()
     broken.write_bytes(b"not a NIfTI")
+    (folder / "BraTS-GLI-00007-000").mkdir()  # a subject folder left empty: named, not lost
     written, failures = synthesize_folder(generator, folder, None, tmp_path / "out")
     assert [path.name for path in written] == [
         "BraTS-GLI-00002-000-t2f.nii.gz",
         "BraTS-GLI-00003-000-t1c.nii.gz",
     ]
-    assert len(failures) == 3 and failures[2].startswith(f"BraTS-GLI-00006-000: {broken}: ")
-    assert "\n" not in failures[2]
-    assert failures[:2] == [
+    assert len(failures) == 4 and failures[3].startswith(f"BraTS-GLI-00006-000: {broken}: ")
+    assert all("\n" not in line for line in failures)
+    assert failures[:3] == [
+        "BraTS-GLI-00007-000: empty folder",
         "BraTS-GLI-00004-000: has all of t1n t1c t2w t2f: BraSyn mode fills exactly one missing contrast "
         "(--target picks one)",
         "BraTS-GLI-00005-000: misses 2 of t1n t1c t2w t2f (t1n t2w): BraSyn mode fills exactly one missing "
@@ -199,7 +227,14 @@ def test_brasyn_mode_fills_each_subjects_one_missing_contrast_in_its_naming_styl
     for path in written:
         subject = path.name[: len("BraTS-GLI-00002-000")]
         _check_on_grid_of(nib.load(path), folder / subject / f"{subject}-t2w.nii.gz", tmp_path)
-    sidecar = json.loads((tmp_path / "out" / "BraTS-GLI-00003-000-t1c.json").read_text())
+    # the folder a participant zips holds the volumes alone; the provenance sits beside it
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [path.name for path in written]
+    assert sorted(path.name for path in (tmp_path / "out-provenance").iterdir()) == [
+        "BraTS-GLI-00002-000-t2f.json",
+        "BraTS-GLI-00003-000-t1c.json",
+        "dataset_description.json",
+    ]
+    sidecar = json.loads((tmp_path / "out-provenance" / "BraTS-GLI-00003-000-t1c.json").read_text())
     assert sidecar["SynthesizedContrast"] == "t1ce" and sorted(sidecar["Inputs"]) == ["flair", "t1", "t2"]
     # what evaluate --predictions reads back: subject and contrast, the sidecars left aside
     back = {entry.subject: list(entry.files) for entry in discover_nifti_subjects(tmp_path / "out").subjects}
