@@ -8,10 +8,12 @@
 
 Needs only torch, pyyaml and ``medgan.models``: a bare GPU machine has no DeepSpeed, data or network.
 
-1. **Correctness on the device.** ``selective_scan`` (the dispatch: mamba-ssm's kernel where it is
-   installed, else the Triton kernels where Triton is), ``selective_scan_chunked`` and, on a GPU, the
-   Triton scan against ``selective_scan_ref``, forward and every input's gradient, fp32, with B and C
-   plain and grouped. A mismatch stops the script with exit status 1, before anything is timed.
+1. **Correctness on the device.** First one line on the Triton scan (which runs only when asked for):
+   against ``selective_scan_ref``, forward and every input's gradient, fp32, B and C plain and grouped,
+   its largest relative errors and MATCH (``model.generator.scan_backend: triton`` is then safe on this
+   GPU) or MISMATCH; it does not stop the script. Then ``selective_scan`` (the dispatch: mamba-ssm's
+   kernel where it is installed, else the chunked path), ``selective_scan_chunked`` and mamba-ssm's kernel
+   the same way; a mismatch of one of those stops the script with exit status 1, before anything is timed.
 2. **Peak rate.** The device's measured bf16 matmul rate (square matmuls), beside its datasheet dense
    bf16 figure where the device is known.
 3. **The scan.** Every available path (``chunked``, pure PyTorch; ``triton`` when Triton is installed;
@@ -93,6 +95,7 @@ DATASHEET_BF16_TFLOPS = [
 FULL = {
     "scan_lengths": [1024, 2048, 4096, 8192, 16384, 32768, 65536],
     "scan_shape": (8, 256, 16),
+    "check_length": 300,
     "matmul_size": 8192,
     "image_size": 256,
     "max_batch": 512,
@@ -103,6 +106,8 @@ FULL = {
 DRY = {
     "scan_lengths": [64, 256],
     "scan_shape": (2, 8, 4),
+    # Triton's interpreter calls the scan's combine once per element: a short check
+    "check_length": 40,
     "matmul_size": 128,
     "image_size": 32,
     "max_batch": 2,
@@ -197,6 +202,15 @@ def triton_on(device: torch.device) -> bool:
     return not ssm_triton.interpreting()
 
 
+def triton_interpreted(device: torch.device) -> bool:
+    """Whether the Triton scan runs on ``device`` in Triton's interpreter: CPU tensors, TRITON_INTERPRET=1."""
+    if device.type != "cpu" or not ssm._TRITON_INSTALLED:
+        return False
+    from medgan.models import ssm_triton
+
+    return ssm_triton.interpreting()
+
+
 def scan_paths(device: torch.device) -> dict:
     paths = {"chunked": ssm.selective_scan_chunked}
     if triton_on(device):
@@ -208,29 +222,66 @@ def scan_paths(device: torch.device) -> dict:
     return paths
 
 
+# fp32: largest error over the largest reference magnitude; 5e-6 is typical
+CHECK_TOLERANCE = 1e-4
+
+
+def errors_against_reference(scan, device: torch.device, groups: int | None, length: int = 300) -> dict:
+    """``scan`` against ``selective_scan_ref`` on ``device``, fp32, b=2 d=8 n=4, softplus, D and bias:
+    per compared tensor (``"out"``, then each input's gradient by name) the largest error relative to the
+    largest reference magnitude, a float."""
+    inputs = scan_inputs(2, 8, 4, length, device, torch.float32, groups=groups, seed=1)
+    upstream = torch.randn(2, 8, length, generator=torch.Generator().manual_seed(2)).to(device)
+    expected_out, expected_grads = forward_backward(ssm.selective_scan_ref, inputs, upstream)
+    out, grads = forward_backward(scan, inputs, upstream)
+    errors = {"out": ((out - expected_out).abs().max() / expected_out.abs().max()).item()}
+    for key, grad in grads.items():
+        errors[key] = ((grad - expected_grads[key]).abs().max() / expected_grads[key].abs().max()).item()
+    return errors
+
+
 def check_on_device(device: torch.device) -> bool:
-    """Every fast path against the reference, forward and backward, fp32; prints one line per case."""
+    """Every path ``auto`` may run against the reference, forward and backward, fp32; one line per case.
+    The Triton scan, which runs only when asked for, is :func:`triton_verdict`'s."""
     paths = {"selective_scan (dispatch)": ssm.selective_scan, **scan_paths(device)}
-    tolerance = 1e-4  # fp32: largest error over the largest reference magnitude; 5e-6 is typical
+    paths.pop("triton", None)
     passed = True
     for groups in (None, 2):
-        inputs = scan_inputs(2, 8, 4, 300, device, torch.float32, groups=groups, seed=1)
-        upstream = torch.randn(2, 8, 300, generator=torch.Generator().manual_seed(2)).to(device)
-        expected_out, expected_grads = forward_backward(ssm.selective_scan_ref, inputs, upstream)
         for name, scan in paths.items():
-            out, grads = forward_backward(scan, inputs, upstream)
-            errors = {"out": (out - expected_out).abs().max() / expected_out.abs().max()}
-            for key, grad in grads.items():
-                errors[key] = (grad - expected_grads[key]).abs().max() / expected_grads[key].abs().max()
-            worst = max(errors, key=lambda key: errors[key].item())
-            ok = errors[worst].item() <= tolerance
+            errors = errors_against_reference(scan, device, groups)
+            worst = max(errors, key=errors.get)
+            ok = errors[worst] <= CHECK_TOLERANCE
             passed &= ok
             label = "B, C [b, n, L]" if groups is None else f"B, C [b, {groups}, n, L]"
             print(
-                f"  {name:<26} {label:<18} largest relative error {errors[worst].item():.1e} ({worst}): "
+                f"  {name:<26} {label:<18} largest relative error {errors[worst]:.1e} ({worst}): "
                 f"{'ok' if ok else 'MISMATCH'}"
             )
     return passed
+
+
+def triton_verdict(device: torch.device, device_name: str, length: int = 300) -> str:
+    """One line: whether the Triton scan equals ``selective_scan_ref`` on ``device``, forward and every
+    gradient, B and C plain and grouped, with the largest relative errors, and what a user may then set.
+    On the CPU it runs in Triton's interpreter (TRITON_INTERPRET=1), which says nothing of a GPU."""
+    prefix = f"triton scan vs reference on {device_name}"
+    interpreted = triton_interpreted(device)
+    if not (triton_on(device) or interpreted):
+        why = "Triton is not installed" if not ssm._TRITON_INSTALLED else "no GPU and no TRITON_INTERPRET=1"
+        return f"{prefix}: not checked ({why}); keep model.generator.scan_backend: auto"
+    from medgan.models.ssm_triton import selective_scan_triton
+
+    forward = backward = 0.0
+    for groups in (None, 2):
+        errors = errors_against_reference(selective_scan_triton, device, groups, length)
+        forward = max(forward, errors.pop("out"))
+        backward = max(backward, *errors.values())
+    measured = f"{prefix}: forward max err {forward:.1e}, backward {backward:.1e}"
+    if max(forward, backward) > CHECK_TOLERANCE:
+        return f"{measured}: MISMATCH — keep model.generator.scan_backend: auto"
+    if interpreted:
+        return f"{measured}: MATCH in Triton's interpreter (says nothing of a GPU)"
+    return f"{measured}: MATCH — safe to set model.generator.scan_backend: triton"
 
 
 def measured_matmul_tflops(device: torch.device, size: int, repeats: int) -> float:
@@ -520,7 +571,13 @@ def use_scan_at(commit: str) -> None:
     ).stdout  # fmt: skip
     namespace = {"__name__": f"ssm_at_{commit[:7]}"}
     exec(compile(source, f"{commit[:7]}:medgan/models/ssm.py", "exec"), namespace)
-    blocks.selective_scan = namespace["selective_scan"]
+    scan_then = namespace["selective_scan"]
+
+    def selective_scan(*args, backend: str = "auto", **options):
+        # a scan of then may predate the backend argument; the CPU measurement runs auto anyway
+        return scan_then(*args, **options)
+
+    blocks.selective_scan = selective_scan
 
 
 def cpu_generator_table(generator: dict, size: int, old_commit: str | None) -> None:
@@ -599,6 +656,8 @@ def main() -> None:
         print(f"device memory {total / 2**30:.1f} GiB, capped at {min(total, CAP_BYTES) / 2**30:.1f} GiB")
 
     print("\n## Scan against selective_scan_ref on the device")
+    # the Triton scan is opt-in: its verdict informs the user and does not stop the benchmark
+    print(triton_verdict(device, name, settings["check_length"]))
     if not check_on_device(device):
         sys.exit("error: a fast scan path disagrees with selective_scan_ref on this device")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from medgan.models import ssm
+from medgan.models import ssm, ssm_triton
 from medgan.models.generator import GeneratorConfig, build_generator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,6 +32,10 @@ def test_dry_run_runs_every_part_on_the_cpu():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout
     assert output.count(": ok") == 4 and "MISMATCH" not in output
+    verdicts = [line for line in output.splitlines() if line.startswith("triton scan vs reference on ")]
+    assert len(verdicts) == 1, output
+    if ssm_triton.interpreting():  # tests/conftest.py set TRITON_INTERPRET=1, which the child inherits
+        assert "forward max err" in verdicts[0] and "MATCH in Triton's interpreter" in verdicts[0]
     assert "bf16 matmul peak: measured" in output
     for row in (
         "| chunked | 256 |",
@@ -51,6 +55,28 @@ def test_device_check_fails_on_a_wrong_scan(monkeypatch):
     assert bench.check_on_device(torch.device("cpu"))
     monkeypatch.setattr(ssm, "selective_scan_chunked", slightly_wrong)
     assert not bench.check_on_device(torch.device("cpu"))
+
+
+def test_triton_verdict_is_one_line_that_catches_a_wrong_kernel(monkeypatch):
+    """The line a user reads before setting scan_backend: triton. On a GPU (here: the chunked path standing in
+    for compiled kernels) it says MATCH and what to set; a kernel 1% off in A gets MISMATCH."""
+    bench = load_bench()
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(bench, "triton_on", lambda device: True)
+    monkeypatch.setattr(bench, "triton_interpreted", lambda device: False)
+    monkeypatch.setattr(ssm_triton, "selective_scan_triton", ssm.selective_scan_chunked)
+    line = bench.triton_verdict(cpu, "NVIDIA H200")
+    assert "\n" not in line
+    assert line.startswith("triton scan vs reference on NVIDIA H200: forward max err ")
+    assert line.endswith(": MATCH — safe to set model.generator.scan_backend: triton"), line
+
+    def slightly_wrong(u, delta, A, *rest, **options):
+        return ssm.selective_scan_ref(u, delta, A * 1.01, *rest, **options)
+
+    monkeypatch.setattr(ssm_triton, "selective_scan_triton", slightly_wrong)
+    assert bench.triton_verdict(cpu, "NVIDIA H200").endswith(
+        ": MISMATCH — keep model.generator.scan_backend: auto"
+    )
 
 
 def test_flop_count_adds_the_scan_analytically():
@@ -80,5 +106,11 @@ def test_cpu_generator_measures_time_and_activation_memory():
     config = GeneratorConfig(
         base_channels=8, depth=2, ssm_levels=[1], ssm_state=4, condition_dim=8, attention_heads=2
     )
-    row = bench.cpu_generator_here(config, 32)
-    assert row["parameters"] > 0 and row["wall"] > 0 and row["cpu"] > 0 and row["peak_bytes"] >= 0
+    size = 32
+    row = bench.cpu_generator_here(config, size)
+    assert row["parameters"] > 0 and row["wall"] > 0 and row["cpu"] > 0
+    # the backward keeps, at full resolution alone, the encoder's and decoder's convolution, norm and
+    # activation outputs and the skip: well over 16 fp32 maps of [8, 32, 32] (measured 103); a peak read
+    # after the step, or never reset, would miss them
+    full_resolution_map = config.base_channels * size * size * 4
+    assert row["peak_bytes"] >= 16 * full_resolution_map, row

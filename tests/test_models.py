@@ -167,6 +167,10 @@ def test_unet_width_set_in_the_config_is_kept():
         (dict(scales=[2, 4]), "model.generator.scales"),
         (dict(attention_heads=7), "model.generator.attention_heads"),
         (dict(modalities=["t1", "t1"]), "model.generator.modalities"),
+        (
+            dict(scan_backend="cuda"),
+            r"^model.generator.scan_backend: 'cuda' is not one of auto, mamba, triton, chunked$",
+        ),
     ],
 )
 def test_bad_generator_config_names_the_key(kwargs, fragment):
@@ -297,3 +301,44 @@ def test_the_models_modality_table_is_data_preps():
     assert conditioning.MODALITY_ALIASES == volumes.MODALITY_ALIASES
     for name in ("T1", " t1gd ", "T2F", "t1n", "pd", "dwi"):
         assert conditioning.canonical_modality(name) == volumes.canonical_modality(name)
+
+
+def count_scans(monkeypatch, config: GeneratorConfig) -> dict[str, int]:
+    """How many of the generator's selective scans ran each path in one forward (each path recorded, then
+    computed by the reference, so no kernel needs to exist here)."""
+    from medgan.models import ssm, ssm_triton
+
+    calls = {"triton": 0, "chunked": 0}
+
+    def recording(name):
+        def scan(*args, **options):
+            calls[name] += 1
+            return ssm.selective_scan_ref(*args, **options)
+
+        return scan
+
+    monkeypatch.setattr(ssm_triton, "selective_scan_triton", recording("triton"))
+    monkeypatch.setattr(ssm, "selective_scan_chunked", recording("chunked"))
+    SSMGenerator(config).eval()(*make_batch(batch=1, height=8, width=8))
+    return calls
+
+
+def test_scan_backend_reaches_every_scan_of_the_generator(monkeypatch):
+    # SMALL: an SSM stage at level 1 and at the bottleneck, each at scales 1 and 2: four scans
+    assert count_scans(monkeypatch, GeneratorConfig(**SMALL, scan_backend="triton")) == {
+        "triton": 4,
+        "chunked": 0,
+    }
+    assert count_scans(monkeypatch, GeneratorConfig(**SMALL)) == {"triton": 0, "chunked": 4}
+
+
+def test_configs_saved_without_scan_backend_load_with_auto():
+    """Checkpoints and exports from before the key carry a config without it: it loads, as ``auto``."""
+    from medgan.config import build_config
+
+    saved = build_config().to_dict()
+    del saved["model"]["generator"]["scan_backend"]
+    assert build_config(saved).model.generator.scan_backend == "auto"
+    assert build_config(
+        {"model": {"generator": {"scan_backend": "triton"}}}
+    ).model.generator.scan_backend == ("triton")

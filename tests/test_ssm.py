@@ -274,6 +274,56 @@ def test_dispatch_on_cpu_is_the_pure_pytorch_path(groups):
     torch.testing.assert_close(fast, chunked, rtol=0, atol=0)
 
 
+class LooksLikeCuda(torch.Tensor):
+    """A CPU tensor that says it is on a GPU: what the dispatch sees of a CUDA tensor, here without one."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+def test_auto_on_a_gpu_without_mamba_runs_the_chunked_path_not_triton(monkeypatch):
+    """Triton importable and the GPU new enough, mamba-ssm absent: ``auto`` still never runs the Triton
+    kernels (they have not been shown equal to the reference on any GPU); the chunked path runs."""
+    from medgan.models import ssm_triton
+
+    called = []
+    monkeypatch.setattr(ssm, "_mamba_selective_scan_fn", None)
+    # the code before this change asked this whether the Triton scan could run on the tensor's GPU
+    monkeypatch.setattr(ssm, "_triton_runs_on", lambda u: True, raising=False)
+    monkeypatch.setattr(ssm_triton, "selective_scan_triton", lambda *args: called.append("triton"))
+    monkeypatch.setattr(ssm, "selective_scan_chunked", lambda *args: called.append("chunked"))
+    inputs = make_inputs(1, 4, 3, 20, torch.float32, True, True, True)
+    u = inputs.pop("u").as_subclass(LooksLikeCuda)
+    assert u.is_cuda
+    selective_scan(u, **inputs, delta_softplus=True)
+    assert called == ["chunked"]
+
+
+@pytest.mark.parametrize(
+    "requested, on_cuda, mamba_available, chosen",
+    [
+        ("auto", True, True, "mamba"),
+        ("auto", True, False, "chunked"),
+        ("auto", False, True, "chunked"),
+        ("auto", False, False, "chunked"),
+        ("triton", True, True, "triton"),
+        ("triton", False, False, "triton"),
+        ("mamba", False, False, "mamba"),
+        ("chunked", True, True, "chunked"),
+    ],
+)
+def test_choose_backend_never_picks_triton_unasked(requested, on_cuda, mamba_available, chosen):
+    assert ssm.choose_backend(requested, on_cuda, mamba_available) == chosen
+
+
+def test_choose_backend_refuses_an_unknown_name_in_one_line():
+    with pytest.raises(
+        ValueError, match=r"^backend must be one of auto, mamba, triton, chunked; got 'torch'$"
+    ):
+        ssm.choose_backend("torch", True, True)
+
+
 def test_gradient_check_is_sharp_enough_to_catch_a_wrong_result():
     inputs = make_inputs(1, 3, 4, 40, torch.float64, True, True, True)
     out = selective_scan_chunked(**inputs, delta_softplus=True)

@@ -8,6 +8,7 @@ same upstream gradient through both, the output and every input's gradient compa
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -294,6 +295,13 @@ def test_dispatch_refuses_an_unknown_or_missing_backend(monkeypatch):
     monkeypatch.setattr(ssm_triton, "triton", None)
     with pytest.raises(RuntimeError, match="pip install triton"):
         selective_scan(**inputs, backend="triton")
+
+
+def test_kernels_use_no_reverse_scan():
+    """triton-lang/triton#4362: ``associative_scan(reverse=True)`` with a non-commutative combine, such as
+    the scan's, is reported to compile to wrong results; the backward scans reversed loads forward."""
+    source = inspect.getsource(ssm_triton)
+    assert "associative_scan(" in source and "reverse=" not in source
 
 
 def test_models_import_without_triton():

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medgan.models.ssm import selective_scan
+from medgan.models.ssm import BACKENDS, selective_scan
 
 
 def norm_layer(channels: int) -> nn.GroupNorm:
@@ -120,7 +120,9 @@ class MultiDirectionS6(nn.Module):
     and B/C grouped one group per direction, so all directions still run as one scan.
 
     ``scan_off``: the scan's contribution is removed, ``y = D * u``, everything else unchanged (an
-    ablation). ``record_scan_share``: each forward stores ``scan_share = rms(scan term) / rms(D * u)``.
+    ablation). ``scan_backend``: the ``selective_scan`` path, one of ``medgan.models.ssm.BACKENDS``
+    (``auto``: mamba-ssm's kernel on a GPU where installed, else pure PyTorch).
+    ``record_scan_share``: each forward stores ``scan_share = rms(scan term) / rms(D * u)``.
     """
 
     def __init__(
@@ -132,16 +134,20 @@ class MultiDirectionS6(nn.Module):
         *,
         dt_range: tuple[float, float] = DT_RANGE,
         scan_off: bool = False,
+        scan_backend: str = "auto",
     ) -> None:
         super().__init__()
         if directions not in (1, 2, 4):
             raise ValueError(f"directions={directions} must be 1, 2 or 4")
+        if scan_backend not in BACKENDS:
+            raise ValueError(f"scan_backend={scan_backend!r} must be one of {', '.join(BACKENDS)}")
         if not 0 < dt_range[0] <= dt_range[1]:
             raise ValueError(f"dt_range={dt_range} must be 0 < min <= max")
         inner = expand * channels
         self.directions = directions
         self.d_state = d_state
         self.scan_off = scan_off
+        self.scan_backend = scan_backend
         self.record_scan_share = False
         self.scan_share: float | None = None
         self.dt_rank = max(1, math.ceil(channels / 16))
@@ -193,6 +199,7 @@ class MultiDirectionS6(nn.Module):
                 D=None if self.record_scan_share else self.D.float(),
                 delta_bias=self.delta_bias.float(),
                 delta_softplus=True,
+                backend=self.scan_backend,
             )
             if self.record_scan_share:
                 skip = folded * self.D.to(folded.dtype)[:, None]
@@ -219,6 +226,7 @@ class MultiScaleS6(nn.Module):
         directions: int,
         *,
         scan_off: bool = False,
+        scan_backend: str = "auto",
     ):
         super().__init__()
         if not scales or any(s < 1 for s in scales):
@@ -226,7 +234,12 @@ class MultiScaleS6(nn.Module):
         self.scales = tuple(scales)
         self.branches = nn.ModuleList(
             MultiDirectionS6(
-                channels, d_state=d_state, expand=expand, directions=directions, scan_off=scan_off
+                channels,
+                d_state=d_state,
+                expand=expand,
+                directions=directions,
+                scan_off=scan_off,
+                scan_backend=scan_backend,
             )
             for _ in scales
         )
@@ -262,10 +275,13 @@ class SSMStage(nn.Module):
         directions: int,
         *,
         scan_off: bool = False,
+        scan_backend: str = "auto",
     ):
         super().__init__()
         self.norm_mix = ChannelLayerNorm(channels)
-        self.mix = MultiScaleS6(channels, scales, d_state, expand, directions, scan_off=scan_off)
+        self.mix = MultiScaleS6(
+            channels, scales, d_state, expand, directions, scan_off=scan_off, scan_backend=scan_backend
+        )
         self.scale_mix = LayerScale(channels)
         self.norm_ffn = ChannelLayerNorm(channels)
         self.ffn = nn.Sequential(

@@ -30,6 +30,7 @@ from medgan.models.blocks import (
 )
 from medgan.models.conditioning import MODALITIES, condition_stack, condition_vector
 from medgan.models.config_checks import require
+from medgan.models.ssm import BACKENDS
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -46,6 +47,11 @@ class GeneratorConfig:
     when ``use_ssm``. ``ssm_directions``: scan orders per S6 block (1 rows, 2 rows and columns, 4 both and
     reversed; ``use_multi_direction: false`` is 1). ``scan_off``: inside every S6 block the scan's
     contribution is removed (``y = D * u``), everything else unchanged (an ablation).
+    ``scan_backend``: the path of every selective scan, one of ``medgan.models.ssm.BACKENDS``: ``auto``
+    (mamba-ssm's CUDA kernel where installed and on a GPU, else ``chunked``, pure PyTorch), ``mamba``,
+    ``chunked``, or ``triton``, the Triton kernels, never chosen by ``auto``: set it once
+    ``bench/gpu.py`` has printed MATCH for them on your GPU. It changes speed, not the weights, so a
+    checkpoint saved without it (older ones) loads with ``auto``.
     ``checkpoint_stages``: recompute each SSM stage's activations in the backward instead of keeping them
     (activation checkpointing): less memory for about one more forward of the stages; the same gradients.
     """
@@ -69,6 +75,7 @@ class GeneratorConfig:
     scan_off: bool = False
     unet_base_channels: int = 0
     checkpoint_stages: bool = False
+    scan_backend: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.arch in ("ssm", "unet"), "arch", f"{self.arch!r} is not one of ssm, unet")
@@ -103,6 +110,11 @@ class GeneratorConfig:
             f"{self.attention_heads} must divide the bottleneck width {bottleneck}",
         )
         _require(self.condition_dim >= 1, "condition_dim", f"{self.condition_dim} must be >= 1")
+        _require(
+            self.scan_backend in BACKENDS,
+            "scan_backend",
+            f"{self.scan_backend!r} is not one of {', '.join(BACKENDS)}",
+        )
         _require(
             self.unet_base_channels >= 0, "unet_base_channels", f"{self.unet_base_channels} must be >= 0"
         )
@@ -150,6 +162,7 @@ class SSMGenerator(nn.Module):
                 config.ssm_expand,
                 directions,
                 scan_off=config.scan_off,
+                scan_backend=config.scan_backend,
             )
 
         def gate(channels: int) -> DynamicGate | None:

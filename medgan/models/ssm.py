@@ -12,10 +12,10 @@ Shapes: ``u, delta, z: [b, d, L]``; ``A: [d, n]`` (real, normally negative); ``B
 grouped ``[b, G, n, L]`` with ``d`` divisible by ``G``, channel ``i`` reading group ``i // (d // G)``
 (``G = 1`` is the ungrouped form); ``D, delta_bias: [d]``; the last state ``h_L: [b, d, n]``.
 
-``selective_scan`` calls, for tensors on a GPU, mamba-ssm's CUDA kernel when it is installed, else the
-Triton kernels of ``medgan.models.ssm_triton`` when Triton is; ``selective_scan_chunked`` (pure PyTorch,
-any device) otherwise. ``selective_scan_ref`` is the plain sequential recurrence that the tests hold the
-fast paths equal to.
+``selective_scan`` calls, for tensors on a GPU, mamba-ssm's CUDA kernel when it is installed, else
+``selective_scan_chunked`` (pure PyTorch, any device); the Triton kernels of ``medgan.models.ssm_triton``
+only when asked for (``backend="triton"``). ``selective_scan_ref`` is the plain sequential recurrence
+that the tests hold the fast paths equal to.
 """
 
 from __future__ import annotations
@@ -31,7 +31,14 @@ try:
 except (ImportError, OSError):  # the CUDA extension is optional: pure PyTorch is the documented fallback
     _mamba_selective_scan_fn = None
 
-__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_ref", "default_chunk_size", "BACKENDS"]
+__all__ = [
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_ref",
+    "default_chunk_size",
+    "BACKENDS",
+    "choose_backend",
+]
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> int:
@@ -538,14 +545,19 @@ BACKENDS = ("auto", "mamba", "triton", "chunked")
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-def _triton_runs_on(u: torch.Tensor) -> bool:
-    """Whether the Triton scan can run on u's GPU: Triton imports, and the GPU is compute capability 7.0 or
-    newer (what torch.compile asks of Triton); checked only for CUDA tensors."""
-    if not _TRITON_INSTALLED or torch.cuda.get_device_capability(u.device) < (7, 0):
-        return False
-    from medgan.models import ssm_triton
+def choose_backend(requested: str, on_cuda: bool, mamba_available: bool) -> str:
+    """The scan path ``selective_scan`` runs: ``requested`` itself unless it is ``"auto"``.
 
-    return ssm_triton.triton_available()
+    ``"auto"`` is mamba-ssm's kernel for CUDA tensors when it is installed, else ``"chunked"``; never
+    ``"triton"``: the Triton kernels run only when asked for (``model.generator.scan_backend: triton``),
+    until ``bench/gpu.py`` has shown them equal to the reference on that GPU (docs/performance.md).
+    Raises ValueError in one line naming ``requested`` when it is not one of ``BACKENDS``.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "mamba" if on_cuda and mamba_available else "chunked"
 
 
 def selective_scan(
@@ -566,19 +578,13 @@ def selective_scan(
 
     Arguments, shapes, result and dtypes as ``selective_scan_ref`` (which see), grouped B and C included.
     ``backend="auto"`` runs, for ``u`` on a CUDA device, mamba-ssm's kernel when ``mamba_ssm`` is
-    importable, else the Triton kernels (``medgan.models.ssm_triton``) when Triton imports, the GPU is
-    compute capability 7.0 or newer and u is not fp64; everywhere else ``selective_scan_chunked`` with its
-    default chunk size. A missing extension is not an error and is not logged. ``"mamba"``, ``"triton"``
-    or ``"chunked"`` forces that path (tests use ``"triton"`` on the CPU under ``TRITON_INTERPRET=1``); a
-    forced path that is not installed raises one line saying what to install.
+    importable; everywhere else ``selective_scan_chunked`` with its default chunk size (``choose_backend``).
+    It never picks the Triton kernels (``medgan.models.ssm_triton``): they run only when forced. A missing
+    extension is not an error and is not logged. ``"mamba"``, ``"triton"`` or ``"chunked"`` forces that
+    path (tests use ``"triton"`` on the CPU under ``TRITON_INTERPRET=1``); a forced path that is not
+    installed raises one line saying what to install.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if backend == "auto" and u.is_cuda:
-        if _mamba_selective_scan_fn is not None:
-            backend = "mamba"
-        elif u.dtype != torch.float64 and _triton_runs_on(u):
-            backend = "triton"
+    backend = choose_backend(backend, u.is_cuda, _mamba_selective_scan_fn is not None)
     if backend == "mamba":
         if _mamba_selective_scan_fn is None:
             raise RuntimeError("backend='mamba' needs mamba-ssm's CUDA kernel: pip install mamba-ssm")

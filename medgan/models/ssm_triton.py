@@ -6,7 +6,9 @@ registers and walks the sequence in chunks of ``CHUNK`` steps: per chunk it load
 slabs of u, delta (and z), ``[n, CHUNK]`` of B and C, solves the chunk with ``tl.associative_scan`` over
 ``(decay, drive)`` pairs from the state carried in, and keeps the state entering every chunk for the
 backward. The backward walks the chunks from the last, recomputes each chunk's states from the kept one,
-solves the adjoint with a reverse scan and forms every input's gradient.
+solves the adjoint with a forward ``tl.associative_scan`` over the chunk loaded in reversed time order
+(a reverse ``associative_scan`` with a non-commutative combine is reported to compile to wrong results,
+triton-lang/triton#4362) and forms every input's gradient, stored back with the same reversed offsets.
 
 Memory: besides inputs and outputs, the chunk-boundary states ``[b, d, L / CHUNK, n]`` (fp32); the
 backward adds partial sums of the B and C gradients, one per block of channels of a group
@@ -208,8 +210,11 @@ if triton is not None:
         # the partial B and C gradients of this block of channels: [blocks, b * G, n, L]
         partial_rows = ((block * tl.num_programs(0) + batch_group).to(tl.int64) * dstate + state) * length
         steps = tl.arange(0, CHUNK)
-        first_step = steps[None, None, :] == 0
-        last_step = steps[None, None, :] == CHUNK - 1
+        # the chunk is held in reversed time order: position s is its step CHUNK - 1 - s, so the adjoint,
+        # which runs from the last step back, is a forward scan (triton-lang/triton#4362)
+        backwards = CHUNK - 1 - steps
+        at_last_step = steps[None, None, :] == 0
+        at_first_step = steps[None, None, :] == CHUNK - 1
         n_chunks = tl.cdiv(length, CHUNK)
         grad_next = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)  # dh at the first step of the next chunk
         grad_A = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
@@ -217,7 +222,25 @@ if triton is not None:
         grad_bias = tl.zeros([BLOCK_D], dtype=tl.float32)
         for i in range(0, n_chunks):
             c = n_chunks - 1 - i
+            # the chunk's states, recomputed in time order from the one kept at its start
             t = c * CHUNK + steps
+            mask_t = t < length
+            mask_dt = mask_d[:, None] & mask_t[None, :]
+            offsets = rows[:, None] * length + t[None, :]
+            u = tl.load(u_ptr + offsets, mask=mask_dt, other=0.0).to(tl.float32)
+            _, delta = _load_steps(delta_ptr, offsets, mask_dt, bias, HAS_BIAS, SOFTPLUS)
+            mask_nt = mask_n[:, None] & mask_t[None, :]
+            B = tl.load(B_ptr + projection_rows[:, None] + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+            boundary = (rows[:, None] * n_chunks + c) * dstate + state[None, :]
+            h0 = tl.load(boundary_ptr + boundary, mask=mask_dn, other=0.0)
+            decay = tl.exp(delta[:, None, :] * A[:, :, None])
+            drive = (delta * u)[:, None, :] * B[None, :, :]
+            _, states = tl.associative_scan(
+                (decay, drive + tl.where(steps[None, None, :] == 0, decay * h0[:, :, None], 0.0)), 2, _combine
+            )
+            # into reversed order; everything below is loaded and stored with reversed offsets
+            states = tl.flip(states, 2)
+            t = c * CHUNK + backwards
             mask_t = t < length
             mask_dt = mask_d[:, None] & mask_t[None, :]
             offsets = rows[:, None] * length + t[None, :]
@@ -230,15 +253,8 @@ if triton is not None:
             projection = projection_rows[:, None] + t[None, :]
             B = tl.load(B_ptr + projection, mask=mask_nt, other=0.0).to(tl.float32)
             C = tl.load(C_ptr + projection, mask=mask_nt, other=0.0).to(tl.float32)
-            boundary = (rows[:, None] * n_chunks + c) * dstate + state[None, :]
-            h0 = tl.load(boundary_ptr + boundary, mask=mask_dn, other=0.0)
-            # the chunk's states, recomputed from the one kept at its start
-            decay = tl.exp(delta[:, None, :] * A[:, :, None])
             delta_u = delta * u
             drive = delta_u[:, None, :] * B[None, :, :]
-            _, states = tl.associative_scan(
-                (decay, drive + tl.where(first_step, decay * h0[:, :, None], 0.0)), 2, _combine
-            )
             grad_y = tl.load(grad_out_ptr + offsets, mask=mask_dt, other=0.0).to(tl.float32)
             if HAS_Z:
                 y = tl.sum(states * C[None, :, :], axis=1)
@@ -252,14 +268,14 @@ if triton is not None:
                 grad_y = grad_y * z * gate
             if HAS_D:
                 grad_D += tl.sum(grad_y * u, axis=1)
-            # dh_t = C_t dy_t + exp(delta_{t+1} A) dh_{t+1}, solved from the chunk's last step back
+            # dh_t = C_t dy_t + exp(delta_{t+1} A) dh_{t+1}: in reversed order, the forward recurrence
             source = C[None, :, :] * grad_y[:, None, :]
             if HAS_GRAD_LAST:
                 source += tl.where(t[None, None, :] == length - 1, grad_last[:, :, None], 0.0)
             decay_next = tl.exp(delta_next[:, None, :] * A[:, :, None])
-            source += tl.where(last_step, decay_next * grad_next[:, :, None], 0.0)
-            _, grad_states = tl.associative_scan((decay_next, source), 2, _combine, reverse=True)
-            grad_next = tl.sum(tl.where(first_step, grad_states, 0.0), axis=2)
+            source += tl.where(at_last_step, decay_next * grad_next[:, :, None], 0.0)
+            _, grad_states = tl.associative_scan((decay_next, source), 2, _combine)
+            grad_next = tl.sum(tl.where(at_first_step, grad_states, 0.0), axis=2)
             # exp(delta_t A) h_{t-1} = h_t - drive_t: no shifted copy of the states
             grad_decayed = grad_states * (states - drive)
             grad_drive = tl.sum(grad_states * B[None, :, :], axis=1)
