@@ -244,6 +244,33 @@ def test_subjects_and_voxels_must_be_scoreable(tmp_path):
         brasyn.brasyn_scores(big, big, big, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("loader_says", ["nothing", "other words"])
+def test_non_finite_voxels_are_found_by_value_whatever_the_loader_reports(
+    tmp_path, monkeypatch, bad_value, loader_says
+):
+    # The loader zeroes NaN/Inf voxels; only the file's values say they were there, not a message's wording.
+    from data_prep import volumes
+
+    real_loader = volumes.load_volume
+
+    def loader_with_other_repair_lines(path, **kwargs):
+        volume = real_loader(path, **kwargs)
+        volume.repairs = [] if loader_says == "nothing" else [f"{Path(path).name}: set 1 voxel to 0"]
+        return volume
+
+    monkeypatch.setattr(volumes, "load_volume", loader_with_other_repair_lines)
+    predictions, references = fixture_inputs()
+    image = nib.load(predictions["subject-a"])
+    data = np.asarray(image.dataobj).copy()
+    data[3, 3, 3] = bad_value
+    broken = write_like(tmp_path / "broken.nii.gz", data, image.affine)
+    expected = "1 NaN and 0 Inf" if np.isnan(bad_value) else "0 NaN and 1 Inf"
+    with pytest.raises(UserError, match=expected) as error:
+        brasyn.score_brasyn_folder({**predictions, "subject-a": broken}, references)
+    assert str(broken) in str(error.value) and "\n" not in str(error.value)
+
+
 def test_missing_torchmetrics_is_a_one_line_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchmetrics", None)  # makes `import torchmetrics` raise ImportError
     with pytest.raises(UserError, match="pip install torchmetrics"):
