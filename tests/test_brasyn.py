@@ -4,7 +4,8 @@ The reference below (`challenge_scores`) follows the organisers' ``ssim.py``
 (https://github.com/hongweilibran/BraSyn, commit 890804083b446f3d6fa0b17a4ef09b174bcd0209) operation for
 operation: it reads the NIfTI files with SimpleITK, normalises torch tensors with ``np.percentile`` /
 ``np.clip`` by each volume's own 0.5 / 99.5 percentiles, zeroes the other region and calls one shared
-``StructuralSimilarityIndexMeasure()``. It shares no code with medgan.brasyn (which reads with
+``StructuralSimilarityIndexMeasure()``; PSNR/MSE follow the organisers' ``evaluation_utils.py`` (both
+volumes on the reference's percentiles, tumour zeroed). It shares no code with medgan.brasyn (which reads with
 data_prep's nibabel loader and normalises in numpy), so the test checks the challenge's definition, not
 our reading of it. Fixtures: tests/fixtures/brasyn (written by make_fixtures.py there).
 """
