@@ -1,10 +1,12 @@
-"""bench/study.py: its receptive fields are the generator's, its statistics are scoring's with Holm, and one
-run goes from launch/train.py's log through evaluation to the scan share."""
+"""bench/study.py: its receptive fields are the generator's, its paired statistics and Holm's adjustment
+match numbers worked by hand, and one run goes from launch/train.py's log through evaluation to the scan
+share."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 
@@ -15,7 +17,6 @@ from conftest import REPO
 from torch import nn
 
 from medgan.models.generator import GeneratorConfig, build_generator
-from medgan.scoring import holm_adjusted, paired_statistics
 
 
 @pytest.fixture(scope="module")
@@ -71,41 +72,48 @@ def test_ssm_levels_without_global_reach(study):
     assert study.ssm_levels_without_global_reach(16, 3) == []
 
 
-def test_comparisons_are_scorings_paired_statistics_with_holm_and_a_bonferroni_interval(study):
-    rng = np.random.default_rng(0)
+def test_comparisons_are_paired_over_seed_averaged_subjects_with_holm_and_a_bonferroni_interval(study):
     endpoint = ("tumour", "psnr")
-    subjects = [f"s{i}" for i in range(10)]
-
-    def arm(shift: float) -> list[dict]:
-        return [{endpoint: {s: 20 + shift + rng.normal() for s in subjects}} for _ in range(3)]
-
-    arms = {"ssm": arm(0.5), "unet": arm(0.0), "scanoff": arm(0.4)}
-    arms["unet"][1][endpoint].pop("s3")  # a subject missing from one seed drops out of that comparison
-    rows = study.comparison_rows(arms, [("ssm", "unet"), ("ssm", "scanoff")], endpoint)
-    # each subject's mean over the seeds that scored it in all of them, by hand
-    averaged = {
-        name: {
-            s: np.mean([seed[endpoint][s] for seed in per_seed])
-            for s in subjects
-            if all(s in seed[endpoint] for seed in per_seed)
-        }
-        for name, per_seed in arms.items()
+    # Two seeds per arm. Seed-averaged, ssm is s1..s4 = 21 22 23 24; unet is 20 20 20 (s4 missing from
+    # seed 1, so it drops out, and its 0.0 in seed 0 must not count); scanoff is s2..s4 = 21 20 19 (s1
+    # missing from seed 1, its 50 must not count).
+    arms = {
+        "ssm": [
+            {endpoint: {"s1": 20.5, "s2": 21.5, "s3": 22.5, "s4": 23.5}},
+            {endpoint: {"s1": 21.5, "s2": 22.5, "s3": 23.5, "s4": 24.5}},
+        ],
+        "unet": [
+            {endpoint: {"s1": 20.0, "s2": 20.0, "s3": 20.0, "s4": 0.0}},
+            {endpoint: {"s1": 20.0, "s2": 20.0, "s3": 20.0}},
+        ],
+        "scanoff": [
+            {endpoint: {"s1": 50.0, "s2": 20.0, "s3": 20.0, "s4": 18.0}},
+            {endpoint: {"s2": 22.0, "s3": 20.0, "s4": 20.0}},
+        ],
     }
-    assert study.seed_averaged(arms["unet"], endpoint) == pytest.approx(averaged["unet"])
-    assert "s3" not in averaged["unet"] and len(averaged["ssm"]) == 10
-    p_values = []
-    for row, other in zip(rows, ("unet", "scanoff")):
-        common = sorted(set(averaged["ssm"]) & set(averaged[other]))
-        expected = paired_statistics(
-            np.array([averaged["ssm"][s] for s in common]),
-            np.array([averaged[other][s] for s in common]),
-            confidence=0.975,
-        )
-        assert row["n"] == len(common) == (9 if other == "unet" else 10)
-        assert row["ci95"] == pytest.approx(expected["ci95"])
-        assert row["ttest_p"] == pytest.approx(expected["ttest_p"])
-        p_values.append(expected["ttest_p"])
-    assert [row["holm_p"] for row in rows] == pytest.approx(holm_adjusted(p_values))
+    assert study.seed_averaged(arms["unet"], endpoint) == {"s1": 20.0, "s2": 20.0, "s3": 20.0}
+    assert study.seed_averaged(arms["scanoff"], endpoint) == {"s2": 21.0, "s3": 20.0, "s4": 19.0}
+    rows = study.comparison_rows(arms, [("ssm", "unet"), ("ssm", "scanoff")], endpoint)
+    assert [row["pair"] for row in rows] == [("ssm", "unet"), ("ssm", "scanoff")]
+    # Differences: ssm - unet = 1 2 3 (mean 2, sd 1); ssm - scanoff = 1 3 5 (mean 3, sd 2); n = 3 each.
+    # With 2 degrees of freedom Student's t has a closed form: two-sided p = 1 - t / sqrt(2 + t^2), and the
+    # quantile at 1/2 + c/2 is c sqrt(2 / (1 - c^2)). Bonferroni over 2 pairs: c = 1 - 0.05 / 2 = 0.975.
+    t_quantile = 0.975 * math.sqrt(2 / (1 - 0.975**2))  # 6.2053
+    expected = [
+        # t = 2 / (1 / sqrt 3) = sqrt 12 -> p = 1 - sqrt(12 / 14) = 0.07418
+        (2.0, 1.0 * t_quantile / math.sqrt(3), 1 - math.sqrt(12 / 14)),
+        # t = 3 / (2 / sqrt 3) = sqrt 6.75 -> p = 1 - sqrt(6.75 / 8.75) = 0.12169
+        (3.0, 2.0 * t_quantile / math.sqrt(3), 1 - math.sqrt(6.75 / 8.75)),
+    ]
+    for row, (mean, half_width, p_value) in zip(rows, expected):
+        assert row["n"] == 3
+        assert row["mean_difference"] == pytest.approx(mean, rel=1e-12)
+        assert row["ci95"] == pytest.approx([mean - half_width, mean + half_width], rel=1e-9)
+        assert row["ttest_p"] == pytest.approx(p_value, rel=1e-9)
+    # Holm: the smaller p (0.07418) times 2 = 0.14836; the larger times 1 = 0.12169, raised to 0.14836 so
+    # the adjusted p-values keep the raw ones' order.
+    holm = 2 * (1 - math.sqrt(12 / 14))
+    assert [row["holm_p"] for row in rows] == pytest.approx([holm, holm], rel=1e-9)
 
 
 def test_the_claim_needs_every_comparison_won_with_its_interval_and_holm(study):

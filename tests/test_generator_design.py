@@ -58,11 +58,24 @@ def test_every_residual_branch_has_a_small_learned_per_channel_scale():
     stage = SSMStage(16, (1, 2), d_state=4, expand=1, directions=4)
     scales = [m for m in stage.modules() if isinstance(m, LayerScale)]
     assert len(scales) == 2
+    assert LAYER_SCALE_INIT == 0.1  # the design's "small": a tenth of the branch at init
+    x = feature_map(16, 5)
     for scale in scales:
         assert scale.gamma.shape == (16,) and scale.gamma.requires_grad
-        assert 0 < float(scale.gamma.detach().max()) <= LAYER_SCALE_INIT + 1e-6 <= 0.1 + 1e-6
+        # every channel starts at exactly the init, not somewhere below it
+        assert torch.equal(scale.gamma.detach(), torch.full((16,), 0.1))
+        with torch.no_grad():
+            assert torch.allclose(scale(x), 0.1 * x)
+            # per channel: a change to one channel's gamma scales that channel only
+            scale.gamma[3] = 2.0
+            scaled = scale(x)
+        assert torch.allclose(scaled[:, 3], 2.0 * x[:, 3])
+        assert torch.allclose(
+            torch.cat([scaled[:, :3], scaled[:, 4:]], 1), 0.1 * torch.cat([x[:, :3], x[:, 4:]], 1)
+        )
     attention = NonLocalAttention(16, heads=4)
     assert isinstance(attention.scale, LayerScale)
+    assert torch.equal(attention.scale.gamma.detach(), torch.full((16,), 0.1))
 
 
 @pytest.mark.parametrize("directions", [1, 2, 4])
