@@ -15,6 +15,7 @@ record of them (:func:`check_training_data`): its inputs would arrive on another
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ from medgan.provenance import weights_sha256
 from medgan.shards import format_problem
 
 EXPORT_FORMAT = "medgan-ssm generator"
+# Scan paths that need a CUDA device (medgan.models.ssm); a checkpoint trained with one predicts on a CPU.
+GPU_SCAN_BACKENDS = ("mamba", "triton")
 EXPORT_FORMAT_VERSION = "1"
 # Which of a checkpoint folder's weights to load: the EMA (averaged) or DeepSpeed's own (raw) weights.
 WEIGHT_SETS = ("ema", "raw")
@@ -192,7 +195,12 @@ def _build(
     device,
 ) -> LoadedGenerator:
     check_training_data(training_data, path)
-    module = build_generator(config.model.generator)
+    generator_config = config.model.generator
+    if torch.device(device).type != "cuda" and generator_config.scan_backend in GPU_SCAN_BACKENDS:
+        # The scan path a GPU run chose is a speed choice, not part of the model: off a GPU the same
+        # weights run the chunked path instead of failing inside a CUDA kernel.
+        generator_config = dataclasses.replace(generator_config, scan_backend="auto")
+    module = build_generator(generator_config)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as error:

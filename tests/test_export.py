@@ -124,3 +124,22 @@ def test_a_run_from_before_the_record_is_refused_even_if_its_shards_are_current_
     with pytest.raises(CheckpointError) as raised:
         load_generator(checkpoint)
     assert str(raised.value) == f"{checkpoint}: {UNRECORDED_LINE}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "mamba"])
+def test_a_run_trained_with_a_gpu_scan_predicts_on_the_cpu(tmp_path, backend):
+    """scan_backend is how a GPU run chose to scan, not part of the model: loaded off a GPU, the same
+    weights give the chunked path's outputs instead of failing inside a CUDA kernel."""
+    import yaml
+
+    from medgan.checkpointing import CheckpointLayout
+
+    checkpoint = write_checkpoint(tmp_path / "run")
+    config_file = CheckpointLayout(checkpoint).config_file
+    config = yaml.safe_load(config_file.read_text())
+    expected = _outputs(load_generator(checkpoint))
+    config["model"]["generator"]["scan_backend"] = backend
+    config_file.write_text(yaml.safe_dump(config))
+    loaded = load_generator(checkpoint, device="cpu")
+    assert loaded.config.model.generator.scan_backend == backend  # the run's record is kept as it was
+    assert torch.equal(_outputs(loaded), expected)
