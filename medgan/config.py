@@ -123,6 +123,9 @@ class TrainingConfig:
     budget cannot count whole (it reaches this process only when they exit, and includes batches
     prefetched past the last step).
     Equal CPU time, not equal steps, is how ``bench/study.py`` compares generators of different speed.
+    ``val_max_batches``: validation batches per rank (0: the whole val split). Each val slice's task is a
+    function of the slice, so the whole split scores the same on any world size; a cap does not (it
+    keeps a number of batches per rank).
     """
 
     epochs: int = 100
