@@ -36,7 +36,7 @@ from medgan.distributed import (
     max_over_ranks,
     set_thread_share,
 )
-from medgan.ema import ExponentialMovingAverage, gathered_parameters
+from medgan.ema import ExponentialMovingAverage, full_fp32_state
 from medgan.models.conditioning import condition_stack
 from medgan.models.discriminator import PatchDiscriminator
 from medgan.models.generator import build_generator, count_parameters, recording_scan_share
@@ -434,8 +434,7 @@ class GANTrainer:
         if self.ema is not None:
             self.ema.copy_to(model)
         else:
-            with gathered_parameters(self.g_engine.module):
-                model.load_state_dict({k: v.float() for k, v in self.g_engine.module.state_dict().items()})
+            model.load_state_dict(full_fp32_state(self.g_engine.module))
         return model.eval()
 
     @torch.no_grad()
