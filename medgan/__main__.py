@@ -464,8 +464,9 @@ def shards_for(data_path: str, checkpoint_dir: Path) -> Path:
 
 
 def run_front_door(argv: list[str]) -> int:
-    """The seed's ``--mode train|test|both``: shard a raw folder once (rank 0, the others wait), train
-    on every rank with medgan.train, then evaluate the test split and write the report on rank 0."""
+    """The seed's ``--mode train|test|both``: shard a raw folder once (rank 0, the others wait, in every
+    mode), train on every rank with medgan.train, then evaluate the test split and write the report on
+    rank 0 (the other ranks return 0)."""
     from medgan.config import config_from_cli
     from medgan.distributed import init_distributed, read_context, run_on_main, set_thread_share
 
@@ -474,21 +475,22 @@ def run_front_door(argv: list[str]) -> int:
     known, rest = mode_parser.parse_known_args(argv)
     config = config_from_cli(rest)
     checkpoint_dir = Path(config.checkpoint.dir)
-    if known.mode in ("train", "both"):
-        from medgan.train import train
-
+    trains = known.mode in ("train", "both")
+    context = read_context()
+    if trains or context.world_size > 1:
+        # the other ranks need a process group to wait on rank 0's sharding
         context = init_distributed()
         set_thread_share(context)
-        shards = run_on_main(
-            lambda: shards_for(config.data.data_path, checkpoint_dir),
-            timedelta(seconds=SHARD_WAIT_SECONDS),
-            f"shard {config.data.data_path}",
-        )
+    shards = run_on_main(
+        lambda: shards_for(config.data.data_path, checkpoint_dir),
+        timedelta(seconds=SHARD_WAIT_SECONDS),
+        f"shard {config.data.data_path}",
+    )
+    if trains:
+        from medgan.train import train
+
         config.data.data_path = str(shards)
         train(config, context)
-    else:
-        context = read_context()
-        shards = shards_for(config.data.data_path, checkpoint_dir)
     if known.mode == "train" or not context.is_main:
         return 0
     evaluation = checkpoint_dir / "eval"

@@ -119,9 +119,13 @@ class TrainingConfig:
     ``cpu_budget_seconds``: training stops (with validation and a checkpoint, as at ``max_steps``) once
     the training loop (data, forward, backward, optimizer and EMA steps; not validation or saving) has
     used this many seconds of the process's CPU time on any rank, counted across resumes; 0: no budget.
-    DataLoader workers (``data.num_workers > 0``) are other processes, so their CPU time is not counted:
-    with a budget, 0 workers makes it whole.
+    A budget needs ``data.num_workers: 0``: DataLoader workers are other processes whose CPU time the
+    budget cannot count whole (it reaches this process only when they exit, and includes batches
+    prefetched past the last step).
     Equal CPU time, not equal steps, is how ``bench/study.py`` compares generators of different speed.
+    ``val_max_batches``: validation batches per rank (0: the whole val split). Each val slice's task is a
+    function of the slice, so the whole split scores the same on any world size; a cap does not (it
+    keeps a number of batches per rank).
     """
 
     epochs: int = 100
@@ -264,6 +268,13 @@ class Config:
                 "data",
                 f"modality {name!r} is not in model.generator.modalities {modalities}",
             )
+        # the budget counts this process's CPU time only; workers would spend theirs unseen
+        _check(
+            not (self.training.cpu_budget_seconds and self.data.num_workers),
+            "training.cpu_budget_seconds",
+            f"{self.training.cpu_budget_seconds:g} needs data.num_workers 0 (got {self.data.num_workers}): "
+            "DataLoader workers' CPU time is not counted",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

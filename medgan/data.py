@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,14 +57,18 @@ def _choose_task(
     return inputs, task.target
 
 
-def _validation_task(present: list[int], task: TaskSpec, index: int) -> tuple[list[int], int] | None:
-    """Deterministic task for validation: the fixed task, or target cycling over present contrasts with
-    every other present one as input."""
+def _validation_task(
+    present: list[int], task: TaskSpec, subject: str, slice_index: int
+) -> tuple[list[int], int] | None:
+    """Deterministic task for validation, a function of the sample alone (never of where a rank met it,
+    so validation scores do not depend on the world size): the fixed task, or a target picked among the
+    present contrasts by a hash of ``(subject, slice_index)``, with every other present one as input."""
     if task.target is not None:
         return _choose_task(present, task, np.random.default_rng(0))
     if len(present) < 2:
         return None
-    target = present[index % len(present)]
+    # crc32, not hash(): Python salts str hashes per process, so ranks would disagree
+    target = present[zlib.crc32(f"{subject}/{slice_index}".encode()) % len(present)]
     return [m for m in present if m != target], target
 
 
@@ -78,7 +83,8 @@ class SliceStream(IterableDataset):
     BraTS labels, all zero where a subject has no segmentation; flips flip it with the images).
 
     ``train=True``: seeded shuffling, random tasks and flips, endless (the caller counts steps).
-    ``train=False``: one pass in shard order, deterministic tasks, every sample exactly once across ranks.
+    ``train=False``: one pass in shard order, every sample exactly once across ranks, each with a task that
+    depends on the sample alone (the same on any world size).
     """
 
     def __init__(
@@ -150,12 +156,12 @@ class SliceStream(IterableDataset):
         while buffer:
             yield buffer.pop(int(rng.integers(len(buffer))))
 
-    def _convert(self, raw: dict[str, Any], rng: np.random.Generator, index: int) -> dict[str, Any] | None:
+    def _convert(self, raw: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
         sample = self.channels.decode(raw, with_seg=True)
         choice = (
             _choose_task(sample.present, self.task, rng)
             if self.train
-            else _validation_task(sample.present, self.task, index)
+            else _validation_task(sample.present, self.task, sample.subject, int(sample.info["slice"]))
         )
         if choice is None:
             return None
@@ -190,8 +196,8 @@ class SliceStream(IterableDataset):
             if self.train:
                 stream = self._shuffled(stream, rng)
             produced = 0
-            for index, raw in enumerate(stream):
-                sample = self._convert(raw, rng, index)
+            for raw in stream:
+                sample = self._convert(raw, rng)
                 if sample is not None:
                     produced += 1
                     yield sample

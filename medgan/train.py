@@ -36,7 +36,7 @@ from medgan.distributed import (
     max_over_ranks,
     set_thread_share,
 )
-from medgan.ema import ExponentialMovingAverage, gathered_parameters
+from medgan.ema import ExponentialMovingAverage, full_fp32_state
 from medgan.models.conditioning import condition_stack
 from medgan.models.discriminator import PatchDiscriminator
 from medgan.models.generator import build_generator, count_parameters, recording_scan_share
@@ -434,15 +434,17 @@ class GANTrainer:
         if self.ema is not None:
             self.ema.copy_to(model)
         else:
-            with gathered_parameters(self.g_engine.module):
-                model.load_state_dict({k: v.float() for k, v in self.g_engine.module.state_dict().items()})
+            model.load_state_dict(full_fp32_state(self.g_engine.module))
         return model.eval()
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Masked PSNR/SSIM/MAE of the EMA generator on the val split (each rank a share): the mean and
         std over slices, and a per-subject table in W&B; ``model/scan_share/<block>``: each S6 block's
-        ``rms(scan term) / rms(D * u)`` on this rank's first validation batch."""
+        ``rms(scan term) / rms(D * u)`` on this rank's first validation batch.
+
+        Each slice's task depends on the slice alone and the means are over every rank's slices, so with
+        ``training.val_max_batches 0`` (the whole split) the scores do not depend on the world size."""
         model = self._evaluation_generator()
         rows: list[SliceScore] = []
         shares: dict[str, float] = {}
@@ -471,7 +473,11 @@ class GANTrainer:
                         int(batch["mask"][i].sum()),
                     )  # fmt: skip
                 )
-        all_rows = [row for rank_rows in all_gather_objects(rows) for row in rank_rows]
+        # every slice's row, in one order on any world size: the means then agree to the last bit
+        all_rows = sorted(
+            (row for rank_rows in all_gather_objects(rows) for row in rank_rows),
+            key=lambda row: (row.subject, row.slice),
+        )
         summary: dict[str, float] = {"val/slices": len(all_rows)}
         summary.update({f"model/scan_share/{name}": share for name, share in shares.items()})
         for name, values in summarize_scores(all_rows).items():

@@ -141,3 +141,18 @@ def test_mode_both_shards_a_raw_folder_trains_evaluates_and_reports(phantom_subj
     assert (checkpoint_dir / "eval" / "summary.json").is_file()
     assert (checkpoint_dir / "eval" / "report.html").is_file()
     assert "t1+t2->flair" in result.stdout
+
+
+def test_mode_test_on_rank_1_of_2_waits_for_rank_0_to_shard(monkeypatch, tmp_path):
+    import medgan.distributed as distributed
+
+    rank_1 = distributed.DistributedContext(rank=1, local_rank=1, world_size=2, local_world_size=2)
+    monkeypatch.setattr(distributed, "read_context", lambda: rank_1)
+    monkeypatch.setattr(distributed, "init_distributed", lambda: rank_1)
+    monkeypatch.setattr(distributed, "set_thread_share", lambda context: 1)
+    waited = []
+    monkeypatch.setattr(distributed, "run_on_main", lambda work, timeout, what: waited.append(what))
+    monkeypatch.setattr("medgan.__main__.shards_for", lambda *args: pytest.fail("rank 1 sharded"))
+    argv = ["--mode", "test", "--data_path", str(tmp_path), "--checkpoint_dir", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert waited == [f"shard {tmp_path}"]

@@ -117,3 +117,15 @@ def test_a_command_line_clears_a_list(empty):
     )
     assert config.data.input_modalities == [] and config.data.target_modality == "any"
     assert config_from_cli(["--data.input_modalities=" + empty]).data.input_modalities == []
+
+
+def test_a_cpu_budget_refuses_dataloader_workers_whose_cpu_time_it_cannot_count():
+    # demo.yaml reads with one worker: a budget then would leave that worker's CPU time out
+    with pytest.raises(ConfigError) as error:
+        config_from_cli(["--config", str(CONFIGS / "demo.yaml"), "--training.cpu_budget_seconds", "60"])
+    message = str(error.value)
+    assert "training.cpu_budget_seconds: 60 needs data.num_workers 0 (got 1)" in message
+    assert "\n" not in message
+    allowed = ["--training.cpu_budget_seconds", "60", "--data.num_workers", "0"]
+    assert config_from_cli(["--config", str(CONFIGS / "demo.yaml"), *allowed]).data.num_workers == 0
+    assert config_from_cli(["--config", str(CONFIGS / "demo.yaml")]).data.num_workers == 1

@@ -111,6 +111,25 @@ def test_validation_visits_every_slice_once_across_ranks(phantom_shards):
     assert len(keys) == len(set(keys)) == split.samples
 
 
+def _validation_tasks(split, world_size: int) -> dict[str, tuple[int, tuple[bool, ...]]]:
+    """key -> (target, available) of every val sample, read by ``world_size`` ranks."""
+    tasks = {}
+    for rank in range(world_size):
+        loader = make_loader(stream(split, rank=rank, world_size=world_size, train=False, batch_size=3), 0)
+        for batch in loader:
+            for i, key in enumerate(batch["key"]):
+                tasks[key] = (int(batch["target_index"][i]), tuple(batch["available"][i].tolist()))
+    return tasks
+
+
+def test_each_validation_sample_gets_the_same_task_on_any_world_size(phantom_shards):
+    split = read_split(phantom_shards, "val")
+    one_rank = _validation_tasks(split, 1)
+    assert _validation_tasks(split, 2) == one_rank == _validation_tasks(split, 3)
+    # the targets still spread over the contrasts the slices hold
+    assert len({target for target, _ in one_rank.values()}) > 1
+
+
 def test_fixed_task_uses_exactly_the_requested_contrasts(phantom_shards):
     split = read_split(phantom_shards, "train")
     task = TaskSpec.from_names(["t1", "t2"], "flair", CANONICAL)
@@ -188,6 +207,6 @@ def test_a_slice_without_segmentation_gets_an_all_zero_seg(phantom_shards):
     split = read_split(phantom_shards, "val")
     raw = next(iter(raw_samples(list(split.shards))))
     raw.pop("seg.npy", None)
-    sample = stream(split, train=False, random_flips=False)._convert(raw, np.random.default_rng(0), 0)
+    sample = stream(split, train=False, random_flips=False)._convert(raw, np.random.default_rng(0))
     assert sample["seg"].dtype == np.uint8 and sample["seg"].shape == sample["mask"].shape
     assert not sample["seg"].any()

@@ -16,7 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import write_checkpoint
 from safetensors.torch import load_file
+from tiny_run import free_master_port
 
 from medgan.checkpointing import CheckpointManager, tag_for_step
 from medgan.config import ConfigError, build_config, load_config
@@ -345,3 +347,45 @@ def test_ema_warms_up_and_then_averages():
     for step in range(1, 51):
         expected *= ema.decay_at(step)
     torch.testing.assert_close(remaining, torch.full((2, 2), expected))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_ops_built")
+def test_two_ranks_validate_as_one_keep_an_fp32_ema_and_shard_a_test_folder_once(
+    phantom_shards, phantom_subjects, tmp_path
+):
+    """tests/multi_rank_checks.py on 1 rank (validation only) and on 2 (all three checks)."""
+    checkpoint = write_checkpoint(tmp_path / "model")
+    script = [
+        "tests/multi_rank_checks.py", "--shards", str(phantom_shards), "--raw", str(phantom_subjects),
+        "--checkpoint", str(checkpoint),
+    ]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([sys.executable, *script, "--out", str(one), "--validation-only"])
+    launched = run(
+        [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_master_port()), *script, "--out", str(two)]
+    )
+    ranks = [json.loads((two / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+    # the whole val split scores the same on 1 and 2 ranks (each slice keeps its task); the scan shares
+    # are a diagnostic of each rank's first batch, left out
+    def scores(results: dict) -> dict[str, float]:
+        return {k: v for k, v in results["validation"].items() if k.startswith("val/")}
+
+    reference = scores(json.loads((one / "rank0.json").read_text()))
+    assert reference["val/slices"] > 4
+    for rank in ranks:
+        assert scores(rank) == pytest.approx(reference, rel=1e-6, abs=1e-9)
+
+    # one Adam step of 1e-4 on a weight of 1.0: the bf16 weight stays, the fp32 master and the EMA move
+    for ema in (rank["ema"] for rank in ranks):
+        assert ema["weight_min"] == ema["weight_max"] == 1.0, "the bf16 copy kept the weight"
+        assert ema["master_max"] < 1.0, "the fp32 master took the step"
+        assert ema["ema_max"] < 1.0 and ema["ema_error"] < 1e-7, ema
+
+    # --mode test on 2 ranks: rank 0 shards the raw folder while the other waits, then evaluates alone
+    output = launched.stdout + launched.stderr
+    assert output.count("is a raw folder") == 1, output[-4000:]
+    assert "reusing the shards" not in output
+    assert [rank["front_door_exit"] for rank in ranks] == [0, 0]
+    assert (two / "front" / "eval" / "report.html").is_file()
