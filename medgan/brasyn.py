@@ -42,19 +42,19 @@ variances to 0, which older versions did not, a difference at rounding level). :
 records the version used.
 
 Also returned, not ranked by the challenge: ``ssim_whole`` (the same SSIM on the normalised volumes,
-nothing zeroed, as participants report it) and ``psnr_*`` / ``mse_*`` per region
-(:func:`brasyn_region_errors`). These follow the organisers' other script, ``evaluation_utils.py``
-(``__percentile_clip`` and ``compute_metrics``, the BraTS inpainting score), in the same repository:
-added in commit aa3ca3646d86646176954ca4c4be8709afce52b7 (2023-08-09) and unchanged up to 890804083b44
-above. Its normalisation is not ``ssim.py``'s: both volumes are scaled by the *reference's* percentiles
-(0.5, 99.5, lo raised to 0, clipped, into [0, 1]), taken over ``gt * ~mask``, the reference with the
-scored region set to 0 (every voxel counted); then torchmetrics' ``MeanSquaredError`` and
-``PeakSignalNoiseRatio(data_range=1.0)`` over the mask's voxels only. ``psnr_tumour`` / ``mse_tumour``
-are exactly that with the tumour as the mask. For the other two regions upstream's recipe has nothing
-to stand on (with ``mask`` the non-tumour, the percentiles would come from the tumour alone, mostly
-zeros; with the whole volume, from zeros only), so they use the same normalisation as the tumour (by the
-reference with the tumour set to 0; the whole reference when there is no tumour) and are our extension.
-Participants' PSNRs differ (see ResViT above), so compare PSNR/MSE only among numbers computed here.
+nothing zeroed, as participants report it) and ``psnr_*`` / ``mse_*`` per region, computed on the
+volumes normalised as above (each by its own percentiles, as ``ssim.py`` does for the ranked SSIM) over
+the region's voxels only, with torchmetrics' ``PeakSignalNoiseRatio(data_range=1.0)`` and
+``MeanSquaredError``. Checked against the organisers' ``evaluation_utils.py`` in the same repository
+(``__percentile_clip`` and ``compute_metrics``, the BraTS inpainting score; added in commit
+aa3ca3646d86646176954ca4c4be8709afce52b7, unchanged up to 890804083b44 above): it takes the same region
+means with the same torchmetrics classes, but scales *both* volumes by the *reference's* percentiles,
+taken with the scored region set to 0, so it scores a prediction's intensity units as well as its
+structure. We do not follow that: MedGAN-SSM writes volumes on the ``[0, 1]`` healthy-median scale and
+has no real target to borrow units from (a prediction on another scale would score near 0 dB there
+whatever it shows), so our PSNR/MSE are scale-free like the ranked SSIM, and are **not** comparable with
+numbers computed by ``evaluation_utils.py``. Participants' PSNRs differ too (see ResViT above): compare
+PSNR/MSE only among numbers computed here.
 
 Arithmetic: the normalisation runs in float64, as the upstream script does under NumPy 2 (``np.percentile``
 returns float64 and ``np.clip`` of a tensor with float64 bounds returns a float64 tensor). The metrics run
@@ -128,18 +128,17 @@ def brasyn_provenance() -> dict[str, str]:
     }
 
 
-def brasyn_normalise(volume: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
-    """BraSyn's intensity normalisation of one volume, by percentiles of ``reference`` (itself by default).
+def brasyn_normalise(volume: np.ndarray) -> np.ndarray:
+    """BraSyn's intensity normalisation of one volume, by its own percentiles.
 
-    volume, reference: one shape (a 3D ``[X, Y, Z]`` volume in practice), any real dtype, in scanner
-    units; every voxel of ``reference`` counts, background zeros included. Returns float64 of
-    ``volume``'s shape in ``[0, 1]``: ``(clip(v, lo, hi) - lo) / (hi - lo)`` with lo, hi the 0.5th and
-    99.5th percentiles of ``reference`` (linear interpolation) and lo raised to 0 when negative. Equal
-    percentiles have no defined normalisation (division by zero): NaN/Inf come out, as upstream.
+    volume: any shape (a 3D ``[X, Y, Z]`` volume in practice), any real dtype, in scanner units; every
+    voxel counts, background zeros included. Returns float64 of the same shape in ``[0, 1]``:
+    ``(clip(v, lo, hi) - lo) / (hi - lo)`` with lo, hi the 0.5th and 99.5th percentiles (linear
+    interpolation) and lo raised to 0 when negative. A volume whose two percentiles are equal has no
+    defined normalisation (division by zero): NaN/Inf come out, as upstream.
     """
     data = np.asarray(volume, dtype=np.float64)
-    source = data if reference is None else np.asarray(reference, dtype=np.float64)
-    lo, hi = np.percentile(source, PERCENTILES)
+    lo, hi = np.percentile(data, PERCENTILES)
     if lo < 0:
         lo = 0.0
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -178,39 +177,6 @@ def _psnr_mse(pred: torch.Tensor, real: torch.Tensor, region: torch.Tensor) -> t
     return float(psnr), float(mse)
 
 
-def brasyn_region_errors(
-    pred: np.ndarray,
-    real: np.ndarray,
-    seg: np.ndarray,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-) -> dict[str, float]:
-    """PSNR and MSE per region, normalised as the organisers' ``evaluation_utils.compute_metrics``.
-
-    pred, real: one shape (``[X, Y, Z]`` in practice; any shape works), scanner units. seg: labels of
-    that shape, tumour ``seg > 0``. Both volumes go through :func:`brasyn_normalise` with the percentiles
-    of the *reference with the tumour set to 0* (``real * (seg == 0)``, every voxel counted), so the
-    prediction is judged on the reference's intensity scale. Then, over each region's voxels only,
-    ``mse = mean((p - r)^2)`` and ``psnr = 10 log10(1 / mse)`` (data_range 1), by torchmetrics in
-    ``dtype`` on ``device``.
-
-    Returns ``psnr_tumour``, ``psnr_non_tumour``, ``psnr_whole`` in dB (``+inf`` for identical voxels)
-    and ``mse_*`` in squared normalised units, in [0, 1]; NaN for a region without voxels. The tumour
-    pair is upstream's score with the tumour as its mask; see the module docstring for the other two.
-    """
-    tumour_np = np.asarray(seg) > 0
-    healthy_reference = np.asarray(real, dtype=np.float64) * ~tumour_np
-    device = torch.device(device)
-    pred_n = _as_torch_volume(brasyn_normalise(pred, healthy_reference), device, dtype)
-    real_n = _as_torch_volume(brasyn_normalise(real, healthy_reference), device, dtype)
-    tumour = _as_torch_volume(tumour_np, device)
-    errors = {}
-    for name, region in (("tumour", tumour), ("non_tumour", ~tumour), ("whole", torch.ones_like(tumour))):
-        errors[f"psnr_{name}"], errors[f"mse_{name}"] = _psnr_mse(pred_n, real_n, region)
-    return errors
-
-
 def brasyn_scores(
     pred: np.ndarray,
     real: np.ndarray,
@@ -236,9 +202,9 @@ def brasyn_scores(
     and 3.6 GB on two CPU cores; three are computed per subject.
 
     Returns a dict with the keys of :data:`METRICS`: ``ssim_*`` in [-1, 1] (1 for identical volumes;
-    ``ssim_tumour`` and ``ssim_non_tumour`` are what the challenge ranks), and ``psnr_*`` / ``mse_*``
-    of :func:`brasyn_region_errors` (on the reference's scale, not this SSIM's per-volume one). A
-    region without voxels (no tumour) gives NaN for its three metrics.
+    ``ssim_tumour`` and ``ssim_non_tumour`` are what the challenge ranks), ``psnr_*`` in dB
+    (``+inf`` for identical voxels), ``mse_*`` in squared normalised units, in [0, 1]. A region without
+    voxels (no tumour) gives NaN for its three metrics.
     """
     shapes = {"pred": np.shape(pred), "real": np.shape(real), "seg": np.shape(seg)}
     if len(set(shapes.values())) != 1:
@@ -266,7 +232,9 @@ def brasyn_scores(
         "ssim_non_tumour": _ssim(pred_n * (1 - tumour), real_n * (1 - tumour), legacy_border_crop),
         "ssim_whole": _ssim(pred_n, real_n, legacy_border_crop),
     }
-    scores.update(brasyn_region_errors(pred, real, seg, dtype=dtype, device=device))
+    regions = {"tumour": tumour.bool(), "non_tumour": ~tumour.bool(), "whole": torch.ones_like(tumour).bool()}
+    for name, region in regions.items():
+        scores[f"psnr_{name}"], scores[f"mse_{name}"] = _psnr_mse(pred_n, real_n, region)
     return {key: scores[key] for key in METRICS}
 
 

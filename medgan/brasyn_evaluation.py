@@ -220,8 +220,8 @@ def brasyn_definitions() -> dict[str, str]:
         "score on the normalised volumes with the other region set to zero",
         "ssim": f"torchmetrics {upstream['torchmetrics']} StructuralSimilarityIndexMeasure, 3D, its defaults "
         "(Gaussian sigma 1.5, 11 taps); NaN for a subject without tumour (skipped and counted in means)",
-        "psnr_mse": "both volumes on the reference's 0.5 / 99.5 percentiles taken with the tumour set to 0 "
-        "(the organisers' evaluation_utils.py), then over each region's voxels, data_range 1 (not ranked by "
-        "the challenge)",
+        "psnr_mse": "over each region's voxels of the volumes normalised as for the SSIM (each by its own "
+        "percentiles), data_range 1; not ranked by the challenge, and not comparable with the organisers' "
+        "evaluation_utils.py, which scales both volumes by the reference's percentiles (docs/evaluation.md)",
         "paired": "over subjects, model minus baseline: mean with a 95% t interval, Wilcoxon signed-rank p",
     }
