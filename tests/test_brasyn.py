@@ -7,7 +7,8 @@ operation: it reads the NIfTI files with SimpleITK, normalises torch tensors wit
 ``StructuralSimilarityIndexMeasure()``; PSNR/MSE are the region means of those same normalised volumes
 (not ``evaluation_utils.py``'s reference-scaled ones: docs/evaluation.md says why). It shares no code
 with medgan.brasyn (which reads with data_prep's nibabel loader and normalises in numpy), so the test
-checks the challenge's definition, not our reading of it. Fixtures: tests/fixtures/brasyn (written by make_fixtures.py there).
+checks the challenge's definition, not our reading of it. Fixtures: tests/fixtures/brasyn (written by
+make_fixtures.py there).
 """
 
 import functools
