@@ -135,13 +135,17 @@ class LoadedVolume:
     """A validated 3D volume. data: [X, Y, Z] in the file's voxel order and intensity units, float32
     (or the stored integer dtype, see `load_volume`'s keep_integers);
     affine: [4, 4] voxel -> RAS mm; header: the file's header (reused when writing back);
-    repairs: one line per fix applied while loading (e.g. NaN voxels set to 0)."""
+    repairs: one line per fix applied while loading (e.g. NaN voxels set to 0);
+    nan_voxels, inf_voxels: how many voxels of the file were NaN / infinite (as float32) and are 0 in
+    `data`, counted by value for callers that must refuse them rather than read the repair line."""
 
     path: Path
     data: np.ndarray
     affine: np.ndarray
     header: nib.Nifti1Header
     repairs: list[str] = field(default_factory=list)
+    nan_voxels: int = 0
+    inf_voxels: int = 0
 
 
 def load_volume(path: Path, *, is_label: bool = False, keep_integers: bool = False) -> LoadedVolume:
@@ -177,14 +181,18 @@ def load_volume(path: Path, *, is_label: bool = False, keep_integers: bool = Fal
     affine = np.asarray(image.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise VolumeError(f"{path}: the header's affine is singular or not finite")
+    nan_voxels = inf_voxels = 0
     if not _always_finite(image):
         non_finite = ~np.isfinite(data)
         if non_finite.any():
+            nan_voxels = int(np.isnan(data).sum())
+            inf_voxels = int(non_finite.sum()) - nan_voxels
             data[non_finite] = 0.0
             repairs.append(f"{path.name}: replaced {int(non_finite.sum())} NaN/Inf voxels with 0")
     if not is_label and not np.any(data):
         raise VolumeError(f"{path}: all-zero volume")
-    return LoadedVolume(path=path, data=data, affine=affine, header=image.header.copy(), repairs=repairs)
+    header = image.header.copy()
+    return LoadedVolume(path, data, affine, header, repairs, nan_voxels=nan_voxels, inf_voxels=inf_voxels)
 
 
 def _stores_unscaled_small_integers(image) -> bool:

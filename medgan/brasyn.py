@@ -76,7 +76,6 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
@@ -239,20 +238,16 @@ def brasyn_scores(
 
 
 def _load(path: Path, *, is_label: bool = False):
-    """A volume through data_prep's loader, refused (one-line VolumeError) if any voxel is NaN or Inf.
-
-    The loader sets non-finite voxels to 0, so its output cannot show them: the file's own values are
-    checked, read as float32 as the loader reads them (so a float32 overflow counts as Inf too).
-    """
+    """A volume through data_prep's loader, refused (one-line VolumeError) if any voxel is NaN or Inf:
+    the loader sets them to 0 and counts them by value (``nan_voxels``, ``inf_voxels``)."""
     from data_prep.volumes import load_volume
 
     volume = load_volume(path, is_label=is_label)
-    stored = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-    nan_voxels, inf_voxels = int(np.isnan(stored).sum()), int(np.isinf(stored).sum())
-    if nan_voxels or inf_voxels:
+    if volume.nan_voxels or volume.inf_voxels:
         # Upstream would score NaN; a zeroed voxel would score as if the model had predicted 0.
         raise VolumeError(
-            f"{path}: {nan_voxels} NaN and {inf_voxels} Inf voxels, the BraSyn score is undefined"
+            f"{path}: {volume.nan_voxels} NaN and {volume.inf_voxels} Inf voxels, "
+            "the BraSyn score is undefined"
         )
     return volume
 
