@@ -41,11 +41,11 @@ from medgan.provenance import weights_sha256
 from medgan.shards import format_problem
 
 EXPORT_FORMAT = "medgan-ssm generator"
-# Scan paths that need a CUDA device (medgan.models.ssm); a checkpoint trained with one predicts on a CPU.
-GPU_SCAN_BACKENDS = ("mamba", "triton")
 EXPORT_FORMAT_VERSION = "1"
 # Which of a checkpoint folder's weights to load: the EMA (averaged) or DeepSpeed's own (raw) weights.
 WEIGHT_SETS = ("ema", "raw")
+# Scan paths that need a CUDA device (medgan.models.ssm); a checkpoint trained with one predicts on a CPU.
+GPU_SCAN_BACKENDS = ("mamba", "triton")
 
 
 @dataclass(slots=True)
