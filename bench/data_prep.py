@@ -204,8 +204,8 @@ def read_webdataset(shards: Path) -> int:
 
 def read_slice_stream(shards: Path) -> int:
     """Every sample of every split through medgan's training loader (validation-style pass, batches of 16)."""
-    from medgan.data import SliceStream, TaskSpec
     from medgan.shards import read_split
+    from medgan.training.loader import SliceStream, TaskSpec
 
     count = 0
     splits = json.loads((shards / "manifest.json").read_text())["splits"]
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     # the top: `--workers` pool processes are spawned and import this module, which should stay light.
     import webdataset  # noqa: F401
 
-    import medgan.data  # noqa: F401
+    import medgan.training.loader  # noqa: F401
 
     args.data.mkdir(parents=True, exist_ok=True)
     brats = ensure_phantom(args.data, "brats", args.subjects, tuple(args.shape))

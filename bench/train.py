@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from medgan.config import load_config
-from medgan.data import make_loader
 from medgan.distributed import init_distributed, set_thread_share
-from medgan.train import GANTrainer, PhaseTimer
+from medgan.training.loader import make_loader
+from medgan.training.trainer import GANTrainer, PhaseTimer
 
 PHASES = (
     "data",

@@ -1,4 +1,4 @@
-"""`python -m data_prep {phantom,shard,verify}`: the command lines of DESIGN.md.
+"""`medgan-prep {phantom,shard,verify}` (or `python -m data_prep ...`): the command lines of DESIGN.md.
 
 Problems the user can fix arrive here as `UserError` and leave as one line on stderr with exit status 2;
 anything else is a bug and keeps its traceback.
@@ -68,8 +68,8 @@ def _run_verify(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "python -m data_prep") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     phantom = commands.add_parser("phantom", help="write a seeded synthetic BraTS- or IXI-style dataset")
@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m data_prep") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         return args.run(args)
     except UserError as error:
@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"data_prep {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def entry() -> int:
+    """The installed ``medgan-prep`` console command."""
+    return main(prog="medgan-prep")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,9 @@ _BRATS_2023_ENHANCING = 3
 # Shards keep an axial slice when its mask covers at least this share of the largest axial cross-section
 # (slivers at the top and bottom of the brain teach little); inference keeps every slice with any brain.
 MIN_SLICE_BRAIN_SHARE = 0.1
+# Axial slices are [..., H, W] with H the canonical (RAS) x axis, left to right, and W the y axis, posterior
+# to anterior (the shard format): a left-right flip is along H.
+LEFT_RIGHT_AXIS = -2
 _AFFINE_TOLERANCE_MM = 1e-3
 _REGISTRATION_SAMPLES = 20_000
 # Axial slices cropped and normalised at a time: 4 x 256 x 256 float32 is 1 MiB, about an L2 cache.

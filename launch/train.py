@@ -5,7 +5,7 @@ Arguments are the config tree's: ``--config``, the seed's flags and ``--section.
 
 import sys
 
-from medgan.train import main
+from medgan.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

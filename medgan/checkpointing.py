@@ -276,7 +276,7 @@ def _training_data_from_old_run(config: Config) -> dict[str, Any]:
     """Checkpoints from before training_data.json: the manifest the run read, if it is still there, less
     its format and normalisation. Such runs predate shard format 2, whatever the folder holds now (it
     may have been re-sharded since), so their record says nothing of the scale and inference refuses
-    them (`medgan.inference.check_training_data`)."""
+    them (`medgan.inference.loading.check_training_data`)."""
     from medgan.shards import DataError, ShardFolder
 
     try:

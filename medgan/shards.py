@@ -1,5 +1,5 @@
 """The one reader of data_prep's shard folders in medgan: the manifest, read once, and the one decoder of a
-sample into the generator's canonical channels. Training (``medgan.data``) and evaluation both use it.
+sample into the generator's canonical channels. Training and evaluation both use it.
 
 The format is DESIGN.md's (written by ``data_prep/shard.py``): per axial slice ``KEY.json`` (subject,
 slice, ``present``: the names of the contrasts the subject has), ``KEY.img.npy`` (float16 ``[M, H, W]`` in

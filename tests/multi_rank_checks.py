@@ -19,8 +19,8 @@ import torch
 
 from medgan.config import load_config
 from medgan.distributed import DistributedContext, init_distributed, set_thread_share
-from medgan.ema import ExponentialMovingAverage
-from medgan.train import GANTrainer
+from medgan.training.ema import ExponentialMovingAverage
+from medgan.training.trainer import GANTrainer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = {

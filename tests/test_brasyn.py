@@ -1,4 +1,4 @@
-"""medgan.brasyn against the BraSyn challenge's own computation, transcribed here with torchmetrics.
+"""brasyn_scores against the BraSyn challenge's own computation, transcribed here with torchmetrics.
 
 The reference below (`challenge_scores`) follows the organisers' ``ssim.py``
 (https://github.com/hongweilibran/BraSyn, commit 890804083b446f3d6fa0b17a4ef09b174bcd0209) operation for
@@ -6,7 +6,7 @@ operation: it reads the NIfTI files with SimpleITK, normalises torch tensors wit
 ``np.clip`` by each volume's own 0.5 / 99.5 percentiles, zeroes the other region and calls one shared
 ``StructuralSimilarityIndexMeasure()``; PSNR/MSE are the region means of those same normalised volumes
 (not ``evaluation_utils.py``'s reference-scaled ones: docs/evaluation.md says why). It shares no code
-with medgan.brasyn (which reads with data_prep's nibabel loader and normalises in numpy), so the test
+with brasyn_scores (which reads with data_prep's nibabel loader and normalises in numpy), so the test
 checks the challenge's definition, not our reading of it. Fixtures: tests/fixtures/brasyn (written by
 make_fixtures.py there).
 """
@@ -27,7 +27,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from data_prep.errors import UserError
-from medgan import brasyn
+from medgan.evaluation import brasyn_scores as brasyn
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "brasyn"
 _spec = importlib.util.spec_from_file_location("make_brasyn_fixtures", FIXTURES / "make_fixtures.py")

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, write_checkpoint
 
 from medgan.__main__ import main
-from medgan.export import export_generator
+from medgan.inference.export import export_generator
 
 
 def _error_line(capsys, argv) -> str:
@@ -152,7 +152,7 @@ def test_mode_test_on_rank_1_of_2_waits_for_rank_0_to_shard(monkeypatch, tmp_pat
     monkeypatch.setattr(distributed, "set_thread_share", lambda context: 1)
     waited = []
     monkeypatch.setattr(distributed, "run_on_main", lambda work, timeout, what: waited.append(what))
-    monkeypatch.setattr("medgan.__main__.shards_for", lambda *args: pytest.fail("rank 1 sharded"))
+    monkeypatch.setattr("medgan.cli.front_door.shards_for", lambda *args: pytest.fail("rank 1 sharded"))
     argv = ["--mode", "test", "--data_path", str(tmp_path), "--checkpoint_dir", str(tmp_path / "run")]
     assert main(argv) == 0
     assert waited == [f"shard {tmp_path}"]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from medgan.data import SliceStream, TaskSpec, make_loader
 from medgan.models.conditioning import MODALITIES
 from medgan.shards import DataError, raw_samples, read_split
+from medgan.training.loader import SliceStream, TaskSpec, make_loader
 
 CANONICAL = list(MODALITIES)
 

@@ -15,8 +15,8 @@ from conftest import REPO, write_checkpoint, write_format_1_shards
 from scipy import stats
 from skimage.metrics import structural_similarity
 
-from medgan.evaluation import NiftiSubjects, ShardSubjects, Task, evaluate, tasks_to_evaluate
-from medgan.inference import load_generator
+from medgan.evaluation.default_protocol import NiftiSubjects, ShardSubjects, Task, evaluate, tasks_to_evaluate
+from medgan.inference.loading import load_generator
 from medgan.scoring import COPY, holm_adjusted, paired_statistics, score_volume
 
 
@@ -206,7 +206,7 @@ def test_segmenter_errors_are_one_line(phantom_subjects, phantom_shards, tmp_pat
 @pytest.mark.slow
 def test_brasyn_protocol_from_a_checkpoint_and_from_predictions(phantom_subjects, tmp_path, capsys):
     from medgan.__main__ import main
-    from medgan.brasyn import score_brasyn_folder
+    from medgan.evaluation.brasyn_scores import score_brasyn_folder
 
     folder = _subject_folder(phantom_subjects, tmp_path / "subjects", ("BraTS2021_00001", "BraTS2021_00002"))
     checkpoint = str(write_checkpoint(tmp_path / "model", arch="unet"))
@@ -251,8 +251,8 @@ def test_brasyn_protocol_from_a_checkpoint_and_from_predictions(phantom_subjects
 
 
 def test_spread_is_set_against_the_error(phantom_shards, tmp_path):
-    from medgan.report import write_report
-    from medgan.synthesis import spread_variants
+    from medgan.evaluation.report import write_report
+    from medgan.inference.synthesis import spread_variants
 
     generator = load_generator(write_checkpoint(tmp_path / "model", arch="unet"))
     subjects = ShardSubjects(phantom_shards, "test", generator.modalities)
@@ -370,7 +370,7 @@ def test_the_segmenter_is_given_what_synthesis_makes_from_the_inputs_alone(
 ):
     """evaluate --segmenter: the synthesized contrast the segmenter reads is the model's [0, 1] output,
     the same whatever the real target holds."""
-    import medgan.downstream as downstream
+    import medgan.evaluation.downstream as downstream
 
     given = {}
 

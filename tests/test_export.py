@@ -12,8 +12,8 @@ from safetensors import safe_open
 
 from medgan.checkpointing import CheckpointError
 from medgan.config import build_config
-from medgan.export import export_generator
-from medgan.inference import load_generator
+from medgan.inference.export import export_generator
+from medgan.inference.loading import load_generator
 
 
 def _outputs(generator) -> torch.Tensor:

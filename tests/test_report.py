@@ -8,9 +8,9 @@ import re
 import pytest
 from conftest import write_checkpoint
 
-from medgan.evaluation import EvaluationError, ShardSubjects, evaluate, tasks_to_evaluate
-from medgan.inference import load_generator
-from medgan.report import ReportError, write_report
+from medgan.evaluation.default_protocol import EvaluationError, ShardSubjects, evaluate, tasks_to_evaluate
+from medgan.evaluation.report import ReportError, write_report
+from medgan.inference.loading import load_generator
 
 
 def test_report_is_self_contained_and_holds_every_part(phantom_shards, tmp_path):

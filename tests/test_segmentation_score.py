@@ -16,8 +16,8 @@ import pytest
 from scipy import ndimage
 
 from data_prep.errors import UserError
-from medgan import segmentation_score as seg
-from medgan.segmentation_score import SegmenterError
+from medgan.evaluation import segmenter as seg
+from medgan.evaluation.segmenter import SegmenterError
 
 SEGMENTER = Path(__file__).resolve().parent / "segmenter_threshold.py"
 SPACING_MM = (0.5, 0.7, 2.0)

@@ -22,10 +22,10 @@ from torch import nn
 
 from data_prep.volumes import VolumeError, discover_nifti_subjects, to_canonical
 from medgan.checkpointing import MODEL_STATES_FILE, CheckpointError, CheckpointLayout, read_safetensors
-from medgan.export import export_generator
-from medgan.inference import load_generator
-from medgan.provenance import weights_sha256, write_dataset_description
-from medgan.synthesis import (
+from medgan.inference.export import export_generator
+from medgan.inference.loading import load_generator
+from medgan.inference.provenance import weights_sha256, write_dataset_description
+from medgan.inference.synthesis import (
     SynthesisError,
     load_for_synthesis,
     parse_input_flags,

@@ -1,4 +1,4 @@
-"""medgan.tracking: rank 0 logs to a real W&B run (offline, read back from its files), other ranks stay
+"""tracking: rank 0 logs to a real W&B run (offline, read back from its files), other ranks stay
 silent, a resumed run keeps its id, and the progress lines and image grid are what the loop relies on."""
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ from PIL import Image
 from wandb.proto import wandb_internal_pb2
 
 from medgan.config import Config, load_config
-from medgan.tracking import RankZeroReporter, SilentReporter, image_grid, make_reporter, resolve_wandb_mode
+from medgan.training.tracking import (
+    RankZeroReporter,
+    SilentReporter,
+    image_grid,
+    make_reporter,
+    resolve_wandb_mode,
+)
 
 PROVENANCE = {"git_commit": "0123abc", "manifest_sha256": "feed"}
 

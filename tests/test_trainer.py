@@ -13,10 +13,10 @@ from conftest import REPO
 from medgan import metrics
 from medgan.checkpointing import CheckpointError
 from medgan.config import load_config
-from medgan.data import make_loader
 from medgan.distributed import init_distributed
 from medgan.models.blocks import MultiDirectionS6
-from medgan.train import (
+from medgan.training.loader import make_loader
+from medgan.training.trainer import (
     GANTrainer,
     ThroughputMeter,
     TrainState,
@@ -158,7 +158,8 @@ def test_train_step_weights_the_tumour_when_asked(trainer, monkeypatch):
     seen = []
     monkeypatch.setattr(trainer.config.training, "tumour_l1_weight", 2.0)
     monkeypatch.setattr(
-        "medgan.train.weighted_l1", lambda fake, real, seg, weight: seen.append((seg, weight)) or fake.mean()
+        "medgan.training.trainer.weighted_l1",
+        lambda fake, real, seg, weight: seen.append((seg, weight)) or fake.mean(),
     )
     trainer.train_step(batch)
     assert seen and seen[0][0] is batch["seg"] and seen[0][1] == 2.0
@@ -249,7 +250,7 @@ def test_a_sigterm_during_the_ranks_agreement_is_not_lost(trainer, monkeypatch):
         trainer._handle_sigterm(15, None)
         return flag  # the other ranks had no signal when the all-reduce started
 
-    monkeypatch.setattr("medgan.train.all_ranks_agree", signal_during_agreement)
+    monkeypatch.setattr("medgan.training.trainer.all_ranks_agree", signal_during_agreement)
     assert trainer._after_step({"loss_g": 1.0, "loss_l1": 0.01}) is False
     assert trainer._after_step({"loss_g": 1.0, "loss_l1": 0.01}) is True
     assert trainer.stop_reason == "SIGTERM: stopping at step 7"

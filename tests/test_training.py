@@ -23,10 +23,10 @@ from tiny_run import free_master_port
 from medgan.checkpointing import CheckpointManager, tag_for_step
 from medgan.config import ConfigError, build_config, load_config
 from medgan.distributed import DistributedContext
-from medgan.ema import ExponentialMovingAverage
-from medgan.inference import load_generator
+from medgan.inference.loading import load_generator
 from medgan.models.generator import build_generator
-from medgan.train import deepspeed_settings, lr_factor
+from medgan.training.ema import ExponentialMovingAverage
+from medgan.training.trainer import deepspeed_settings, lr_factor
 
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")

@@ -2,7 +2,7 @@
 
 The file holds fp32 weights (the EMA when the checkpoint has them) with the run's config, modality list and
 training-data record as metadata, plus the same description as ``.json`` beside it. Its format belongs to
-``medgan.inference``, which reads it back; this module only exports.
+``medgan.inference.loading``, which reads it back; this module only exports.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medgan.checkpointing import CheckpointError
-from medgan.inference import LoadedGenerator, load_generator
+from medgan.inference.loading import LoadedGenerator, load_generator
 
 
 def export_generator(

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.errors import UserError
 from medgan.checkpointing import (
     CheckpointError,
     CheckpointLayout,
@@ -25,24 +24,22 @@ from medgan.checkpointing import (
     provenance,
     tag_for_step,
 )
-from medgan.config import Config, ConfigError, config_from_cli, load_config
-from medgan.data import SliceStream, TaskSpec, make_loader
+from medgan.config import Config, ConfigError, load_config
 from medgan.distributed import (
     DistributedContext,
     all_gather_objects,
     all_ranks_agree,
     barrier,
-    init_distributed,
     max_over_ranks,
-    set_thread_share,
 )
-from medgan.ema import ExponentialMovingAverage, full_fp32_state
 from medgan.models.conditioning import condition_stack
 from medgan.models.discriminator import PatchDiscriminator
 from medgan.models.generator import build_generator, count_parameters, recording_scan_share
 from medgan.scoring import METRICS, MODEL, SliceScore, per_subject_means, slice_scores, summarize_scores
 from medgan.shards import DataError, ShardFolder
-from medgan.tracking import SilentReporter, image_grid, make_reporter
+from medgan.training.ema import ExponentialMovingAverage, full_fp32_state
+from medgan.training.loader import SliceStream, TaskSpec, make_loader
+from medgan.training.tracking import SilentReporter, image_grid, make_reporter
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -652,18 +649,3 @@ def train(config: Config, context: DistributedContext) -> None:
         print(config.to_yaml(), flush=True)
     trainer.fit()
     barrier()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``launch/train.py``: the config tree from the command line, then :func:`train`."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        config = config_from_cli(argv)
-        ShardFolder.open(config.data.data_path)  # a wrong --data_path fails before ranks start talking
-        context = init_distributed()
-        set_thread_share(context)
-        train(config, context)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0

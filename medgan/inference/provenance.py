@@ -5,7 +5,7 @@ MedGAN-SSM), and every synthesized NIfTI ``X.nii.gz`` a sidecar ``X.json`` sayin
 and how it was made: the input files (path and sha256), the sha256 of the weights actually loaded into
 the network, where those weights came from, the normalisation, and the command line.
 
-Sidecars are built by `medgan.synthesis` (which knows the result); this module holds the formats, the
+Sidecars are built by `synthesis` (which knows the result); this module holds the formats, the
 hashes and the writing, and imports nothing else from medgan but the version.
 """
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_prep.volumes import LEFT_RIGHT_AXIS
 from medgan.shards import ChannelMap, DataError, ShardSplit, raw_samples
 
 
@@ -70,11 +71,6 @@ def _validation_task(
     # crc32, not hash(): Python salts str hashes per process, so ranks would disagree
     target = present[zlib.crc32(f"{subject}/{slice_index}".encode()) % len(present)]
     return [m for m in present if m != target], target
-
-
-# Slices are [..., H, W] with H the canonical (RAS) x axis, left to right, and W the y axis, posterior to
-# anterior (data_prep's shard format): the one flip training uses, and test-time spread repeats, is along H.
-LEFT_RIGHT_AXIS = -2
 
 
 class SliceStream(IterableDataset):

@@ -42,8 +42,15 @@ from tqdm import tqdm
 from data_prep.errors import UserError
 from data_prep.volumes import canonical_modality, discover_nifti_subjects
 from medgan import metrics
-from medgan.inference import LoadedGenerator
-from medgan.report import method_descriptions, metric_definitions
+from medgan.evaluation.report import method_descriptions, metric_definitions
+from medgan.inference.loading import LoadedGenerator
+from medgan.inference.synthesis import (
+    SEGMENTATION,
+    SynthesisError,
+    default_reference,
+    predict_with_spread,
+    prepare_nifti_subject,
+)
 from medgan.scoring import (
     COPY,
     METRICS,
@@ -59,13 +66,6 @@ from medgan.scoring import (
     summarize_scores,
 )
 from medgan.shards import ChannelMap, ShardFolder, raw_samples
-from medgan.synthesis import (
-    SEGMENTATION,
-    SynthesisError,
-    default_reference,
-    predict_with_spread,
-    prepare_nifti_subject,
-)
 
 # Voxels per subject kept for the spread's deciles (a deterministic stride through the brain).
 SPREAD_SAMPLE_VOXELS = 200_000
@@ -385,7 +385,7 @@ class Scores:
         return result
 
     def predict_with_spread(self, variants, images, inputs, target, batch_size):
-        """(prediction, spread) over the spread's variants (``medgan.synthesis``), timed as the model's."""
+        """(prediction, spread) over the spread's variants, timed as the model's."""
         started = time.perf_counter()
         result = predict_with_spread(variants, images, inputs, target, batch_size=batch_size)
         self.seconds[MODEL] += time.perf_counter() - started
@@ -441,7 +441,7 @@ def score_subjects(
 ) -> Scores:
     """Step 1: synthesize every task for every subject that serves it, score the model, every input's
     copy and the baseline, and save the views. ``spread``: the test-time variants
-    (``medgan.synthesis.spread_variants``) whose voxelwise SD is set against the model's error."""
+    (``medgan.inference.synthesis.spread_variants``) whose voxelwise SD is set against the model's error."""
     modalities = generator.modalities
     scores = Scores(skipped={task.name: [] for task in tasks})
     for entry in tqdm(subjects, total=len(subjects), desc="evaluate", unit="subject", disable=None):

@@ -15,7 +15,7 @@ Test-time spread (``spread=``): the voxelwise standard deviation over up to 4 va
 prediction (the in-plane flip training augments with, and the checkpoint's EMA and raw weights). It
 shows where the prediction is fragile; it is a spread, not a calibrated uncertainty.
 
-`write_synthesized` writes a result with its BIDS-derivatives-style JSON sidecars (`medgan.provenance`);
+`write_synthesized` writes a result with its BIDS-derivatives-style JSON sidecars (`provenance`);
 `synthesize_folder` does a whole folder, by a given target or, without one, in BraSyn mode (each subject
 misses exactly one of its dataset's contrasts, and that one is synthesized).
 """
@@ -36,6 +36,7 @@ from data_prep.errors import UserError
 from data_prep.volumes import (
     CEILING_MULTIPLE,
     DATASET_MODALITIES,
+    LEFT_RIGHT_AXIS,
     MODALITIES,
     MODALITY_ALIASES,
     REFERENCE_LEVEL,
@@ -53,9 +54,9 @@ from data_prep.volumes import (
     to_canonical,
     uncrop,
 )
-from medgan import __version__, provenance
-from medgan.data import LEFT_RIGHT_AXIS
-from medgan.inference import LoadedGenerator, load_generator
+from medgan import __version__
+from medgan.inference import provenance
+from medgan.inference.loading import LoadedGenerator, load_generator
 
 # NIfTI's descrip field holds 80 bytes. The scale is data_prep's healthy-median normalisation.
 DESCRIPTION = "MedGAN-SSM synthesized {target}: {level:g} = {region} median, clipped at 1, 0 outside"
@@ -67,7 +68,7 @@ SPREADS = ("flip", "weights", "both")
 SPREAD_SUFFIX = "_spread"
 # BraSyn mode's sidecars go to the sibling folder <OUT>-provenance: OUT itself is what a participant zips.
 PROVENANCE_SUFFIX = "-provenance"
-# The flip training augments with (medgan.data): left-right, the H axis of the [.., H, W] model slices.
+# The flip training augments with: left-right, the H axis of the [.., H, W] model slices.
 FLIP_AXIS = LEFT_RIGHT_AXIS
 # BraTS 2023+ file names of the canonical contrasts (data_prep's aliases, read backwards).
 BRATS_2023_NAMES = {MODALITY_ALIASES[name]: name for name in ("t1n", "t1c", "t2w", "t2f")}

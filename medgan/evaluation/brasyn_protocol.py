@@ -1,5 +1,5 @@
 """``evaluate --protocol brasyn``: a folder of NIfTI subjects scored the way the BraSyn challenge scores
-(``medgan.brasyn``), for the model and the baselines, with paired statistics.
+(``medgan.evaluation.brasyn_scores``), for the model and the baselines, with paired statistics.
 
 Predictions come from ``--predictions DIR`` (volumes someone else synthesized, named as data_prep's
 discovery reads them: ``<subject>-t2f.nii.gz``, ``<subject>_flair.nii.gz``, ...) or are synthesized here
@@ -24,11 +24,11 @@ from tqdm import tqdm
 from data_prep.errors import UserError
 from data_prep.volumes import SEGMENTATION, VolumeError, canonical_modality, discover_nifti_subjects
 from medgan import metrics
-from medgan.brasyn import METRICS, RANKED_METRICS, brasyn_provenance, score_brasyn_folder
-from medgan.evaluation import json_safe
-from medgan.inference import LoadedGenerator
+from medgan.evaluation.brasyn_scores import METRICS, RANKED_METRICS, brasyn_provenance, score_brasyn_folder
+from medgan.evaluation.default_protocol import json_safe
+from medgan.inference.loading import LoadedGenerator
+from medgan.inference.synthesis import SynthesisError, synthesize_volume
 from medgan.scoring import COPY, MODEL, UNET, paired_statistics
-from medgan.synthesis import SynthesisError, synthesize_volume
 
 PAIRED_METRICS = (*RANKED_METRICS, "ssim_whole", "psnr_whole")
 

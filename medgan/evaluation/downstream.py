@@ -1,12 +1,12 @@
 """``evaluate --segmenter``: what synthesis does to a tumour segmentation.
 
 For every subject of a NIfTI folder that has the four BraTS contrasts and a reference segmentation, the
-task's target is synthesized from its inputs alone (``medgan.synthesis``: their mask, crop and scales)
+task's target is synthesized from its inputs alone (synthesis: their mask, crop and scales)
 and put back on the subject's grid, on the model's ``[0, 1]`` healthy-median scale (0.4 = the median
 tissue). The real target is never read here but by the segmenter's own "real" run: a deployed system has
 no real target to borrow a scale from, and BraTS segmenters (nnU-Net among them) z-score each MR channel
 within the brain, so a linear scale cancels. The user's segmenter then runs on the real and on the
-synthesized inputs (``medgan.segmentation_score``), and Dice and HD95 per region are scored against the
+synthesized inputs (``medgan.evaluation.segmenter``), and Dice and HD95 per region are scored against the
 reference, with the drop caused by synthesis.
 """
 
@@ -23,9 +23,9 @@ from data_prep.volumes import (
     VolumeError,
     discover_nifti_subjects,
 )
-from medgan.inference import LoadedGenerator
-from medgan.segmentation_score import BRATS2023_SUFFIXES, SegmenterError, score_with_segmenter
-from medgan.synthesis import SynthesisError, synthesize_volume
+from medgan.evaluation.segmenter import BRATS2023_SUFFIXES, SegmenterError, score_with_segmenter
+from medgan.inference.loading import LoadedGenerator
+from medgan.inference.synthesis import SynthesisError, synthesize_volume
 
 BRATS_CONTRASTS = tuple(BRATS2023_SUFFIXES)
 
@@ -42,7 +42,7 @@ def segmentation_scores(
 ) -> dict[str, Any]:
     """Synthesize ``target`` from ``inputs`` for every usable subject of ``folder``, run the segmenter
     ``command`` on the real and synthesized contrasts, write ``out/segmentation.csv`` and return the
-    summary (``medgan.segmentation_score.score_with_segmenter``'s, plus subjects left out and why)."""
+    summary (``medgan.evaluation.segmenter.score_with_segmenter``'s, plus subjects left out and why)."""
     if target not in BRATS_CONTRASTS:
         raise SegmenterError(f"--segmenter: a BraTS segmenter cannot score a synthesized {target}")
     found = discover_nifti_subjects(folder, flag="--subjects")

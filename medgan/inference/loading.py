@@ -36,8 +36,8 @@ from medgan.checkpointing import (
     resolve_tag,
 )
 from medgan.config import Config, ConfigError, build_config
+from medgan.inference.provenance import weights_sha256
 from medgan.models.generator import GeneratorConfig, build_generator
-from medgan.provenance import weights_sha256
 from medgan.shards import format_problem
 
 EXPORT_FORMAT = "medgan-ssm generator"
@@ -61,7 +61,7 @@ class LoadedGenerator:
     preparation; the shards' format version, modality order and normalisation); always the format and
     normalisation data_prep makes now (:func:`load_generator` refuses others, and records that lack it).
     source: one line saying which weights these are, for reports.
-    weights_sha256: sha256 of the state_dict loaded into ``module`` (`medgan.provenance.weights_sha256`),
+    weights_sha256: sha256 of the state_dict loaded into ``module`` (`provenance.weights_sha256`),
     so a synthesized file can name the exact weights that made it.
     """
 
