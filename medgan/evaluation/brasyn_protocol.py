@@ -12,7 +12,6 @@ synthesized into ``OUT/baseline_predictions``. Outputs: ``brasyn.csv`` (a row pe
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from data_prep.errors import UserError
 from data_prep.volumes import SEGMENTATION, VolumeError, canonical_modality, discover_nifti_subjects
 from medgan import metrics
 from medgan.evaluation.brasyn_scores import METRICS, RANKED_METRICS, brasyn_provenance, score_brasyn_folder
-from medgan.evaluation.default_protocol import json_safe
+from medgan.evaluation.summary_file import write_summary
 from medgan.inference.loading import LoadedGenerator
 from medgan.inference.synthesis import SynthesisError, synthesize_volume
 from medgan.scoring import COPY, MODEL, UNET, paired_statistics
@@ -205,7 +204,7 @@ def evaluate_brasyn(
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
+    write_summary(out, summary)
     return summary
 
 

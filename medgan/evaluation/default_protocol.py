@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -43,6 +42,7 @@ from data_prep.errors import UserError
 from data_prep.volumes import canonical_modality, discover_nifti_subjects
 from medgan import metrics
 from medgan.evaluation.report import method_descriptions, metric_definitions
+from medgan.evaluation.summary_file import write_summary
 from medgan.inference.loading import LoadedGenerator
 from medgan.inference.synthesis import (
     SEGMENTATION,
@@ -610,17 +610,6 @@ def summarize_task(
     }
 
 
-def json_safe(value: Any) -> Any:
-    """NaN and infinities become null: JSON has no such numbers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
-
-
 def write_outputs(
     out: Path, slice_rows: list[SliceScore], volume_rows: list[VolumeScore], summary: dict
 ) -> None:
@@ -630,7 +619,7 @@ def write_outputs(
             writer = csv.DictWriter(stream, fieldnames=list(rows[0].to_dict()))
             writer.writeheader()
             writer.writerows(row.to_dict() for row in rows)
-    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
+    write_summary(out, summary)
 
 
 def evaluate(
