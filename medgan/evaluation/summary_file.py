@@ -1,4 +1,4 @@
-"""``summary.json``, the evaluation folder's headline file, as both protocols write it and the report reads it."""
+"""``summary.json``: the evaluation folder's headline file, written by both protocols, read by the report."""
 
 from __future__ import annotations
 
