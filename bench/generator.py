@@ -1,7 +1,7 @@
 """The generator's cost against the matched U-Net on the CPU: issue 16's budget, measured side by side.
 
     python bench/generator.py [--config configs/brats.yaml] [--size 128] [--rounds 3] [--threads 1]
-                              [--variant NAME '{"key": value, ...}' ...] [--quick]
+                              [--variant NAME '{"key": value, ...}' ...] [--old-commit C] [--quick]
 
 brats.yaml's ``model.generator`` (activation checkpointing off) and the U-Net baseline at width
 ``--unet-width`` (72: the width that matched the SSM generator's parameter count when the budget was set;
@@ -15,7 +15,10 @@ before the timed call, with the parameters and their gradients already resident,
 temporaries. Ratios are of the medians, against the U-Net. The budget: time <= 2.5x, memory <= 2x.
 
 ``--variant NAME JSON`` adds a design to the table (overrides of the config's ``model.generator``); with
-none, the config's design and the U-Net. ``--quick`` is a 32 x 32, one-round smoke run (the tests).
+none, the config's design and the U-Net. ``--old-commit C`` adds the first design again, calling the scan as
+it was at commit ``C`` (read with ``git show``), to measure what a change of the scan saved. ``--quick`` is
+a 32 x 32, one-round smoke run (the tests). This is the one CPU benchmark of the generator; bench/gpu.py
+measures on a GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from medgan.models import blocks  # noqa: E402
 from medgan.models.generator import GeneratorConfig, build_generator, count_parameters  # noqa: E402
 
 UNET_WIDTH = 72
@@ -71,9 +75,26 @@ def measure_here(config: GeneratorConfig, size: int) -> dict:
     return {"parameters": count_parameters(model), "wall": wall, "cpu": cpu, "peak_bytes": growth}
 
 
-def measure_in_child(settings: dict, size: int, threads: int) -> dict:
+def use_scan_at(commit: str) -> None:
+    """Make the generator's blocks call ``selective_scan`` as it was at ``commit`` (``git show``)."""
+    source = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{commit}:medgan/models/ssm.py"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    namespace = {"__name__": f"ssm_at_{commit[:7]}"}
+    exec(compile(source, f"{commit[:7]}:medgan/models/ssm.py", "exec"), namespace)
+    scan_then = namespace["selective_scan"]
+
+    def selective_scan(*args, backend: str = "auto", **options):
+        # a scan of then may predate the backend argument; the CPU measurement runs auto anyway
+        return scan_then(*args, **options)
+
+    blocks.selective_scan = selective_scan
+
+
+def measure_in_child(settings: dict, size: int, threads: int, scan_at: str | None = None) -> dict:
     command = [sys.executable, __file__, "--child", json.dumps(settings), "--size", str(size)]
-    command += ["--threads", str(threads)]
+    command += ["--threads", str(threads)] + (["--scan-at", scan_at] if scan_at else [])
     return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
 
 
@@ -81,12 +102,16 @@ def load_generator_settings(path: Path) -> dict:
     return {**yaml.safe_load(path.read_text())["model"]["generator"], "checkpoint_stages": False}
 
 
-def run_table(variants: list[tuple[str, dict]], size: int, rounds: int, threads: int) -> list[dict]:
-    """Every variant once per round, in turn; per variant the medians and the ratios to the last one."""
+def run_table(
+    variants: list[tuple[str, dict]], size: int, rounds: int, threads: int, scan_at: dict | None = None
+) -> list[dict]:
+    """Every variant once per round, in turn; per variant the medians and the ratios to the last one.
+    ``scan_at`` maps a variant's name to the commit whose scan it calls."""
+    scan_at = scan_at or {}
     samples: dict[str, list[dict]] = {name: [] for name, _ in variants}
     for _ in range(rounds):
         for name, settings in variants:
-            samples[name].append(measure_in_child(settings, size, threads))
+            samples[name].append(measure_in_child(settings, size, threads, scan_at.get(name)))
     rows = []
     for name, _ in variants:
         runs = samples[name]
@@ -132,11 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each measurement")
     parser.add_argument("--unet-width", type=int, default=UNET_WIDTH)
     parser.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "JSON"))
+    parser.add_argument("--old-commit", metavar="C", help="also the first design with the scan of commit C")
     parser.add_argument("--quick", action="store_true", help="32 x 32, one round (a smoke test)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--scan-at", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.child:
+        if args.scan_at:
+            use_scan_at(args.scan_at)
         print(json.dumps(measure_here(GeneratorConfig(**json.loads(args.child)), args.size)))
         return 0
     if args.quick:
@@ -144,11 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     generator = load_generator_settings(Path(args.config))
     variants = [(name, {**generator, **json.loads(text)}) for name, text in args.variant]
     variants = variants or [("ssm (config)", generator)]
+    scan_at = {}
+    if args.old_commit:
+        name = f"{variants[0][0]}, scan at {args.old_commit[:7]}"
+        variants.insert(1, (name, variants[0][1]))
+        scan_at[name] = args.old_commit
     unet = {**generator, "arch": "unet", "unet_base_channels": args.unet_width}
     variants.append((f"unet, width {args.unet_width}", unet))
-    print_table(
-        run_table(variants, args.size, args.rounds, args.threads), args.size, args.rounds, args.threads
-    )
+    rows = run_table(variants, args.size, args.rounds, args.threads, scan_at)
+    print_table(rows, args.size, args.rounds, args.threads)
     return 0
 
 

@@ -3,7 +3,6 @@
     python bench/gpu.py              # one GPU; under 4 minutes on an H100-class device (no install needed)
     python bench/gpu.py --dry-run    # the whole script on the CPU with tiny shapes (the test suite runs it)
 
-    python bench/gpu.py --cpu-generator [--size 128] [--threads 1] [--old-commit 91bb81f]   # on the CPU
     python bench/gpu.py --triton-compile 90    # compile the Triton scan for sm_90 here, without a GPU
 
 Needs only torch, pyyaml and ``medgan.models``: a bare GPU machine has no DeepSpeed, data or network.
@@ -43,20 +42,12 @@ needed): per autotune config, seconds to compile, registers per thread and the s
 thread (spills land there; Triton's bundled ``cuobjdump``), for the default scan shape, bf16 activations.
 Written against Triton 3.9's ``ASTSource`` API.
 
-``--cpu-generator`` measures instead, on the CPU in fp32, what issue 12 measured: brats.yaml's generator
-(``ssm``, ``ssm`` with ``checkpoint_stages``, the matched ``unet``), one ``size x size`` sample,
-``g(x, available, target).mean().backward()`` after a 32 x 32 warm-up, best of two (wall clock, and this
-process's CPU time: user + system, all threads); peak memory is the
-growth of the peak resident set (``VmHWM``, reset after the warm-up) over the resident size before the
-timed calls (parameters and their gradients already resident: activations and temporaries), each model in
-a fresh process. ``--threads`` sets torch's intra-op threads there; ``--old-commit`` adds a row of the
-ssm generator calling the scan as it was at that commit (read with ``git show``).
+The generator's cost on the CPU is bench/generator.py's (one CPU benchmark, not two).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -530,77 +521,6 @@ def generator_rows(name, config, device, settings, peaks, flops=None):
     return flops
 
 
-def _rss_kib(field: str) -> int:
-    """``VmRSS`` (resident now) or ``VmHWM`` (resident at its peak) of this process, in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def cpu_generator_here(config: GeneratorConfig, size: int) -> dict:
-    """The child side of ``--cpu-generator``: one model's fwd+bwd seconds (best of 2) and peak RSS growth."""
-    torch.manual_seed(0)
-    model = build_generator(config).train()
-    modalities = len(config.modalities)
-
-    def step(pixels: int) -> None:
-        images, available, target = make_batch(1, pixels, modalities, torch.device("cpu"), torch.float32)
-        model(images, available, target).mean().backward()
-        # kept, not freed: the parameters' gradients are then in the resident size before, not in the growth
-        model.zero_grad(set_to_none=False)
-
-    step(32)
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
-    before = _rss_kib("VmRSS")
-    wall, cpu = [], []
-    for _ in range(2):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        step(size)
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    growth = (_rss_kib("VmHWM") - before) * 1024
-    return {"parameters": count_parameters(model), "wall": min(wall), "cpu": min(cpu), "peak_bytes": growth}
-
-
-def use_scan_at(commit: str) -> None:
-    """Make the generator call ``selective_scan`` as it was at ``commit`` (read with ``git show``)."""
-    source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{commit}:medgan/models/ssm.py"],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    namespace = {"__name__": f"ssm_at_{commit[:7]}"}
-    exec(compile(source, f"{commit[:7]}:medgan/models/ssm.py", "exec"), namespace)
-    scan_then = namespace["selective_scan"]
-
-    def selective_scan(*args, backend: str = "auto", **options):
-        # a scan of then may predate the backend argument; the CPU measurement runs auto anyway
-        return scan_then(*args, **options)
-
-    blocks.selective_scan = selective_scan
-
-
-def cpu_generator_table(generator: dict, size: int, old_commit: str | None) -> None:
-    """Each model in a fresh interpreter, so that one's allocations do not hide the next one's peak."""
-    threads = torch.get_num_threads()
-    print(f"## Generator fwd+bwd on the CPU, fp32, one {size} x {size} sample, {threads} threads")
-    print("| model | parameters | fwd+bwd wall s | fwd+bwd CPU s | peak RSS growth GiB |")
-    print("|---|---|---|---|---|")
-    rows = [(name, overrides, None) for name, overrides in VARIANTS]
-    if old_commit:
-        rows.insert(1, (f"ssm, scan at {old_commit[:7]}", VARIANTS[0][1], old_commit))
-    for name, overrides, commit in rows:
-        config = json.dumps({**generator, **overrides})
-        command = [sys.executable, __file__, "--cpu-generator-child", config, "--size", str(size)]
-        command += ["--threads", str(threads)] + (["--scan-at", commit] if commit else [])
-        result = subprocess.run(command, check=True, capture_output=True, text=True)
-        row = json.loads(result.stdout)
-        print(
-            f"| {name} | {row['parameters'] / 1e6:.1f} M | {row['wall']:.2f} | {row['cpu']:.2f} | "
-            f"{row['peak_bytes'] / 2**30:.2f} |"
-        )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -609,26 +529,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "brats.yaml"), help="model.generator from")
     parser.add_argument("--skip-scan", action="store_true", help="skip the scan table")
     parser.add_argument("--skip-generator", action="store_true", help="skip the generator tables")
-    parser.add_argument("--cpu-generator", action="store_true", help="issue 12's CPU memory measurement")
-    parser.add_argument("--size", type=int, default=128, help="image size of --cpu-generator")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of --cpu-generator")
-    parser.add_argument("--old-commit", default=None, help="--cpu-generator: also ssm with the scan of then")
     parser.add_argument("--triton-compile", type=int, metavar="SM", help="compile the Triton scan for sm_SM")
-    parser.add_argument("--cpu-generator-child", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
-    parser.add_argument("--scan-at", metavar="COMMIT", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.cpu_generator_child:
-        if args.scan_at:
-            use_scan_at(args.scan_at)
-        config = GeneratorConfig(**json.loads(args.cpu_generator_child))
-        print(json.dumps(cpu_generator_here(config, args.size)))
-        return
-    if args.cpu_generator:
-        generator = yaml.safe_load(Path(args.config).read_text())["model"]["generator"]
-        cpu_generator_table(generator, args.size, args.old_commit)
-        return
     if args.triton_compile:
         with tempfile.TemporaryDirectory(prefix="bench-triton-cache-") as cache:
             os.environ["TRITON_CACHE_DIR"] = cache  # compiled, not loaded from an earlier run's cache
