@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -34,6 +35,14 @@ def run_module(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess
         command = " ".join(args)
         pytest.fail(f"python -m {command} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def load_script(path: Path, name: str):
+    """Import a script that is not in a package (a benchmark, a fixture maker) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -1,22 +1,18 @@
 """bench/generator.py, the one CPU benchmark of the generator: it measures activation memory, runs end to
 end on a tiny config, reports ratios against the U-Net row and can time the scan of an older commit."""
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, load_script
 
 from medgan.models.generator import GeneratorConfig
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_generator", REPO / "bench" / "generator.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "bench" / "generator.py", "bench_generator")
 
 
 def test_one_measurement_sees_time_and_activation_memory():

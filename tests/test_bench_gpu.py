@@ -3,25 +3,19 @@ catches a wrong scan, and its FLOP count adds the scan it cannot see."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from conftest import REPO, load_script
 
 from medgan.models import ssm, ssm_triton
 from medgan.models.generator import GeneratorConfig, build_generator
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "bench" / "gpu.py", "bench_gpu")
 
 
 def test_dry_run_runs_every_part_on_the_cpu():
