@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_prep.errors import ConfigError
 from medgan.config import load_config
 from medgan.models.conditioning import condition_stack
-from medgan.models.config_checks import ConfigError
 from medgan.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from medgan.models.generator import (
     GeneratorConfig,
