@@ -204,7 +204,7 @@ def read_webdataset(shards: Path) -> int:
 
 def read_slice_stream(shards: Path) -> int:
     """Every sample of every split through medgan's training loader (validation-style pass, batches of 16)."""
-    from medgan.shards import read_split
+    from data_prep.shard_reader import read_split
     from medgan.training.loader import SliceStream, TaskSpec
 
     count = 0

@@ -434,9 +434,9 @@ def scan_shares(out: Path, name: str, size: int, batches: int = 8) -> dict[str, 
     first ``batches`` batches of the test split."""
     import torch
 
+    from data_prep.shard_reader import ShardFolder
     from medgan.inference.loading import load_generator
     from medgan.models.generator import recording_scan_share
-    from medgan.shards import ShardFolder
     from medgan.training.loader import SliceStream, TaskSpec, make_loader
 
     generator = load_generator(out / "runs" / name)

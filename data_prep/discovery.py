@@ -10,8 +10,8 @@ Recognised file names (any case, `.nii` or `.nii.gz`, at any folder depth):
 - IXI: ``IXI002-Guys-0828-T1.nii.gz`` (usually in IXI-T1/, IXI-T2/, IXI-PD/); MRA and DTI are skipped
 
 Modality names are normalised to lower case ``t1 t1ce t2 flair pd`` (t1n->t1, t1c->t1ce, t1gd->t1ce,
-t2w->t2, t2f->flair) and ``seg`` for a segmentation. This module owns these tables (DESIGN.md: one owner
-per contract); `data_prep.volumes` re-exports them for medgan.
+t2w->t2, t2f->flair) and ``seg`` for a segmentation. The names and aliases are `data_prep.modalities`' one
+table (DESIGN.md: one owner per contract), re-exported here and by `data_prep.volumes` for medgan.
 """
 
 from __future__ import annotations
@@ -22,15 +22,34 @@ from pathlib import Path
 
 from data_prep.errors import UserError
 from data_prep.manifest import MANIFEST_NAME, REPORT_NAME
+from data_prep.modalities import (
+    MODALITIES,
+    MODALITY_ALIASES,
+    SEGMENTATION,
+    canonical_modality,
+    normalise_modality,
+)
 
-MODALITIES = ("t1", "t1ce", "t2", "flair", "pd")
-SEGMENTATION = "seg"
+__all__ = [
+    "DATASET_MODALITIES",
+    "MODALITIES",
+    "MODALITY_ALIASES",
+    "SEGMENTATION",
+    "Discovery",
+    "NameMatch",
+    "SubjectFiles",
+    "canonical_modality",
+    "discover",
+    "discover_nifti_subjects",
+    "nifti_stem",
+    "normalise_modality",
+    "parse_name",
+]
+
 DATASET_MODALITIES: dict[str, tuple[str, ...]] = {
     "brats": ("t1", "t1ce", "t2", "flair"),
     "ixi": ("t1", "t2", "pd"),
 }
-# BraTS 2023+ names, and the common "t1gd" (gadolinium) spelling of T1ce, for the canonical contrasts.
-MODALITY_ALIASES = {"t1n": "t1", "t1c": "t1ce", "t1gd": "t1ce", "t2w": "t2", "t2f": "flair"}
 
 _BRATS_2023 = re.compile(
     r"^(?P<patient>brats-[a-z]+(?:-[a-z]+)*-\d+)(?:-(?P<timepoint>\d+))?[-_](?P<modality>t1n|t1c|t2w|t2f|seg)$",
@@ -349,21 +368,3 @@ def discover_nifti_subjects(folder: str | Path, *, flag: str | None = None) -> D
     found.ignored.extend(lacking)
     found.ignored.sort(key=lambda item: item[0])
     return found
-
-
-def canonical_modality(name: str) -> str:
-    """`name` stripped, lower-cased and mapped through MODALITY_ALIASES (``" T2F"`` -> ``"flair"``).
-
-    Never raises: a name that is no modality comes back lower-cased (``"seg"``, ``"dwi"``), so callers can
-    test it against MODALITIES; `normalise_modality` is the checking variant.
-    """
-    lowered = name.strip().lower()
-    return MODALITY_ALIASES.get(lowered, lowered)
-
-
-def normalise_modality(name: str) -> str:
-    """`canonical_modality(name)`, one of MODALITIES; UserError naming `name` if it is none of them."""
-    canonical = canonical_modality(name)
-    if canonical not in MODALITIES:
-        raise UserError(f"unknown modality {name!r}: expected one of {' '.join(MODALITIES)}")
-    return canonical

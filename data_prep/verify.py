@@ -8,74 +8,29 @@ stops the check with an UserError whose one line names the shard, sample or fiel
 
 from __future__ import annotations
 
-import io
-import json
-import tarfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import UserError
-from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, SAMPLE_FIELDS, SEG_FIELD, sha256_file
+from data_prep.errors import DataError
+from data_prep.manifest import SAMPLE_FIELDS, sha256_file
+from data_prep.shard_reader import ShardFile, ShardFolder, decode_sample, raw_samples
 from data_prep.splits import SPLITS
 from data_prep.volumes import SEG_LABELS
 
 
-class VerificationError(UserError):
+class VerificationError(DataError):
     """A shard folder that does not match its manifest (one line: where and what)."""
 
 
-def _load_manifest(folder: Path) -> dict:
-    if not folder.is_dir():
-        raise VerificationError(f"{folder}: no such folder")
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
-        raise VerificationError(f"{folder}: no {MANIFEST_NAME} (not a finished shard folder)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise VerificationError(f"{path}: unreadable ({error})") from None
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise VerificationError(
-            f"{path}: format_version {version!r}, this data_prep reads {FORMAT_VERSION} "
-            "(re-shard with python -m data_prep shard)"
-        )
-    for key in ("modalities", "in_plane_size", "subjects", "splits"):
-        if key not in manifest:
-            raise VerificationError(f"{path}: missing field {key!r}")
-    return manifest
-
-
-def _samples_in(shard: Path):
-    """Yield (key, {field: bytes}) per sample, in tar order (webdataset groups consecutive members)."""
-    try:
-        with tarfile.open(shard, "r:") as archive:
-            key, fields = None, {}
-            for member in archive:
-                if not member.isfile():
-                    continue
-                name = member.name
-                stem, _, field = name.partition(".")
-                if stem != key:
-                    if key is not None:
-                        yield key, fields
-                    key, fields = stem, {}
-                fields[field] = archive.extractfile(member).read()
-            if key is not None:
-                yield key, fields
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise VerificationError(f"{shard.name}: not a readable tar file ({error})") from None
-
-
 def _check_sample(where: str, fields: dict, manifest: dict, split: str) -> dict:
-    modalities = manifest["modalities"]
-    height, width = manifest["in_plane_size"]
+    """The sample's JSON, once its fields, subject and arrays are as the manifest says."""
     missing = [name for name in SAMPLE_FIELDS if name not in fields]
     if missing:
         raise VerificationError(f"{where}: missing field {missing[0]}")
-    info = json.loads(fields["json"])
+    sample = decode_sample(fields)
+    info = sample.info
     subject = info.get("subject")
     entry = manifest["subjects"].get(subject)
     if entry is None:
@@ -84,7 +39,14 @@ def _check_sample(where: str, fields: dict, manifest: dict, split: str) -> dict:
         raise VerificationError(
             f"{where}: subject {subject} belongs to {entry['split']}, found in a {split} shard"
         )
-    image = np.load(io.BytesIO(fields["img.npy"]), allow_pickle=False)
+    _check_images(where, sample.images, info, manifest)
+    _check_labels(where, sample.mask, sample.seg, info, tuple(manifest["in_plane_size"]))
+    return info
+
+
+def _check_images(where: str, image: np.ndarray, info: dict, manifest: dict) -> None:
+    modalities = manifest["modalities"]
+    height, width = manifest["in_plane_size"]
     if image.dtype != np.float16 or image.shape != (len(modalities), height, width):
         raise VerificationError(
             f"{where}: img.npy is {image.dtype} {image.shape}, "
@@ -95,60 +57,45 @@ def _check_sample(where: str, fields: dict, manifest: dict, split: str) -> dict:
     for channel, modality in enumerate(modalities):
         if modality not in info.get("present", []) and np.any(image[channel]):
             raise VerificationError(f"{where}: absent modality {modality} is not all zero")
-    mask = np.load(io.BytesIO(fields["mask.npy"]), allow_pickle=False)
-    if mask.dtype != np.uint8 or mask.shape != (height, width) or mask.max(initial=0) > 1:
-        raise VerificationError(
-            f"{where}: mask.npy is {mask.dtype} {mask.shape}, expected uint8 0/1 {(height, width)}"
-        )
-    if info.get("has_seg") != (SEG_FIELD in fields):
+
+
+def _check_labels(where: str, mask: np.ndarray, seg: np.ndarray | None, info: dict, size: tuple) -> None:
+    if mask.dtype != np.uint8 or mask.shape != size or mask.max(initial=0) > 1:
+        raise VerificationError(f"{where}: mask.npy is {mask.dtype} {mask.shape}, expected uint8 0/1 {size}")
+    if info.get("has_seg") != (seg is not None):
         raise VerificationError(
             f"{where}: has_seg is {info.get('has_seg')} "
-            f"but seg.npy is {'present' if SEG_FIELD in fields else 'absent'}"
+            f"but seg.npy is {'present' if seg is not None else 'absent'}"
         )
-    if SEG_FIELD in fields:
-        seg = np.load(io.BytesIO(fields[SEG_FIELD]), allow_pickle=False)
+    if seg is not None:
         labels = set(np.unique(seg).tolist()) - {0, *SEG_LABELS}
-        if seg.dtype != np.uint8 or seg.shape != (height, width) or labels:
+        if seg.dtype != np.uint8 or seg.shape != size or labels:
             raise VerificationError(
                 f"{where}: seg.npy is {seg.dtype} {seg.shape} with labels {sorted(labels)}"
             )
-    return info
 
 
-def verify_shards(folder: Path) -> str:
-    """Check a shard folder; returns a one-line summary, raises VerificationError on the first problem."""
-    folder = Path(folder)
-    manifest = _load_manifest(folder)
-    subjects_by_split: dict[str, set[str]] = defaultdict(set)
-    total = 0
-    for split in SPLITS:
-        record = manifest["splits"].get(split, {"shards": [], "samples": 0})
-        counted = 0
-        for shard_record in record["shards"]:
-            shard = folder / shard_record["file"]
-            if not shard.is_file():
-                raise VerificationError(f"{shard.name}: listed in the manifest but missing")
-            digest = sha256_file(shard)
-            if digest != shard_record["sha256"]:
-                raise VerificationError(
-                    f"{shard.name}: sha256 {digest[:12]}... does not match "
-                    f"the manifest's {shard_record['sha256'][:12]}... (modified or corrupted)"
-                )
-            in_shard = 0
-            for key, fields in _samples_in(shard):
-                info = _check_sample(f"{shard.name}: {key}", fields, manifest, split)
-                subjects_by_split[split].add(info["subject"])
-                in_shard += 1
-            if in_shard != shard_record["samples"]:
-                raise VerificationError(
-                    f"{shard.name}: {in_shard} samples, the manifest says {shard_record['samples']}"
-                )
-            counted += in_shard
-        if counted != record["samples"]:
-            raise VerificationError(
-                f"split {split}: {counted} samples in its shards, the manifest says {record['samples']}"
-            )
-        total += counted
+def _verify_shard(shard: ShardFile, manifest: dict, split: str, subjects: set[str]) -> int:
+    """Check one tar file against its manifest entry; returns its sample count, adds its subjects."""
+    name = shard.path.name
+    if not shard.path.is_file():
+        raise VerificationError(f"{name}: listed in the manifest but missing")
+    digest = sha256_file(shard.path)
+    if digest != shard.sha256:
+        raise VerificationError(
+            f"{name}: sha256 {digest[:12]}... does not match "
+            f"the manifest's {shard.sha256[:12]}... (modified or corrupted)"
+        )
+    count = 0
+    for fields in raw_samples([shard.path]):
+        subjects.add(_check_sample(f"{name}: {fields['__key__']}", fields, manifest, split)["subject"])
+        count += 1
+    if count != shard.samples:
+        raise VerificationError(f"{name}: {count} samples, the manifest says {shard.samples}")
+    return count
+
+
+def _check_patients_disjoint(manifest: dict, subjects_by_split: dict[str, set[str]]) -> None:
     patients = {subject: entry["patient"] for subject, entry in manifest["subjects"].items()}
     for index, first in enumerate(SPLITS):
         for second in SPLITS[index + 1 :]:
@@ -157,5 +104,26 @@ def verify_shards(folder: Path) -> str:
             }
             if shared:
                 raise VerificationError(f"patient {sorted(shared)[0]} appears in both {first} and {second}")
+
+
+def verify_shards(folder: Path) -> str:
+    """Check a shard folder; returns a one-line summary. Raises DataError on the first problem (the reader's
+    for an unreadable manifest or tar file, VerificationError for a mismatch)."""
+    shards = ShardFolder.open(folder)
+    subjects_by_split: dict[str, set[str]] = defaultdict(set)
+    total = 0
+    for split in SPLITS:
+        counted = sum(
+            _verify_shard(shard, shards.manifest, split, subjects_by_split[split])
+            for shard in shards.shard_files(split)
+        )
+        listed = shards.split_samples(split)
+        if counted != listed:
+            raise VerificationError(
+                f"split {split}: {counted} samples in its shards, the manifest says {listed}"
+            )
+        total += counted
+    _check_patients_disjoint(shards.manifest, subjects_by_split)
     counts = ", ".join(f"{split} {len(subjects_by_split[split])}" for split in SPLITS)
-    return f"OK: {folder}: {total} samples, subjects per split: {counts}; every shard matches its sha256"
+    summary = f"{total} samples, subjects per split: {counts}; every shard matches its sha256"
+    return f"OK: {shards.directory}: {summary}"

@@ -277,7 +277,8 @@ def _training_data_from_old_run(config: Config) -> dict[str, Any]:
     its format and normalisation. Such runs predate shard format 2, whatever the folder holds now (it
     may have been re-sharded since), so their record says nothing of the scale and inference refuses
     them (`medgan.inference.loading.check_training_data`)."""
-    from medgan.shards import DataError, ShardFolder
+    from data_prep.errors import DataError
+    from data_prep.shard_reader import ShardFolder
 
     try:
         record = ShardFolder.read(config.data.data_path).training_data()

@@ -13,7 +13,6 @@ The DeepSpeed launcher's
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,36 +21,14 @@ from typing import Any
 
 import yaml
 
-from data_prep.errors import UserError
+from data_prep.errors import ConfigError
 from data_prep.volumes import MODALITIES, canonical_modality
-from medgan.models.config_checks import ConfigError as ModelConfigError
 from medgan.models.config_checks import require as _check
 from medgan.models.config_checks import require_choice as _check_choice
 from medgan.models.discriminator import DiscriminatorConfig
 from medgan.models.generator import GeneratorConfig
 
 __all__ = ["Config", "ConfigError", "config_from_cli", "load_config", "build_config"]
-
-
-class ConfigError(UserError, ModelConfigError):
-    """A config key or value a user wrote is wrong (one line naming it). The model configs in
-    ``medgan/models/`` (torch only) raise their own ``ConfigError``; every public function here turns it
-    into this one, so the command lines catch a single ``UserError``."""
-
-
-def _user_errors(function):
-    """Re-raise the model configs' ConfigError as this module's (a UserError), message unchanged."""
-
-    @functools.wraps(function)
-    def wrapped(*args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except ModelConfigError as error:
-            if isinstance(error, ConfigError):
-                raise
-            raise ConfigError(str(error)) from None
-
-    return wrapped
 
 
 @dataclass(kw_only=True, slots=True)
@@ -381,7 +358,6 @@ def _set_nested(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
     node[leaf] = value
 
 
-@_user_errors
 def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
     """Split CLI tokens into (``--config`` path, nested overrides dict).
 
@@ -432,7 +408,6 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-@_user_errors
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a config YAML into a dict; a missing or malformed file is a one-line ConfigError."""
     path = Path(path)
@@ -451,20 +426,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-@_user_errors
 def build_config(values: dict[str, Any] | None = None) -> Config:
     """Build and validate a :class:`Config` from a nested dict (missing keys keep their defaults)."""
     return _build(Config, values or {}, "")
 
 
-@_user_errors
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """YAML file (optional) merged with a nested overrides dict, validated."""
     values = read_yaml(path) if path else {}
     return build_config(_merge(values, overrides or {}))
 
 
-@_user_errors
 def config_from_cli(argv: list[str]) -> Config:
     """The whole CLI path: ``--config X.yaml`` plus seed flags and ``--section.key value`` overrides."""
     config_path, overrides = parse_overrides(argv)

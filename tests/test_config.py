@@ -104,6 +104,20 @@ def test_bad_yaml_files_name_the_file(tmp_path):
         load_config(scalar)
 
 
+def test_one_config_error_for_the_model_configs_and_the_tree():
+    """A bad model config value is the same UserError whether a model config or the tree finds it."""
+    from data_prep.errors import UserError
+    from medgan.models.generator import GeneratorConfig
+
+    assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
+    with pytest.raises(UserError, match=r"^model\.generator\.depth: 0 must be in 1\.\.6$") as direct:
+        GeneratorConfig(depth=0)
+    with pytest.raises(ConfigError) as through_the_tree:
+        build_config({"model": {"generator": {"depth": 0}}})
+    assert type(through_the_tree.value) is type(direct.value) is ConfigError
+    assert str(through_the_tree.value) == str(direct.value)
+
+
 def test_section_given_a_scalar_is_an_error():
     with pytest.raises(ConfigError, match="training: expected a mapping"):
         build_config({"training": 3})

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from data_prep.errors import DataError
+from data_prep.shard_reader import raw_samples, read_split
 from medgan.models.conditioning import MODALITIES
-from medgan.shards import DataError, raw_samples, read_split
 from medgan.training.loader import SliceStream, TaskSpec, make_loader
 
 CANONICAL = list(MODALITIES)

@@ -1,4 +1,5 @@
-"""medgan's one shard reader: the manifest read once, samples decoded into the model's channel order."""
+"""data_prep's one shard reader as medgan uses it: the manifest read once, samples decoded into the model's
+channel order, other formats refused (by medgan and by verify in the same words)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from conftest import FORMAT_1_NORMALISATION, write_format_1_shards
+from conftest import FORMAT_1_NORMALISATION, REPO, write_format_1_shards
 
+from data_prep.__main__ import main as data_prep_main
+from data_prep.errors import DataError
+from data_prep.shard_reader import ShardFolder, raw_samples, read_split
 from data_prep.volumes import FORMAT_VERSION, normalisation_method
-from medgan.shards import ChannelMap, DataError, ShardFolder, format_problem, raw_samples
+from medgan.shards import ChannelMap, format_problem
 
 CANONICAL = ["t1", "t1ce", "t2", "flair", "pd"]
 
@@ -82,3 +86,35 @@ def test_errors_name_the_folder_and_what_is_wrong(tmp_path, phantom_shards):
         ShardFolder.open(phantom_shards).split("holdout")
     with pytest.raises(DataError, match="contrasts t1ce flair are not among the model's t1 t2"):
         ChannelMap(("t1", "t1ce", "t2", "flair"), ["t1", "t2"], phantom_shards)
+
+
+def _foreign_manifest(phantom_shards, out, kind):
+    """A copy of ``phantom_shards`` (links to its files) whose manifest is of another format, or damaged."""
+    if kind == "format 1":
+        return write_format_1_shards(phantom_shards, out)
+    out.mkdir()
+    for path in phantom_shards.iterdir():
+        if path.name != "manifest.json":
+            (out / path.name).symlink_to(path)
+    text = (phantom_shards / "manifest.json").read_text()
+    if kind == "format 3":
+        text = json.dumps({**json.loads(text), "format_version": 3})
+    (out / "manifest.json").write_text(text[: len(text) // 2] if kind == "damaged" else text)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["format 1", "format 3", "damaged"])
+def test_verify_and_training_refuse_a_foreign_manifest_alike(tmp_path, phantom_shards, capsys, kind):
+    """Both read the folder through data_prep's one reader: one message for one problem."""
+    from medgan.cli.train import main as train_main
+
+    folder = _foreign_manifest(phantom_shards, tmp_path / "foreign", kind)
+    with pytest.raises(DataError) as raised:
+        read_split(folder, "train")
+    message = str(raised.value)
+    assert message.startswith(f"{folder}") and "\n" not in message
+    assert ("re-shard with python -m data_prep shard" in message) == (kind != "damaged")
+    assert data_prep_main(["verify", str(folder)]) == 2
+    assert capsys.readouterr().err.strip() == f"data_prep verify: error: {message}"
+    assert train_main(["--config", str(REPO / "configs" / "demo.yaml"), "--data_path", str(folder)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"

@@ -6,8 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from data_prep.errors import DataError
 from medgan.cli.common import CHECKPOINT_OR_EXPORT, add_checkpoint_options, choose_device, command_line, say
-from medgan.shards import DataError
 
 
 def add_parser(commands) -> None:

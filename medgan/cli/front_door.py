@@ -10,9 +10,9 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from data_prep.errors import DataError
 from medgan.cli.common import command_line, say
 from medgan.cli.evaluate import evaluate_checkpoint
-from medgan.shards import DataError
 
 MODES = ("train", "test", "both")
 # How long the other ranks wait for rank 0 to shard a raw folder: far longer than a BraTS shard takes.

@@ -6,10 +6,10 @@ from __future__ import annotations
 import sys
 
 from data_prep.errors import UserError
+from data_prep.shard_reader import ShardFolder
 from medgan.cli.common import EXIT_INPUT_ERROR
 from medgan.config import config_from_cli
 from medgan.distributed import init_distributed, set_thread_share
-from medgan.shards import ShardFolder
 from medgan.training.trainer import train
 
 

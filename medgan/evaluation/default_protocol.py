@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.errors import UserError
+from data_prep.shard_reader import ShardFolder, raw_samples
 from data_prep.volumes import canonical_modality, discover_nifti_subjects
 from medgan import metrics
 from medgan.evaluation.report import method_descriptions, metric_definitions
@@ -65,7 +66,7 @@ from medgan.scoring import (
     spread_error_correlation,
     summarize_scores,
 )
-from medgan.shards import ChannelMap, ShardFolder, raw_samples
+from medgan.shards import ChannelMap
 
 # Voxels per subject kept for the spread's deciles (a deterministic stride through the brain).
 SPREAD_SAMPLE_VOXELS = 200_000

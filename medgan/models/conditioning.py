@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import torch
 
-# The canonical, ordered modality list: a model's input channel i is always MODALITIES[i] unless its config
-# says otherwise; the loader maps each manifest's order onto it by name.
-MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair", "pd")
+# The canonical, ordered modality list is data_prep's one table (input channel i is MODALITIES[i] unless the
+# config says otherwise); data_prep.modalities imports nothing heavy, so this package stays torch-only.
+from data_prep.modalities import MODALITIES
 
-# BraTS 2023+ names (and common spellings) for the same contrasts.
-MODALITY_ALIASES: dict[str, str] = {"t1n": "t1", "t1c": "t1ce", "t1gd": "t1ce", "t2w": "t2", "t2f": "flair"}
-
-
-def canonical_modality(name: str) -> str:
-    """Lower-case ``name`` and map BraTS 2023+ aliases onto the canonical names (``t2f`` -> ``flair``)."""
-    lowered = name.strip().lower()
-    return MODALITY_ALIASES.get(lowered, lowered)
+__all__ = ["MODALITIES", "condition_stack", "condition_vector"]
 
 
 def condition_stack(

@@ -1,12 +1,11 @@
-"""The one error type for bad config values, shared by the model configs and the config tree."""
+"""The checks of config values, shared by the model configs and the config tree; both raise the project's one
+``ConfigError`` (``data_prep.errors``, a UserError the command lines catch)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config value or key a user wrote is wrong; the message is one line that names it."""
+from data_prep.errors import ConfigError
 
 
 def require(condition: bool, key: str, message: str) -> None:

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_prep.errors import DataError
+from data_prep.shard_reader import ShardSplit, raw_samples
 from data_prep.volumes import LEFT_RIGHT_AXIS
-from medgan.shards import ChannelMap, DataError, ShardSplit, raw_samples
+from medgan.shards import ChannelMap
 
 
 @dataclass(frozen=True, slots=True)

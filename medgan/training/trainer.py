@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_prep.errors import DataError
+from data_prep.shard_reader import ShardFolder
 from medgan.checkpointing import (
     CheckpointError,
     CheckpointLayout,
@@ -36,7 +38,6 @@ from medgan.models.conditioning import condition_stack
 from medgan.models.discriminator import PatchDiscriminator
 from medgan.models.generator import build_generator, count_parameters, recording_scan_share
 from medgan.scoring import METRICS, MODEL, SliceScore, per_subject_means, slice_scores, summarize_scores
-from medgan.shards import DataError, ShardFolder
 from medgan.training.ema import ExponentialMovingAverage, full_fp32_state
 from medgan.training.loader import SliceStream, TaskSpec, make_loader
 from medgan.training.tracking import SilentReporter, image_grid, make_reporter
