@@ -41,7 +41,7 @@ from tqdm import tqdm
 from data_prep.errors import UserError
 from data_prep.volumes import canonical_modality, discover_nifti_subjects
 from medgan import metrics
-from medgan.evaluation.report import method_descriptions, metric_definitions
+from medgan.evaluation.definitions import method_descriptions, metric_definitions
 from medgan.evaluation.summary_file import write_summary
 from medgan.inference.loading import LoadedGenerator
 from medgan.inference.synthesis import (
