@@ -8,8 +8,10 @@ import re
 import pytest
 from conftest import write_checkpoint
 
-from medgan.evaluation.default_protocol import EvaluationError, ShardSubjects, evaluate, tasks_to_evaluate
+from medgan.evaluation.default_protocol import evaluate
 from medgan.evaluation.report import ReportError, write_report
+from medgan.evaluation.subjects import ShardSubjects
+from medgan.evaluation.tasks import EvaluationError, tasks_to_evaluate
 from medgan.inference.loading import load_generator
 
 
