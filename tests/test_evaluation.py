@@ -433,3 +433,19 @@ def test_evaluate_with_a_segmenter_predicts_each_subject_once(phantom_subjects, 
     np.testing.assert_array_equal(np.asarray(given.dataobj), np.asarray(expected.dataobj))
     np.testing.assert_array_equal(given.affine, expected.affine)
     assert json.loads((out / "summary.json").read_text())["segmentation"]["subjects"] == 1
+
+
+def test_the_baseline_gets_its_own_channel_order():
+    """A baseline checkpoint with other contrasts, in another order: each channel by name, the contrast
+    it knows but the data lacks zero, the one it does not know left out."""
+    from types import SimpleNamespace
+
+    from medgan.evaluation.subject_scores import in_generator_channels
+
+    images = np.random.default_rng(0).random((3, 4, 8, 8), dtype=np.float32)
+    baseline = SimpleNamespace(modalities=["flair", "t1", "pd"], source="baseline")
+    mapped = in_generator_channels(baseline, images, ["t1", "t1ce", "t2", "flair"])
+    assert mapped.shape == (3, 3, 8, 8) and mapped.dtype == np.float32
+    np.testing.assert_array_equal(mapped[:, 0], images[:, 3])
+    np.testing.assert_array_equal(mapped[:, 1], images[:, 0])
+    assert not mapped[:, 2].any()
