@@ -15,8 +15,10 @@ from conftest import REPO, write_checkpoint, write_format_1_shards
 from scipy import stats
 from skimage.metrics import structural_similarity
 
-from medgan.evaluation.default_protocol import NiftiSubjects, ShardSubjects, Task, evaluate, tasks_to_evaluate
-from medgan.inference.loading import load_generator
+from medgan.evaluation.default_protocol import evaluate
+from medgan.evaluation.subjects import NiftiSubjects, ShardSubjects
+from medgan.evaluation.tasks import Task, tasks_to_evaluate
+from medgan.inference.loading import LoadedGenerator, load_generator
 from medgan.scoring import COPY, holm_adjusted, paired_statistics, score_volume
 
 
@@ -384,19 +386,66 @@ def test_the_segmenter_is_given_what_synthesis_makes_from_the_inputs_alone(
     monkeypatch.setattr(downstream, "score_with_segmenter", capture)
     subject = "BraTS2021_00001"
     generator = load_generator(write_checkpoint(tmp_path / "model", arch="unet"))
+    task = Task(("t1", "t1ce", "t2"), "flair")
     for name, folder in (
         ("same", _subject_folder(phantom_subjects, tmp_path / "same", (subject,))),
         ("other", _with_another_real_target(phantom_subjects, tmp_path / "other", subject)),
     ):
+        subjects = NiftiSubjects(folder, generator)
+        segmentation = downstream.DownstreamSegmentation(
+            subjects, task, "seg {input} {output}", None, tmp_path / name
+        )
         with pytest.raises(Handed):
-            downstream.segmentation_scores(
-                generator,
-                folder,
-                ["t1", "t1ce", "t2"],
-                "flair",
-                "seg {input} {output}",
-                None,
-                tmp_path / name,
-            )
+            evaluate(generator, subjects, [task], tmp_path / name, segmentation=segmentation)
     np.testing.assert_array_equal(given["same"][subject], given["other"][subject])
     assert given["same"][subject].min() >= 0.0 and given["same"][subject].max() <= 1.0
+
+
+def test_evaluate_with_a_segmenter_predicts_each_subject_once(phantom_subjects, tmp_path, monkeypatch):
+    """evaluate --segmenter hands the segmenter the volume it scored: one prediction per subject, and
+    the segmenter reads exactly what ``synthesize`` makes of the subject's inputs."""
+    from medgan.__main__ import main
+    from medgan.inference.synthesis import synthesize_volume
+
+    subject = "BraTS2021_00001"
+    folder = _subject_folder(phantom_subjects, tmp_path / "subjects", (subject,))
+    checkpoint = write_checkpoint(tmp_path / "model", arch="unet")
+    predicted = []
+    predict = LoadedGenerator.predict
+
+    def counted(generator, images, *args, **kwargs):
+        predicted.append(images.shape[0])
+        return predict(generator, images, *args, **kwargs)
+
+    monkeypatch.setattr(LoadedGenerator, "predict", counted)
+    segmenter = f"{sys.executable} {REPO / 'tests' / 'segmenter_threshold.py'} {{input}} {{output}}"
+    out = tmp_path / "eval"
+    argv = [
+        "evaluate", "--checkpoint", str(checkpoint), "--subjects", str(folder), "--out", str(out),
+        "--target_modality", "flair", "--segmenter", segmenter,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert len(predicted) == 1, predicted
+    monkeypatch.undo()
+    inputs = {m: folder / subject / f"{subject}_{m}.nii.gz" for m in ("t1", "t1ce", "t2")}
+    expected = synthesize_volume(load_generator(checkpoint), inputs, "flair").image
+    given = nib.load(out / "segmentation" / "synthesized" / "input" / subject / f"{subject}-t2f.nii.gz")
+    np.testing.assert_array_equal(np.asarray(given.dataobj), np.asarray(expected.dataobj))
+    np.testing.assert_array_equal(given.affine, expected.affine)
+    assert json.loads((out / "summary.json").read_text())["segmentation"]["subjects"] == 1
+
+
+def test_the_baseline_gets_its_own_channel_order():
+    """A baseline checkpoint with other contrasts, in another order: each channel by name, the contrast
+    it knows but the data lacks zero, the one it does not know left out."""
+    from types import SimpleNamespace
+
+    from medgan.evaluation.subject_scores import in_generator_channels
+
+    images = np.random.default_rng(0).random((3, 4, 8, 8), dtype=np.float32)
+    baseline = SimpleNamespace(modalities=["flair", "t1", "pd"], source="baseline")
+    mapped = in_generator_channels(baseline, images, ["t1", "t1ce", "t2", "flair"])
+    assert mapped.shape == (3, 3, 8, 8) and mapped.dtype == np.float32
+    np.testing.assert_array_equal(mapped[:, 0], images[:, 3])
+    np.testing.assert_array_equal(mapped[:, 1], images[:, 0])
+    assert not mapped[:, 2].any()

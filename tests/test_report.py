@@ -8,8 +8,10 @@ import re
 import pytest
 from conftest import write_checkpoint
 
-from medgan.evaluation.default_protocol import EvaluationError, ShardSubjects, evaluate, tasks_to_evaluate
+from medgan.evaluation.default_protocol import evaluate
 from medgan.evaluation.report import ReportError, write_report
+from medgan.evaluation.subjects import ShardSubjects
+from medgan.evaluation.tasks import EvaluationError, tasks_to_evaluate
 from medgan.inference.loading import load_generator
 
 
@@ -68,3 +70,20 @@ def test_all_subsets_refuses_a_model_trained_for_one_task(tmp_path):
         EvaluationError, match="--all-subsets needs a model trained with target_modality: any"
     ):
         tasks_to_evaluate(generator, ["t1", "t1ce", "t2", "flair"], all_subsets=True)
+
+
+def test_evaluation_does_not_import_the_report():
+    """The report is drawn from evaluation's outputs: evaluating loads no report code."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    probe = (
+        "import sys, medgan.evaluation.default_protocol, medgan.cli.evaluate; "
+        "print('medgan.evaluation.report' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"

@@ -16,6 +16,7 @@ import pytest
 from scipy import ndimage
 
 from data_prep.errors import UserError
+from medgan.evaluation import segmentation_metrics as regions
 from medgan.evaluation import segmenter as seg
 from medgan.evaluation.segmenter import SegmenterError
 
@@ -53,18 +54,18 @@ def box(shape, corner, size) -> np.ndarray:
 def test_dice_of_overlapping_boxes():
     a = box((8, 8, 8), (0, 0, 0), (3, 3, 3))  # 27 voxels
     b = box((8, 8, 8), (2, 0, 0), (2, 3, 3))  # 18 voxels, 9 shared
-    assert seg.dice(a, b) == pytest.approx(2 * 9 / 45)
-    assert seg.dice(a, a) == 1.0
-    assert seg.dice(a, box((8, 8, 8), (5, 5, 5), (2, 2, 2))) == 0.0
+    assert regions.dice(a, b) == pytest.approx(2 * 9 / 45)
+    assert regions.dice(a, a) == 1.0
+    assert regions.dice(a, box((8, 8, 8), (5, 5, 5), (2, 2, 2))) == 0.0
 
 
 def test_empty_regions_follow_brats_rules():
     empty, full = np.zeros((6, 6, 6), bool), box((6, 6, 6), (1, 1, 1), (2, 2, 2))
-    assert seg.dice(empty, empty) == 1.0
-    assert seg.hd95(empty, empty, SPACING_MM) == 0.0
-    assert seg.dice(full, empty) == 0.0 and seg.dice(empty, full) == 0.0
-    assert seg.hd95(full, empty, SPACING_MM) == seg.hd95(empty, full, SPACING_MM) == 374.0
-    assert seg.HD95_MAX_PENALTY_MM == 374.0
+    assert regions.dice(empty, empty) == 1.0
+    assert regions.hd95(empty, empty, SPACING_MM) == 0.0
+    assert regions.dice(full, empty) == 0.0 and regions.dice(empty, full) == 0.0
+    assert regions.hd95(full, empty, SPACING_MM) == regions.hd95(empty, full, SPACING_MM) == 374.0
+    assert regions.HD95_MAX_PENALTY_MM == 374.0
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
@@ -74,23 +75,23 @@ def test_hd95_of_parallel_planes_uses_the_spacing_of_their_axis(axis):
     first[(slice(None),) * axis + (1,)] = True
     second[(slice(None),) * axis + (5,)] = True
     # Every voxel of a one-voxel-thick plane is on its surface, 4 voxels from the other plane.
-    assert seg.hd95(first, second, SPACING_MM) == pytest.approx(4 * SPACING_MM[axis])
+    assert regions.hd95(first, second, SPACING_MM) == pytest.approx(4 * SPACING_MM[axis])
 
 
 def test_hd95_of_two_voxels_is_their_distance_in_mm():
     a, b = np.zeros((4, 4, 4), bool), np.zeros((4, 4, 4), bool)
     a[0, 0, 0], b[1, 2, 3] = True, True
     expected = np.sqrt((1 * 0.5) ** 2 + (2 * 0.7) ** 2 + (3 * 2.0) ** 2)
-    assert seg.hd95(a, b, SPACING_MM) == pytest.approx(expected)
-    assert seg.hd95(a, b, (1.0, 1.0, 1.0)) == pytest.approx(np.sqrt(14))
+    assert regions.hd95(a, b, SPACING_MM) == pytest.approx(expected)
+    assert regions.hd95(a, b, (1.0, 1.0, 1.0)) == pytest.approx(np.sqrt(14))
 
 
 def test_hd95_ignores_a_few_far_voxels_that_the_maximum_would_not():
     ref = box((20, 20, 20), (2, 2, 2), (6, 6, 6))  # 152 surface voxels
     pred = ref.copy()
     pred[18, 18, 18] = True  # one stray voxel: 1 of pred's 153 distances to ref
-    assert seg.hd95(pred, ref, SPACING_MM) == 0.0
-    assert seg.hd95(ref, ref, SPACING_MM) == 0.0
+    assert regions.hd95(pred, ref, SPACING_MM) == 0.0
+    assert regions.hd95(ref, ref, SPACING_MM) == 0.0
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -102,22 +103,22 @@ def test_hd95_equals_the_brute_force_definition(seed):
     pred = ndimage.gaussian_filter(rng.standard_normal(shape), 1.5) > 0.1
     ref = ndimage.gaussian_filter(rng.standard_normal(shape), 1.5) > 0.1
     assert pred.any() and ref.any()
-    assert seg.hd95(pred, ref, spacing) == pytest.approx(hd95_brute_force(pred, ref, spacing), rel=1e-12)
+    assert regions.hd95(pred, ref, spacing) == pytest.approx(hd95_brute_force(pred, ref, spacing), rel=1e-12)
 
 
 def test_hd95_rejects_mismatched_shapes_and_spacings():
     with pytest.raises(ValueError, match="shape"):
-        seg.hd95(np.ones((3, 3, 3), bool), np.ones((3, 3, 4), bool), SPACING_MM)
+        regions.hd95(np.ones((3, 3, 3), bool), np.ones((3, 3, 4), bool), SPACING_MM)
     with pytest.raises(ValueError, match="spacing_mm"):
-        seg.hd95(np.ones((3, 3, 3), bool), np.ones((3, 3, 3), bool), (1.0, 0.0, 1.0))
+        regions.hd95(np.ones((3, 3, 3), bool), np.ones((3, 3, 3), bool), (1.0, 0.0, 1.0))
 
 
 # Label conventions
 
 
 def test_regions_of_both_label_conventions():
-    brats2021 = seg.region_masks(np.array([0, 1, 2, 4]), "brats2021")
-    brats2023 = seg.region_masks(np.array([0, 1, 2, 3]), "brats2023")
+    brats2021 = regions.region_masks(np.array([0, 1, 2, 4]), "brats2021")
+    brats2023 = regions.region_masks(np.array([0, 1, 2, 3]), "brats2023")
     for masks in (brats2021, brats2023):
         assert masks["WT"].tolist() == [False, True, True, True]
         assert masks["TC"].tolist() == [False, True, False, True]
@@ -126,8 +127,8 @@ def test_regions_of_both_label_conventions():
 
 @pytest.mark.parametrize(("labels", "convention"), [({0, 1, 2, 4}, "brats2021"), ({0, 2, 3}, "brats2023")])
 def test_label_convention_is_inferred_from_the_enhancing_label(labels, convention):
-    assert seg.infer_label_convention(labels) == convention
-    assert seg.resolve_label_convention(labels, None) == convention
+    assert regions.infer_label_convention(labels) == convention
+    assert regions.resolve_label_convention(labels, None) == convention
 
 
 @pytest.mark.parametrize(
@@ -144,17 +145,17 @@ def test_label_convention_is_inferred_from_the_enhancing_label(labels, conventio
 )
 def test_label_convention_that_cannot_be_inferred_is_one_line_naming_the_labels(labels, message):
     with pytest.raises(UserError) as error:
-        seg.infer_label_convention(labels, source="out/")
+        regions.infer_label_convention(labels, source="out/")
     assert str(error.value).startswith("out/ has ")
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_given_label_convention_is_checked_against_the_labels():
-    assert seg.resolve_label_convention({0, 1, 2}, "brats2023") == "brats2023"
+    assert regions.resolve_label_convention({0, 1, 2}, "brats2023") == "brats2023"
     with pytest.raises(UserError, match=r"--segmenter-labels brats2021: out/ has labels 1 3, but brats2021"):
-        seg.resolve_label_convention({0, 1, 3}, "brats2021", "out/")
+        regions.resolve_label_convention({0, 1, 3}, "brats2021", "out/")
     with pytest.raises(UserError, match="--segmenter-labels brats2024: expected one of brats2021, brats2023"):
-        seg.resolve_label_convention({0, 1}, "brats2024")
+        regions.resolve_label_convention({0, 1}, "brats2024")
 
 
 # The segmenter's command line and folders
@@ -254,10 +255,10 @@ def threshold_command(*options: str) -> str:
 
 def test_blurred_flair_lowers_the_whole_tumour_score_end_to_end(phantom_subjects, tmp_path):
     rows, summary = score(phantom_subjects, tmp_path / "work", threshold_command())
-    assert [(row.subject, row.region) for row in rows] == list(itertools.product(SUBJECTS, seg.REGIONS))
+    assert [(row.subject, row.region) for row in rows] == list(itertools.product(SUBJECTS, regions.REGIONS))
     assert summary["label_convention"] == "brats2023" and summary["labels_inferred"]
     assert summary["subjects"] == 2 and summary["target"] == "flair"
-    by_region = {region: [row for row in rows if row.region == region] for region in seg.REGIONS}
+    by_region = {region: [row for row in rows if row.region == region] for region in regions.REGIONS}
     for row in by_region["WT"]:
         assert row.dice_real > 0.85  # the threshold segmenter finds the phantom's tumours
         assert row.dice_drop > 0.1 and row.hd95_increase > 0

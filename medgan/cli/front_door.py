@@ -12,7 +12,7 @@ from pathlib import Path
 
 from data_prep.errors import DataError
 from medgan.cli.common import command_line, say
-from medgan.cli.evaluate import evaluate_checkpoint
+from medgan.cli.evaluate import EvaluationRequest, evaluate_checkpoint
 
 MODES = ("train", "test", "both")
 # How long the other ranks wait for rank 0 to shard a raw folder: far longer than a BraTS shard takes.
@@ -80,9 +80,9 @@ def run(argv: list[str], prog: str) -> int:
     if known.mode == "train" or not context.is_main:
         return 0
     evaluation = checkpoint_dir / "eval"
-    evaluate_checkpoint(
-        config.checkpoint.file or str(checkpoint_dir),
-        evaluation,
+    request = EvaluationRequest(
+        checkpoint=config.checkpoint.file or str(checkpoint_dir),
+        out=evaluation,
         data_path=str(shards),
         split="test",
         input_modalities=config.data.input_modalities or None,
@@ -91,4 +91,5 @@ def run(argv: list[str], prog: str) -> int:
         batch_size=config.data.batch_size,
         command=command_line(prog, argv),
     )
+    evaluate_checkpoint(request)
     return 0
