@@ -34,7 +34,6 @@ import csv
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import subprocess
@@ -50,6 +49,7 @@ import numpy as np
 # bench/data_prep.py would shadow the data_prep package that medgan imports: drop this script's folder.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+from medgan.checkpointing import read_best_tag, read_run_record, step_of_tag  # noqa: E402
 from medgan.scoring import holm_adjusted, paired_statistics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +69,6 @@ ARMS = {
     "scanoff": ["--model.generator.scan_off", "true"],
 }
 LABELS = {"unet": "U-Net", "ssm": "SSM", "scanoff": "SSM, scan off"}
-PARAMETERS = re.compile(r"^generator ([\d,]+) parameters")
-VALIDATION = re.compile(r"^step (\d+): val PSNR ([0-9.]+) dB")
-BUDGET_LINE = re.compile(r"^CPU budget spent: (\d+) s of training loop .* at step (\d+)")
 
 
 def say(message: str) -> None:
@@ -211,7 +208,7 @@ def train_and_evaluate(out: Path, run: Run, budget_seconds: float, core: int | N
         load_before = load_average()
         wall = run_logged(command, folder / "train.log", core)
         record = {
-            **training_summary(folder / "train.log"),
+            **training_summary(folder),
             "name": run.name,
             "budget_seconds": budget_seconds,
             "process_wall_seconds": wall,
@@ -236,23 +233,24 @@ def train_and_evaluate(out: Path, run: Run, budget_seconds: float, core: int | N
     return record
 
 
-def training_summary(log: Path) -> dict:
-    """Steps, CPU seconds, parameters and the best validation from a run's train.log."""
-    lines = log.read_text().splitlines()
-    budget = next((m for m in map(BUDGET_LINE.match, lines) if m), None)
-    if budget is None:
-        raise RuntimeError(f"{log}: no 'CPU budget spent' line; the run ended some other way")
-    validations = [[int(m.group(1)), float(m.group(2))] for m in map(VALIDATION.match, lines) if m]
-    # the tag the trainer kept as best (chosen at full precision; the log prints two decimals)
-    best_step = int((log.parent / "best").read_text().strip().removeprefix("step_"))
-    best_psnr = dict(validations)[best_step]
+def training_summary(folder: Path) -> dict:
+    """Steps, CPU seconds, parameters and the validations (full precision) from the trainer's record of the
+    run in checkpoint folder ``folder``, and the best tag it kept (the one ``evaluate`` scores)."""
+    record = read_run_record(folder)
+    if record["stopped_by"] != "cpu_budget":
+        raise RuntimeError(f"{folder}: stopped by {record['stopped_by']}, not by its CPU budget")
+    best_tag = read_best_tag(folder)
+    if best_tag is None:
+        raise RuntimeError(f"{folder}: no best tag; the run never validated")
+    best_step = step_of_tag(best_tag)
     return {
-        "steps": int(budget.group(2)),
-        "train_cpu_seconds": int(budget.group(1)),
-        "parameters": next(int(m.group(1).replace(",", "")) for m in map(PARAMETERS.match, lines) if m),
-        "validations": validations,
+        "steps": record["steps"],
+        # whole seconds, as the study's records have always held them
+        "train_cpu_seconds": round(record["train_cpu_seconds"]),
+        "parameters": record["generator_parameters"],
+        "validations": record["validations"],
         "best_step": best_step,
-        "best_val_psnr": best_psnr,
+        "best_val_psnr": dict(map(tuple, record["validations"]))[best_step],
     }
 
 

@@ -24,7 +24,8 @@ import torch
 from medgan.config import load_config
 from medgan.distributed import init_distributed, set_thread_share
 from medgan.training.loader import make_loader
-from medgan.training.trainer import GANTrainer, PhaseTimer
+from medgan.training.step_logging import PhaseTimer
+from medgan.training.trainer import GANTrainer
 
 PHASES = (
     "data",

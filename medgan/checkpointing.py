@@ -7,10 +7,12 @@ CKPT_DIR/discriminator/...        the same for D
 CKPT_DIR/best                     the tag with the best validation PSNR (never pruned)
 CKPT_DIR/config.yaml              the run's full config
 CKPT_DIR/training_data.json       what the run trained on: dataset kind, modality order, normalisation
+CKPT_DIR/run_record.json          the trainer's record: steps, CPU seconds, parameters, best step, validations
 ```
 This module is the only one that knows these names: it writes them during training, and
-:class:`CheckpointLayout`, :func:`resolve_tag`, :func:`read_generator_weights` and :func:`read_run` are
-how inference, export and the tests read them.
+:class:`CheckpointLayout`, :func:`resolve_tag`, :func:`read_generator_weights`, :func:`read_run`,
+:func:`read_run_record` and :func:`read_best_tag` are how inference, export, benchmarks and the tests read
+them.
 DeepSpeed would write ``latest`` from rank 0 before the other ranks finish their shards; here it is turned
 off and written after a barrier by atomic rename, so a crash mid-save leaves ``latest`` on the last
 complete tag.
@@ -72,6 +74,10 @@ class CheckpointLayout:
     def training_data_file(self) -> Path:
         return self.directory / "training_data.json"
 
+    @property
+    def run_record_file(self) -> Path:
+        return self.directory / "run_record.json"
+
     def latest_file(self, network: str = "generator") -> Path:
         return self.directory / network / "latest"
 
@@ -84,6 +90,14 @@ class CheckpointLayout:
 
 def tag_for_step(step: int) -> str:
     return f"step_{step:06d}"
+
+
+def step_of_tag(tag: str) -> int:
+    """The optimizer step a ``step_NNNNNN`` tag was saved at; a CheckpointError for another name."""
+    match = TAG_PATTERN.match(tag)
+    if match is None:
+        raise CheckpointError(f"{tag!r}: not a checkpoint tag (expected step_NNNNNN)")
+    return int(match.group(1))
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -146,6 +160,13 @@ class CheckpointManager:
             self.directory.mkdir(parents=True, exist_ok=True)
             write_atomically(self.layout.config_file, config.to_yaml())
             write_atomically(self.layout.training_data_file, json.dumps(training_data, indent=2) + "\n")
+
+    def write_run_record(self, record: dict[str, Any]) -> None:
+        """Rank 0: the trainer's record of the run (``TrainState.run_record``), replacing the last one
+        atomically, so a reader never sees half a file."""
+        if self.context.is_main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.layout.run_record_file, json.dumps(record, indent=2) + "\n")
 
     def save(self, step: int, g_engine, d_engine, ema, client_state: dict[str, Any]) -> str:
         """Write tag ``step_NNNNNN`` on every rank, then point ``latest`` at it. Collective."""
@@ -270,6 +291,24 @@ def read_run(checkpoint_dir: Path) -> tuple[Config, dict[str, Any]]:
         except json.JSONDecodeError as error:
             raise CheckpointError(f"{layout.training_data_file}: not valid JSON ({error.msg})") from None
     return config, _training_data_from_old_run(config)
+
+
+def read_run_record(checkpoint_dir: Path) -> dict[str, Any]:
+    """The trainer's record of the run in ``checkpoint_dir`` (steps, epochs, ``train_cpu_seconds``,
+    ``generator_parameters``, ``best_step``, ``validations`` ``[[step, val PSNR], ...]``, ``stopped_by``:
+    ``medgan.training.state.TrainState.run_record``); a CheckpointError when it is missing or unreadable."""
+    path = CheckpointLayout(Path(checkpoint_dir)).run_record_file
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no run record (the run has not validated or saved yet, or is older)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error.msg})") from None
+
+
+def read_best_tag(checkpoint_dir: Path) -> str | None:
+    """The tag with the best validation PSNR in ``checkpoint_dir``, or None before the first validation."""
+    return read_tag(CheckpointLayout(Path(checkpoint_dir)).best_file)
 
 
 def _training_data_from_old_run(config: Config) -> dict[str, Any]:

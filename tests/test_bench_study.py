@@ -1,6 +1,6 @@
 """bench/study.py: its receptive fields are the generator's, its paired statistics and Holm's adjustment
-match numbers worked by hand, and one run goes from launch/train.py's log through evaluation to the scan
-share."""
+match numbers worked by hand, one run goes from launch/train.py's run record through evaluation to the scan
+share, and a run is summarised from its record and best tag alone."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import torch
 from conftest import REPO
 from torch import nn
 
+from medgan.checkpointing import CheckpointManager
+from medgan.distributed import DistributedContext
 from medgan.models.generator import GeneratorConfig, build_generator
 
 
@@ -162,6 +164,35 @@ def test_one_run_trains_to_its_budget_then_is_scored_and_skipped_when_done(study
     # done runs are read back, not trained again
     (out / "runs" / run.name / "train.log").unlink()
     assert study.train_and_evaluate(out, run, budget_seconds=2.0, core=None) == record
+
+
+def _write_run_folder(folder, stopped_by: str) -> None:
+    """A checkpoint folder holding only the trainer's record and the best tag (no train.log)."""
+    manager = CheckpointManager(folder, keep_last=1, context=DistributedContext(0, 0, 1, 1))
+    manager.write_run_record(
+        {
+            "steps": 455, "epochs": 3.5, "train_cpu_seconds": 360.5, "generator_parameters": 123_456,
+            "discriminator_parameters": 7, "best_step": 400, "best_tag": "step_000400",
+            "best_val_psnr": 21.123456, "validations": [[200, 20.5], [400, 21.123456], [455, 21.0]],
+            "stopped_by": stopped_by,
+        }
+    )  # fmt: skip
+    manager.mark_best("step_000400")
+
+
+def test_a_run_is_summarised_from_its_record_and_best_tag_without_a_log(study, tmp_path):
+    _write_run_folder(tmp_path / "run", "cpu_budget")
+    assert study.training_summary(tmp_path / "run") == {
+        "steps": 455,
+        "train_cpu_seconds": 360,
+        "parameters": 123_456,
+        "validations": [[200, 20.5], [400, 21.123456], [455, 21.0]],
+        "best_step": 400,
+        "best_val_psnr": 21.123456,
+    }
+    _write_run_folder(tmp_path / "finished", "total_steps")
+    with pytest.raises(RuntimeError, match="stopped by total_steps, not by its CPU budget"):
+        study.training_summary(tmp_path / "finished")
 
 
 def test_the_per_step_view_takes_the_last_step_every_run_validated(study):

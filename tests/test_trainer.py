@@ -11,19 +11,16 @@ import torch.distributed as dist
 from conftest import REPO
 
 from medgan import metrics
-from medgan.checkpointing import CheckpointError
+from medgan.checkpointing import CheckpointError, read_best_tag, read_run_record, tag_for_step
 from medgan.config import load_config
 from medgan.distributed import init_distributed
 from medgan.models.blocks import MultiDirectionS6
+from medgan.training.gan_step import discriminator_loss, generator_adversarial_loss, weighted_l1
 from medgan.training.loader import make_loader
-from medgan.training.trainer import (
-    GANTrainer,
-    ThroughputMeter,
-    TrainState,
-    discriminator_loss,
-    generator_adversarial_loss,
-    weighted_l1,
-)
+from medgan.training.state import TrainState
+from medgan.training.step_logging import ThroughputMeter
+from medgan.training.stopping import Stop, StopPolicy
+from medgan.training.trainer import GANTrainer
 
 TINY_RUN = {
     "model": {
@@ -55,7 +52,9 @@ def test_lsgan_and_hinge_losses():
 
 
 def test_train_state_round_trips_and_refuses_another_world_size():
-    state = TrainState(step=7, epoch=1, batch_in_epoch=2, best_psnr=21.5)
+    state = TrainState(
+        step=7, epoch=1, batch_in_epoch=2, best_psnr=21.5, best_step=4, validations=[[4, 21.5]]
+    )
     saved = state.to_client_state(world_size=2, samples_per_step=8)
     assert saved["samples_consumed"] == 56
     assert TrainState.from_client_state(saved, world_size=2, where="runs/x") == state
@@ -158,7 +157,7 @@ def test_train_step_weights_the_tumour_when_asked(trainer, monkeypatch):
     seen = []
     monkeypatch.setattr(trainer.config.training, "tumour_l1_weight", 2.0)
     monkeypatch.setattr(
-        "medgan.training.trainer.weighted_l1",
+        "medgan.training.gan_step.weighted_l1",
         lambda fake, real, seg, weight: seen.append((seg, weight)) or fake.mean(),
     )
     trainer.train_step(batch)
@@ -206,7 +205,7 @@ def test_cpu_budget_stops_training_with_validation_and_a_checkpoint(trainer, mon
     monkeypatch.setattr(trainer.config.training, "val_every_steps", 1000)
     monkeypatch.setattr(trainer.config.checkpoint, "every_steps", 1000)
     monkeypatch.setattr(trainer, "state", TrainState(step=trainer.step))
-    monkeypatch.setattr(trainer, "stop_reason", "")
+    monkeypatch.setattr(trainer, "stop", None)
     validated, printed = [], []
     monkeypatch.setattr(trainer, "_validate_and_keep_best", lambda: validated.append(trainer.step))
     monkeypatch.setattr(trainer, "_start", lambda: None)
@@ -219,13 +218,15 @@ def test_cpu_budget_stops_training_with_validation_and_a_checkpoint(trainer, mon
     assert any(line.startswith("CPU budget spent:") and f"at step {start + 1}" in line for line in printed)
     saved = trainer.state.to_client_state(world_size=1, samples_per_step=2)
     assert TrainState.from_client_state(saved, 1, "x").train_cpu_seconds == trainer.state.train_cpu_seconds
+    record = read_run_record(trainer.config.checkpoint.dir)
+    assert record["stopped_by"] == "cpu_budget" and record["steps"] == start + 1
 
 
 def test_a_run_resumed_with_its_budget_spent_trains_no_further(trainer, monkeypatch):
     monkeypatch.setattr(trainer.config.training, "cpu_budget_seconds", 5.0)
     monkeypatch.setattr(trainer, "total_steps", trainer.step + 50)
     monkeypatch.setattr(trainer, "state", TrainState(step=trainer.step, train_cpu_seconds=5.0))
-    monkeypatch.setattr(trainer, "stop_reason", "")
+    monkeypatch.setattr(trainer, "stop", None)
     monkeypatch.setattr(trainer, "last_saved", trainer.step)
     monkeypatch.setattr(trainer, "_start", lambda: None)
     monkeypatch.setattr(trainer, "train_step", lambda batch: pytest.fail("trained past a spent budget"))
@@ -242,15 +243,63 @@ def test_a_sigterm_during_the_ranks_agreement_is_not_lost(trainer, monkeypatch):
     that step says "go on", and the next step must still stop."""
     monkeypatch.setattr(trainer, "state", TrainState(step=7))
     monkeypatch.setattr(trainer, "total_steps", 100)
-    monkeypatch.setattr(trainer, "sigterm_received", False)
-    monkeypatch.setattr(trainer, "stop_requested", False)
-    monkeypatch.setattr(trainer, "stop_reason", "")
+    monkeypatch.setattr(trainer.stop_policy, "sigterm_received", False)
+    monkeypatch.setattr(trainer, "stop", None)
 
-    def signal_during_agreement(flag: bool) -> bool:
-        trainer._handle_sigterm(15, None)
-        return flag  # the other ranks had no signal when the all-reduce started
+    def signal_during_agreement(value: float) -> float:
+        trainer.stop_policy.handle_sigterm(15, None)
+        return value  # the other ranks had no signal when the all-reduce started
 
-    monkeypatch.setattr("medgan.training.trainer.all_ranks_agree", signal_during_agreement)
+    monkeypatch.setattr("medgan.training.stopping.max_over_ranks", signal_during_agreement)
     assert trainer._after_step({"loss_g": 1.0, "loss_l1": 0.01}) is False
     assert trainer._after_step({"loss_g": 1.0, "loss_l1": 0.01}) is True
-    assert trainer.stop_reason == "SIGTERM: stopping at step 7"
+    assert trainer.stop == Stop("sigterm", "SIGTERM: stopping at step 7")
+
+
+def test_one_all_reduce_per_check_decides_both_the_sigterm_and_the_budget(trainer, monkeypatch):
+    """The budget and the SIGTERM flag travel in one collective, and a SIGTERM outranks a spent budget."""
+    calls = []
+    monkeypatch.setattr(trainer.config.training, "cpu_budget_seconds", 5.0)
+    monkeypatch.setattr(trainer, "state", TrainState(step=7, train_cpu_seconds=1.0))
+    monkeypatch.setattr(trainer, "total_steps", 100)
+    monkeypatch.setattr(trainer.stop_policy, "sigterm_received", False)
+    monkeypatch.setattr("medgan.training.stopping.max_over_ranks", lambda value: calls.append(value) or value)
+    assert trainer._after_step({"loss_g": 1.0, "loss_l1": 0.01}) is False
+    assert len(calls) == 1, "one collective per check"
+    policy = StopPolicy(trainer.config.training)
+    assert policy.check(7, 4.9) is None
+    assert policy.check(7, 5.0).kind == "cpu_budget"
+    policy.handle_sigterm(15, None)
+    assert policy.check(7, 5.0) == Stop("sigterm", "SIGTERM: stopping at step 7")
+    monkeypatch.setattr(trainer.config.training, "cpu_budget_seconds", 0.0)
+    assert StopPolicy(trainer.config.training).check(7, 1e9) is None, "no budget: never spent"
+
+
+def test_the_run_record_holds_steps_cpu_time_parameters_and_every_validation(trainer, monkeypatch):
+    """Two steps validated each: the record (read through checkpointing) after each validation and at the
+    end, at full precision, with the best tag the trainer marked."""
+    start = trainer.step
+    monkeypatch.setattr(trainer, "total_steps", start + 2)
+    monkeypatch.setattr(trainer.config.training, "val_every_steps", 1)
+    monkeypatch.setattr(trainer.config.training, "cpu_budget_seconds", 0.0)
+    monkeypatch.setattr(trainer, "state", TrainState(step=start))
+    monkeypatch.setattr(trainer, "stop", None)
+    monkeypatch.setattr(trainer, "_start", lambda: None)
+    scored, written = [], []
+    validate = trainer.validate
+    monkeypatch.setattr(trainer, "validate", lambda: scored.append(validate()) or scored[-1])
+    write = trainer.checkpoints.write_run_record
+    monkeypatch.setattr(trainer.checkpoints, "write_run_record", lambda r: written.append(r) or write(r))
+    trainer.fit()
+    record = read_run_record(trainer.config.checkpoint.dir)
+    psnrs = [summary["val/psnr"] for summary in scored]
+    assert record["validations"] == [[start + 1, psnrs[0]], [start + 2, psnrs[1]]]
+    best = start + 1 + int(np.argmax(psnrs))
+    assert (record["best_step"], record["best_tag"]) == (best, read_best_tag(trainer.config.checkpoint.dir))
+    assert record["best_tag"] == tag_for_step(best) and record["best_val_psnr"] == max(psnrs)
+    assert record["steps"] == start + 2 and record["stopped_by"] == "total_steps"
+    assert record["epochs"] == pytest.approx((start + 2) / trainer.batches_per_epoch)
+    assert record["train_cpu_seconds"] == trainer.state.train_cpu_seconds > 0
+    assert (record["generator_parameters"], record["discriminator_parameters"]) == trainer.parameter_counts
+    # rewritten after the first validation, while the run was still going
+    assert any(r["validations"] == record["validations"][:1] and r["stopped_by"] is None for r in written)

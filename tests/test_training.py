@@ -26,7 +26,7 @@ from medgan.distributed import DistributedContext
 from medgan.inference.loading import load_generator
 from medgan.models.generator import build_generator
 from medgan.training.ema import ExponentialMovingAverage
-from medgan.training.trainer import deepspeed_settings, lr_factor
+from medgan.training.engines import deepspeed_settings, lr_factor
 
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
