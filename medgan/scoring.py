@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,19 +79,50 @@ def slice_scores(pred, target, mask) -> dict[str, np.ndarray]:
     return {name: np.asarray(getattr(metrics, name)(pred, target, mask=mask), np.float64) for name in METRICS}
 
 
-def score_volume(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> tuple[dict, dict]:
-    """(per-slice, per-volume) metrics of ``pred`` vs ``target`` [Z, H, W] in [0, 1] over ``mask``.
-
-    per-slice: metric -> float64 [Z] (NaN where the slice's mask is empty); per-volume: metric ->
-    float over every masked voxel of the stack (3D SSIM; NaN when Z < 11, the 3D window's length).
-    """
+def volume_scores(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """metric -> float: ``pred`` vs ``target`` [Z, H, W] in [0, 1] over every voxel of ``mask`` (3D SSIM;
+    NaN when Z < 11, the 3D window's length)."""
     per_volume = {}
     for name in METRICS:
         if name == "ssim" and min(pred.shape) < metrics.SSIM_WIN_SIZE:
             per_volume[name] = math.nan
             continue
         per_volume[name] = float(getattr(metrics, name)(pred, target, mask=mask, spatial_dims=3))
-    return slice_scores(pred, target, mask), per_volume
+    return per_volume
+
+
+def score_slices(
+    method: str,
+    tasks: Sequence[str],
+    subjects: Sequence[str],
+    slices: np.ndarray,
+    pred: np.ndarray,
+    target: np.ndarray,
+    mask: np.ndarray,
+    seg: np.ndarray | None = None,
+) -> list[SliceScore]:
+    """Every region's per-slice scores of a stack of slices that may mix subjects and tasks (a batch).
+
+    tasks, subjects: each slice's. slices: int ``[Z]`` axial index of each slice. pred, target: float
+    ``[Z, H, W]`` in ``[0, 1]``. mask: bool ``[Z, H, W]`` brain mask. seg: BraTS labels ``[Z, H, W]`` or None.
+    """
+    rows = []
+    for region, region_mask in region_masks(mask, seg).items():
+        per_slice = slice_scores(pred, target, region_mask)
+        voxels = region_mask.sum(axis=(1, 2))
+        for index, slice_index in enumerate(slices):
+            rows.append(
+                SliceScore(
+                    method,
+                    tasks[index],
+                    subjects[index],
+                    int(slice_index),
+                    region,
+                    *(float(per_slice[name][index]) for name in METRICS),
+                    int(voxels[index]),
+                )  # fmt: skip
+            )
+    return rows
 
 
 def score_subject(
@@ -104,27 +135,13 @@ def score_subject(
     mask: np.ndarray,
     seg: np.ndarray | None,
 ) -> tuple[list[SliceScore], list[VolumeScore]]:
-    """Every region's per-slice and per-volume scores of one subject's synthesized stack.
-
-    slices: int ``[Z]`` axial index of each slice. pred, target: float ``[Z, H, W]`` in ``[0, 1]``.
-    mask: bool ``[Z, H, W]`` brain mask. seg: BraTS labels ``[Z, H, W]`` or None.
-    """
-    slice_rows, volume_rows = [], []
+    """Every region's per-slice (:func:`score_slices`) and per-volume scores of one subject's synthesized
+    stack; arguments as there, with one task and subject."""
+    count = len(slices)
+    slice_rows = score_slices(method, [task] * count, [subject] * count, slices, pred, target, mask, seg)
+    volume_rows = []
     for region, region_mask in region_masks(mask, seg).items():
-        per_slice, per_volume = score_volume(pred, target, region_mask)
-        voxels = region_mask.sum(axis=(1, 2))
-        for index, slice_index in enumerate(slices):
-            slice_rows.append(
-                SliceScore(
-                    method,
-                    task,
-                    subject,
-                    int(slice_index),
-                    region,
-                    *(float(per_slice[name][index]) for name in METRICS),
-                    int(voxels[index]),
-                )  # fmt: skip
-            )
+        per_volume = volume_scores(pred, target, region_mask)
         volume_rows.append(
             VolumeScore(
                 method,

@@ -19,7 +19,7 @@ from medgan.evaluation.default_protocol import evaluate
 from medgan.evaluation.subjects import NiftiSubjects, ShardSubjects
 from medgan.evaluation.tasks import Task, tasks_to_evaluate
 from medgan.inference.loading import LoadedGenerator, load_generator
-from medgan.scoring import COPY, holm_adjusted, paired_statistics, score_volume
+from medgan.scoring import COPY, holm_adjusted, paired_statistics, volume_scores
 
 
 def test_paired_statistics_equal_scipy():
@@ -60,7 +60,7 @@ def test_per_volume_figures_equal_a_direct_3d_computation():
     pred = np.clip(target + rng.normal(0, 0.1, target.shape), 0, 1)
     mask = np.zeros(target.shape, dtype=bool)
     mask[2:12, 5:28, 6:25] = True
-    _, volume = score_volume(pred, target, mask)
+    volume = volume_scores(pred, target, mask)
     error = (pred - target)[mask]
     assert volume["psnr"] == pytest.approx(10 * np.log10(1 / np.mean(error**2)))
     assert volume["mae"] == pytest.approx(np.mean(np.abs(error)))

@@ -12,7 +12,7 @@ import torch
 
 from medgan.distributed import all_gather_objects
 from medgan.models.generator import GeneratorConfig, build_generator, recording_scan_share
-from medgan.scoring import MODEL, SliceScore, per_subject_means, score_subject, summarize_scores
+from medgan.scoring import MODEL, SliceScore, per_subject_means, score_slices, summarize_scores
 from medgan.training.ema import ExponentialMovingAverage, full_fp32_state
 from medgan.training.tracking import image_grid
 
@@ -33,27 +33,18 @@ def evaluation_generator(
 
 
 def score_batch(fake: torch.Tensor, batch: dict[str, Any], canonical: list[str]) -> list[SliceScore]:
-    """Each slice's brain scores (``scoring.score_subject``, task ``->TARGET``) of ``fake [B, H, W]``
-    (float32, CPU, in ``[0, 1]``) against the batch's target over its mask, one call per (subject, task)."""
-    groups: dict[tuple[str, str], list[int]] = {}
-    for index, subject in enumerate(batch["subject"]):
-        target = canonical[int(batch["target_index"][index])]
-        groups.setdefault((subject, f"->{target}"), []).append(index)
-    rows: list[SliceScore] = []
-    for (subject, task), indices in groups.items():
-        chosen = torch.tensor(indices)
-        slices, _ = score_subject(
-            MODEL,
-            task,
-            subject,
-            batch["slice"][chosen].numpy(),
-            fake[chosen],
-            batch["target"][chosen, 0],
-            batch["mask"][chosen, 0] > 0.5,
-            None,
-        )
-        rows.extend(slices)
-    return rows
+    """Each slice's brain scores (``scoring.score_slices``, task ``->TARGET``) of ``fake [B, H, W]``
+    (float32, CPU, in ``[0, 1]``) against the batch's target over its mask."""
+    tasks = [f"->{canonical[int(index)]}" for index in batch["target_index"]]
+    return score_slices(
+        MODEL,
+        tasks,
+        list(batch["subject"]),
+        batch["slice"].numpy(),
+        fake,
+        batch["target"][:, 0],
+        batch["mask"][:, 0] > 0.5,
+    )
 
 
 @torch.no_grad()
