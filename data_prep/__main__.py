@@ -12,10 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep.errors import UserError
-
-EXIT_INPUT_ERROR = 2
-EXIT_INTERRUPTED = 130
+from data_prep.errors import exit_status
 
 
 def progress_bar(description: str):
@@ -111,14 +108,7 @@ def build_parser(prog: str = "python -m data_prep") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "python -m data_prep") -> int:
     args = build_parser(prog).parse_args(argv)
-    try:
-        return args.run(args)
-    except UserError as error:
-        print(f"data_prep {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
-    except KeyboardInterrupt:
-        print(f"data_prep {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    return exit_status(f"data_prep {args.command}", lambda: args.run(args))
 
 
 def entry() -> int:

@@ -8,6 +8,14 @@ show a traceback for it. Internal errors (bugs) are deliberately *not* this type
 a traceback.
 """
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+EXIT_INPUT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
 
 class UserError(Exception):
     """A problem with the user's input; the message names the file or value and what is wrong."""
@@ -24,3 +32,16 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError):
     """A shard folder a user pointed at is missing, incomplete or inconsistent (one line, names it)."""
+
+
+def exit_status(command: str, run: Callable[[], int]) -> int:
+    """``run()``'s exit status; a UserError becomes one line ``COMMAND: error: ...`` on stderr and status 2,
+    Ctrl-C one line and 130. Anything else is a bug and keeps its traceback. The command lines' one guard."""
+    try:
+        return run()
+    except UserError as error:
+        print(f"{command}: error: {error}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

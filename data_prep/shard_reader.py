@@ -237,3 +237,8 @@ def decode_sample(raw: dict[str, Any], with_seg: bool = True) -> ShardSample:
     return ShardSample(
         raw["__key__"], json.loads(raw["json"]), _npy(raw["img.npy"]), _npy(raw["mask.npy"]), seg
     )
+
+
+def is_shard_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds a manifest (a shard folder, finished or of another version), not raw NIfTI."""
+    return (Path(path) / MANIFEST_NAME).is_file()

@@ -117,4 +117,4 @@ def test_verify_and_training_refuse_a_foreign_manifest_alike(tmp_path, phantom_s
     assert data_prep_main(["verify", str(folder)]) == 2
     assert capsys.readouterr().err.strip() == f"data_prep verify: error: {message}"
     assert train_main(["--config", str(REPO / "configs" / "demo.yaml"), "--data_path", str(folder)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert capsys.readouterr().err.strip() == f"launch/train.py: error: {message}"

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import shlex
 
-EXIT_INPUT_ERROR = 2
+# every command line exits with these (data_prep.errors owns them)
+from data_prep.errors import EXIT_INPUT_ERROR, EXIT_INTERRUPTED  # noqa: F401
+
 EXIT_SOME_SUBJECTS_FAILED = 1
-EXIT_INTERRUPTED = 130
 
 
 def choose_device(name: str | None) -> str:

@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from data_prep.errors import DataError
+from data_prep.shard_reader import is_shard_folder
 from medgan.cli.common import command_line, say
 from medgan.cli.evaluate import EvaluationRequest, evaluate_checkpoint
 
@@ -33,10 +34,10 @@ def shards_for(data_path: str, checkpoint_dir: Path) -> Path:
     source = Path(data_path)
     if not data_path or not source.is_dir():
         raise DataError(f"--data_path {data_path or '(empty)'}: no such folder")
-    if (source / "manifest.json").is_file():
+    if is_shard_folder(source):
         return source
     shards = checkpoint_dir / "shards"
-    if (shards / "manifest.json").is_file():
+    if is_shard_folder(shards):
         say(f"reusing the shards of {source} in {shards}")
         return shards
     command = [

@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.errors import UserError
+from data_prep.errors import EXIT_INPUT_ERROR, exit_status
 from medgan.cli import evaluate, export, front_door, report, synthesize
-from medgan.cli.common import EXIT_INPUT_ERROR, EXIT_INTERRUPTED
 
 SUBCOMMANDS = {"evaluate": evaluate, "synthesize": synthesize, "export": export, "report": report}
 MODULE_PROG = "python -m medgan"
@@ -39,29 +38,19 @@ def main(argv: list[str] | None = None, prog: str = MODULE_PROG) -> int:
     """Dispatch to a subcommand, or to the seed's ``--mode`` front door; a UserError becomes one line."""
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "--mode"
-    try:
-        if command == "--mode":
-            if not any(token == "--mode" or token.startswith("--mode=") for token in argv):
-                if argv and argv[0] in ("-h", "--help"):
-                    build_parser(prog).print_help()
-                    print(
-                        f"\nor the seed's front door: {prog} --mode {{train,test,both}} --data_path DIR ..."
-                    )
-                    return 0
-                commands = ", ".join(SUBCOMMANDS)
-                print(
-                    f"{prog}: error: give a command ({commands}) or --mode train|test|both", file=sys.stderr
-                )
-                return EXIT_INPUT_ERROR
-            return front_door.run(argv, prog)
+    if command != "--mode":
         args = build_parser(prog).parse_args(argv)
-        return args.run(args, argv)
-    except UserError as error:
-        print(f"medgan {command.lstrip('-')}: error: {error}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
-    except KeyboardInterrupt:
-        print(f"medgan {command.lstrip('-')}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return exit_status(f"medgan {command}", lambda: args.run(args, argv))
+    if any(token == "--mode" or token.startswith("--mode=") for token in argv):
+        return exit_status("medgan mode", lambda: front_door.run(argv, prog))
+    if argv and argv[0] in ("-h", "--help"):
+        build_parser(prog).print_help()
+        print(f"\nor the seed's front door: {prog} --mode {{train,test,both}} --data_path DIR ...")
+        return 0
+    print(
+        f"{prog}: error: give a command ({', '.join(SUBCOMMANDS)}) or --mode train|test|both", file=sys.stderr
+    )
+    return EXIT_INPUT_ERROR
 
 
 def entry() -> int:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from data_prep.errors import UserError
+from data_prep.errors import exit_status
 from data_prep.shard_reader import ShardFolder
-from medgan.cli.common import EXIT_INPUT_ERROR
 from medgan.config import config_from_cli
 from medgan.distributed import init_distributed, set_thread_share
 from medgan.training.trainer import train
@@ -16,13 +15,13 @@ from medgan.training.trainer import train
 def main(argv: list[str] | None = None) -> int:
     """``launch/train.py``: the config tree from the command line, then :func:`train`."""
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        config = config_from_cli(argv)
-        ShardFolder.open(config.data.data_path)  # a wrong --data_path fails before ranks start talking
-        context = init_distributed()
-        set_thread_share(context)
-        train(config, context)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
+    return exit_status("launch/train.py", lambda: _train_from(argv))
+
+
+def _train_from(argv: list[str]) -> int:
+    config = config_from_cli(argv)
+    ShardFolder.open(config.data.data_path)  # a wrong --data_path fails before ranks start talking
+    context = init_distributed()
+    set_thread_share(context)
+    train(config, context)
     return 0
