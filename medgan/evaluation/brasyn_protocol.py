@@ -3,10 +3,11 @@
 
 Predictions come from ``--predictions DIR`` (volumes someone else synthesized, named as data_prep's
 discovery reads them: ``<subject>-t2f.nii.gz``, ``<subject>_flair.nii.gz``, ...) or are synthesized here
-from the checkpoint into ``OUT/predictions``. Baselines: every input contrast copied as it is (the one
-with the best mean ranked score is reported as the copied baseline), and ``--baseline-checkpoint``
-synthesized into ``OUT/baseline_predictions``. Outputs: ``brasyn.csv`` (a row per subject and method),
-``summary.json`` (``brasyn`` section) for the report.
+from the checkpoint into ``OUT/predictions``. Baselines: one input contrast copied as it is (the one
+whose copy has the highest mean brain PSNR against the real target, `choose_copy_input`), and
+``--baseline-checkpoint`` synthesized into ``OUT/baseline_predictions``. Each subject's real target and
+seg are loaded and normalised once and every method is scored against them. Outputs: ``brasyn.csv`` (a
+row per subject and method), ``summary.json`` (``brasyn`` section) for the report.
 """
 
 from __future__ import annotations
@@ -21,15 +22,34 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.errors import UserError
-from data_prep.volumes import SEGMENTATION, VolumeError, canonical_modality, discover_nifti_subjects
+from data_prep.volumes import (
+    SEGMENTATION,
+    VolumeError,
+    brain_mask,
+    canonical_modality,
+    discover_nifti_subjects,
+)
 from medgan import metrics
-from medgan.evaluation.brasyn_scores import METRICS, RANKED_METRICS, brasyn_provenance, score_brasyn_folder
+from medgan.evaluation.brasyn_scores import (
+    METRICS,
+    RANKED_METRICS,
+    brasyn_normalise,
+    brasyn_provenance,
+    check_on_reference_grid,
+    load_for_scoring,
+    score_brasyn_methods,
+)
 from medgan.evaluation.summary_file import write_summary
 from medgan.inference.loading import LoadedGenerator
 from medgan.inference.synthesis import SynthesisError, synthesize_volume
 from medgan.scoring import COPY, MODEL, UNET, paired_statistics
 
 PAIRED_METRICS = (*RANKED_METRICS, "ssim_whole", "psnr_whole")
+# A NIfTI folder has no validation split: the copied input is chosen on the evaluated subjects, cheaply.
+COPY_CHOICE = (
+    "highest mean brain PSNR against the real {target} on the evaluated subjects, each volume normalised "
+    "as BraSyn normalises"
+)
 
 
 class BrasynEvaluationError(UserError):
@@ -92,15 +112,35 @@ def synthesize_predictions(
     return written
 
 
-def _score(method: str, predictions: dict[str, Path], subjects: dict[str, dict[str, Path]], target: str):
-    references = {s: (subjects[s][target], subjects[s][SEGMENTATION]) for s in predictions}
-    return [{"method": method, **row} for row in score_brasyn_folder(predictions, references)]
+def copy_brain_psnr(copy: np.ndarray, real: np.ndarray) -> float:
+    """PSNR (dB) of an input copied as it is against the real target, both ``[X, Y, Z]`` in scanner
+    units and normalised as BraSyn normalises (`brasyn_normalise`), over the real target's brain (its
+    nonzero voxels; BraTS volumes are skull-stripped). ``+inf`` for identical volumes."""
+    brain = brain_mask([real])
+    return float(metrics.psnr(brasyn_normalise(copy), brasyn_normalise(real), mask=brain, spatial_dims=3))
 
 
-def _mean_ranked(rows: list[dict[str, Any]]) -> float:
-    values = [np.nanmean([row[name] for name in RANKED_METRICS]) for row in rows]
-    finite = [value for value in values if math.isfinite(value)]
-    return float(np.mean(finite)) if finite else -math.inf
+def choose_copy_input(
+    subjects: dict[str, dict[str, Path]], candidates: list[str], target: str
+) -> tuple[str | None, dict[str, float]]:
+    """(the candidate input whose copy has the highest mean `copy_brain_psnr` over ``subjects``, the
+    mean per candidate); with one candidate or none, that one (or None) without reading a file. Costs a
+    load and a percentile per volume, no SSIM. Inputs whose PSNRs are all NaN rank last; ties go to the
+    earlier candidate."""
+    if len(candidates) <= 1:
+        return (candidates[0] if candidates else None), {}
+    psnrs: dict[str, list[float]] = {name: [] for name in candidates}
+    for files in tqdm(subjects.values(), desc="choose copied input", unit="subject", disable=None):
+        real = load_for_scoring(files[target])
+        for name in candidates:
+            copy = load_for_scoring(files[name])
+            check_on_reference_grid(copy, real)
+            psnrs[name].append(copy_brain_psnr(copy.data, real.data))
+    means = {
+        name: float(np.nanmean(values)) if not np.all(np.isnan(values)) else -math.inf
+        for name, values in psnrs.items()
+    }
+    return max(means, key=means.__getitem__), means
 
 
 def evaluate_brasyn(
@@ -137,22 +177,22 @@ def evaluate_brasyn(
         raise BrasynEvaluationError(
             f"no subject could be scored ({left_out[0] if left_out else 'none found'})"
         )
-    rows = _score(MODEL, predictions, subjects, target)
     scored = sorted(predictions)
-    copies = {
-        name: _score(f"{COPY}:{name}", {s: subjects[s][name] for s in scored}, subjects, target)
-        for name in inputs
-        if all(name in subjects[s] for s in scored)
-    }
-    copy_input = max(copies, key=lambda name: _mean_ranked(copies[name])) if copies else None
+    candidates = [name for name in inputs if all(name in subjects[s] for s in scored)]
+    copy_input, copy_psnrs = choose_copy_input({s: subjects[s] for s in scored}, candidates, target)
+    to_score = {MODEL: predictions}
     if copy_input is not None:
-        rows += [{**row, "method": COPY} for row in copies[copy_input]]
+        to_score[COPY] = {s: subjects[s][copy_input] for s in scored}
     if baseline is not None:
-        baseline_files = synthesize_predictions(
+        to_score[UNET] = synthesize_predictions(
             baseline, {s: subjects[s] for s in scored}, inputs, target, out / "baseline_predictions",
             batch_size, left_out,
         )  # fmt: skip
-        rows += _score(UNET, baseline_files, subjects, target)
+    references = {s: (subjects[s][target], subjects[s][SEGMENTATION]) for s in scored}
+    by_method_rows = score_brasyn_methods(to_score, references)
+    rows = [
+        {"method": method, **row} for method, method_rows in by_method_rows.items() for row in method_rows
+    ]
     methods = list(dict.fromkeys(row["method"] for row in rows))
     by_method = {
         method: {row["subject"]: row for row in rows if row["method"] == method} for method in methods
@@ -168,7 +208,7 @@ def evaluate_brasyn(
         "methods": {
             MODEL: f"the synthesized {target}: {source}",
             **(
-                {COPY: f"the input {copy_input} copied as it is (best mean ranked SSIM)"}
+                {COPY: f"the input {copy_input} copied as it is ({COPY_CHOICE.format(target=target)})"}
                 if copy_input
                 else {}
             ),
@@ -180,6 +220,7 @@ def evaluate_brasyn(
             "target": target,
             "inputs": inputs,
             "copy_input": copy_input,
+            "copy_brain_psnr": copy_psnrs,
             "provenance": brasyn_provenance(),
             "methods": {
                 method: {
