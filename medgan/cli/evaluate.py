@@ -89,7 +89,7 @@ def evaluate_checkpoint(
     )
     from medgan.evaluation.report import write_report
     from medgan.inference.loading import load_generator
-    from medgan.inference.synthesis import load_for_synthesis, spread_variants
+    from medgan.inference.spread import load_for_synthesis, spread_variants
 
     started = time.perf_counter()
     if protocol == "brasyn":

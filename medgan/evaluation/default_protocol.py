@@ -44,13 +44,8 @@ from medgan import metrics
 from medgan.evaluation.report import method_descriptions, metric_definitions
 from medgan.evaluation.summary_file import write_summary
 from medgan.inference.loading import LoadedGenerator
-from medgan.inference.synthesis import (
-    SEGMENTATION,
-    SynthesisError,
-    default_reference,
-    predict_with_spread,
-    prepare_nifti_subject,
-)
+from medgan.inference.spread import predict_with_spread
+from medgan.inference.synthesis import SEGMENTATION, SynthesisError, default_reference, prepare_nifti_subject
 from medgan.scoring import (
     COPY,
     METRICS,
