@@ -143,6 +143,88 @@ def choose_copy_input(
     return max(means, key=means.__getitem__), means
 
 
+def _model_predictions(
+    subjects: dict[str, dict[str, Path]],
+    target: str,
+    inputs: list[str],
+    out: Path,
+    generator: LoadedGenerator | None,
+    predictions_folder: str | Path | None,
+    batch_size: int,
+    left_out: list[str],
+) -> tuple[dict[str, Path], str]:
+    """(subject -> the model's volume of ``target`` to score, where they came from): the files of
+    ``--predictions`` for subjects with references, else synthesized into ``out/predictions``; subjects
+    left out are added to ``left_out``."""
+    if predictions_folder is not None:
+        predictions = prediction_files(predictions_folder, target)
+        unknown = sorted(set(predictions) - set(subjects))
+        left_out += [f"{s}: a prediction but no reference {target} and seg in --subjects" for s in unknown]
+        return {s: p for s, p in predictions.items() if s in subjects}, f"the volumes in {predictions_folder}"
+    if generator is not None:
+        predictions = synthesize_predictions(
+            generator, subjects, inputs, target, out / "predictions", batch_size, left_out
+        )
+        return predictions, generator.source
+    raise BrasynEvaluationError("--protocol brasyn needs --checkpoint or --predictions DIR")
+
+
+def score_methods(
+    subjects: dict[str, dict[str, Path]],
+    target: str,
+    inputs: list[str],
+    predictions: dict[str, Path],
+    baseline: LoadedGenerator | None,
+    out: Path,
+    batch_size: int,
+    left_out: list[str],
+) -> tuple[list[dict[str, Any]], str | None, dict[str, float]]:
+    """(a row per method and subject: the model's ``predictions``, the copied input (`choose_copy_input`)
+    and the baseline synthesized into ``out/baseline_predictions``, each subject's references loaded once;
+    the copied input; each candidate's mean brain PSNR)."""
+    scored = sorted(predictions)
+    candidates = [name for name in inputs if all(name in subjects[s] for s in scored)]
+    copy_input, copy_psnrs = choose_copy_input({s: subjects[s] for s in scored}, candidates, target)
+    to_score = {MODEL: predictions}
+    if copy_input is not None:
+        to_score[COPY] = {s: subjects[s][copy_input] for s in scored}
+    if baseline is not None:
+        to_score[UNET] = synthesize_predictions(
+            baseline, {s: subjects[s] for s in scored}, inputs, target, out / "baseline_predictions",
+            batch_size, left_out,
+        )  # fmt: skip
+    references = {s: (subjects[s][target], subjects[s][SEGMENTATION]) for s in scored}
+    by_method = score_brasyn_methods(to_score, references)
+    rows = [{"method": method, **row} for method, method_rows in by_method.items() for row in method_rows]
+    return rows, copy_input, copy_psnrs
+
+
+def _method_statistics(rows: list[dict[str, Any]], scored: list[str]) -> dict[str, Any]:
+    """Per method the summary of each metric, and per baseline the paired statistics against the model."""
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    by_method = {
+        method: {row["subject"]: row for row in rows if row["method"] == method} for method in methods
+    }
+    return {
+        "methods": {
+            method: {
+                name: metrics.summarize([row[name] for row in by_method[method].values()]) for name in METRICS
+            }
+            for method in methods
+        },
+        "paired": {
+            method: {
+                name: paired_statistics(
+                    [by_method[MODEL][s][name] for s in scored],
+                    [by_method[method].get(s, {}).get(name, math.nan) for s in scored],
+                )
+                for name in PAIRED_METRICS
+            }
+            for method in methods[1:]
+        },
+    }
+
+
 def evaluate_brasyn(
     subjects_folder: str | Path,
     target: str,
@@ -160,58 +242,28 @@ def evaluate_brasyn(
     target = canonical_modality(target)
     out.mkdir(parents=True, exist_ok=True)
     subjects, left_out = reference_volumes(subjects_folder, target)
-    if predictions_folder is not None:
-        predictions = prediction_files(predictions_folder, target)
-        unknown = sorted(set(predictions) - set(subjects))
-        left_out += [f"{s}: a prediction but no reference {target} and seg in --subjects" for s in unknown]
-        predictions = {s: p for s, p in predictions.items() if s in subjects}
-        source = f"the volumes in {predictions_folder}"
-    elif generator is not None:
-        predictions = synthesize_predictions(
-            generator, subjects, inputs, target, out / "predictions", batch_size, left_out
-        )
-        source = generator.source
-    else:
-        raise BrasynEvaluationError("--protocol brasyn needs --checkpoint or --predictions DIR")
+    predictions, source = _model_predictions(
+        subjects, target, inputs, out, generator, predictions_folder, batch_size, left_out
+    )
     if not predictions:
         raise BrasynEvaluationError(
             f"no subject could be scored ({left_out[0] if left_out else 'none found'})"
         )
-    scored = sorted(predictions)
-    candidates = [name for name in inputs if all(name in subjects[s] for s in scored)]
-    copy_input, copy_psnrs = choose_copy_input({s: subjects[s] for s in scored}, candidates, target)
-    to_score = {MODEL: predictions}
-    if copy_input is not None:
-        to_score[COPY] = {s: subjects[s][copy_input] for s in scored}
-    if baseline is not None:
-        to_score[UNET] = synthesize_predictions(
-            baseline, {s: subjects[s] for s in scored}, inputs, target, out / "baseline_predictions",
-            batch_size, left_out,
-        )  # fmt: skip
-    references = {s: (subjects[s][target], subjects[s][SEGMENTATION]) for s in scored}
-    by_method_rows = score_brasyn_methods(to_score, references)
-    rows = [
-        {"method": method, **row} for method, method_rows in by_method_rows.items() for row in method_rows
-    ]
-    methods = list(dict.fromkeys(row["method"] for row in rows))
-    by_method = {
-        method: {row["subject"]: row for row in rows if row["method"] == method} for method in methods
-    }
+    rows, copy_input, copy_psnrs = score_methods(
+        subjects, target, inputs, predictions, baseline, out, batch_size, left_out
+    )
+    copied = f"the input {copy_input} copied as it is ({COPY_CHOICE.format(target=target)})"
     summary = {
         **(description or {}),
         "protocol": "brasyn",
         "scope": f"whole NIfTI volumes of the subjects in {subjects_folder} that have {target} and a seg",
         "checkpoint": source,
         "baseline_checkpoint": baseline.source if baseline is not None else None,
-        "subjects_evaluated": len(scored),
+        "subjects_evaluated": len(predictions),
         "failed_subjects": left_out,
         "methods": {
             MODEL: f"the synthesized {target}: {source}",
-            **(
-                {COPY: f"the input {copy_input} copied as it is ({COPY_CHOICE.format(target=target)})"}
-                if copy_input
-                else {}
-            ),
+            **({COPY: copied} if copy_input else {}),
             **({UNET: "the generator of --baseline-checkpoint"} if baseline is not None else {}),
         },
         "definitions": brasyn_definitions(),
@@ -222,23 +274,7 @@ def evaluate_brasyn(
             "copy_input": copy_input,
             "copy_brain_psnr": copy_psnrs,
             "provenance": brasyn_provenance(),
-            "methods": {
-                method: {
-                    name: metrics.summarize([row[name] for row in by_method[method].values()])
-                    for name in METRICS
-                }
-                for method in methods
-            },
-            "paired": {
-                method: {
-                    name: paired_statistics(
-                        [by_method[MODEL][s][name] for s in scored],
-                        [by_method[method].get(s, {}).get(name, math.nan) for s in scored],
-                    )
-                    for name in PAIRED_METRICS
-                }
-                for method in methods[1:]
-            },
+            **_method_statistics(rows, sorted(predictions)),
         },
     }
     with open(out / "brasyn.csv", "w", newline="") as stream:
