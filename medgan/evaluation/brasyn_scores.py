@@ -66,6 +66,10 @@ exact for the integer and float32 files BraTS and most models write, rounded for
 The upstream script reads volumes with SimpleITK, whose arrays are nibabel's transposed (``[k, j, i]``);
 we transpose the same way before the metrics, so that even their sums run in the same order.
 
+Files: `score_brasyn_folder` scores one folder of predictions; `score_brasyn_methods` scores several
+methods' volumes, loading, checking and normalising each subject's reference once (`load_reference`) and
+scoring every method's volume against it (`score_prediction`), with the same numbers.
+
 torchmetrics is not a runtime dependency of this package: it is imported only when a score is computed,
 and its absence is a one-line :class:`UserError` saying how to install it.
 """
@@ -285,6 +289,7 @@ def brasyn_scores(
 def load_for_scoring(path: Path, *, is_label: bool = False) -> LoadedVolume:
     """A volume through data_prep's loader, refused (one-line VolumeError) if any voxel is NaN or Inf:
     the loader sets them to 0 and counts them by value (``nan_voxels``, ``inf_voxels``)."""
+    # Looked up per call, so the tests can count and replace the loader's reads.
     from data_prep.volumes import load_volume
 
     volume = load_volume(path, is_label=is_label)
