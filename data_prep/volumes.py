@@ -114,6 +114,7 @@ __all__ = [
     "resample_from",
     "resample_onto",
     "restore_volume",
+    "same_grid",
     "to_canonical",
     "uncrop",
 ]
@@ -644,8 +645,11 @@ def _all_oriented_alike(volumes) -> bool:
     return all(np.array_equal(transform, transforms[0]) for transform in transforms)
 
 
-def _same_grid(a: LoadedVolume, b: LoadedVolume) -> bool:
-    return a.data.shape == b.data.shape and np.allclose(a.affine, b.affine, atol=_AFFINE_TOLERANCE_MM)
+def same_grid(shape_a, affine_a: np.ndarray, shape_b, affine_b: np.ndarray) -> bool:
+    """Whether two voxel grids are one: the same shape and affines equal within 1e-3 mm (numpy's
+    default relative tolerance on top), so a header another tool rewrote in float32 stays on its grid.
+    `grid_difference` says what tells two grids apart when they are not."""
+    return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, atol=_AFFINE_TOLERANCE_MM)
 
 
 def grid_difference(shape_a, affine_a: np.ndarray, shape_b, affine_b: np.ndarray) -> str:
@@ -700,7 +704,7 @@ def prepare_subject(
 
     def onto_reference(modality: str, volume: LoadedVolume):
         """(the volume on the canonical reference grid, (registration, own reorientation) or None)."""
-        if _same_grid(volume, fixed):
+        if same_grid(volume.data.shape, volume.affine, fixed.data.shape, fixed.affine):
             return to_canonical(volume.data, volume.affine)[0], None
         if not settings.register:
             raise VolumeError(
@@ -815,7 +819,7 @@ def _normalise_into(
 def _load_segmentation(path: Path, reference: LoadedVolume) -> np.ndarray:
     """uint8 label map on the reference grid, in BraTS 2021 labels (2023+ label 3 becomes 4)."""
     volume = load_volume(path, is_label=True, keep_integers=True)
-    if not _same_grid(volume, reference):
+    if not same_grid(volume.data.shape, volume.affine, reference.data.shape, reference.affine):
         difference = grid_difference(volume.data.shape, volume.affine, reference.data.shape, reference.affine)
         raise VolumeError(f"{path}: the seg is not on the grid of the images ({difference})")
     # In place: the loaded float32 copy is ours, and a full-size label map is mostly passes over memory.

@@ -287,3 +287,110 @@ def test_provenance_names_the_upstream_commit_and_torchmetrics_version():
     record = brasyn.brasyn_provenance()
     assert record["upstream_repository"] == "https://github.com/hongweilibran/BraSyn"
     assert len(record["upstream_commit"]) == 40 and record["torchmetrics"] == torchmetrics.__version__
+
+
+def brasyn_folders(tmp_path):
+    """(subjects folder, predictions folder) from the fixtures: each subject's real volume as its flair,
+    its seg, the fixture prediction as a t1 input, and the real volume plus a little noise as a t2 input
+    (the better copy by any measure); the prediction as the flair to score."""
+    subjects, predictions = tmp_path / "subjects", tmp_path / "predictions"
+    rng = np.random.default_rng(0)
+    for subject in SUBJECTS:
+        files = make_fixtures.paths(subject)
+        (subjects / subject).mkdir(parents=True)
+        predictions.mkdir(exist_ok=True)
+        (subjects / subject / f"{subject}_flair.nii.gz").symlink_to(files["real"])
+        (subjects / subject / f"{subject}_seg.nii.gz").symlink_to(files["seg"])
+        (subjects / subject / f"{subject}_t1.nii.gz").symlink_to(files["pred"])
+        (predictions / f"{subject}_flair.nii.gz").symlink_to(files["pred"])
+        real = nib.load(files["real"])
+        noisy = np.asarray(real.dataobj, dtype=np.float32) + rng.normal(0, 5, real.shape).astype(np.float32)
+        write_like(subjects / subject / f"{subject}_t2.nii.gz", noisy, real.affine)
+    return subjects, predictions
+
+
+def test_brasyn_protocol_loads_each_reference_once_for_every_method(tmp_path, monkeypatch):
+    from data_prep import volumes
+    from medgan.evaluation.brasyn_protocol import evaluate_brasyn
+
+    subjects, predictions = brasyn_folders(tmp_path)
+    real_loader, loads = volumes.load_volume, {}
+
+    def counting_loader(path, **kwargs):
+        name = str(Path(path).relative_to(tmp_path))
+        loads[name] = loads.get(name, 0) + 1
+        return real_loader(path, **kwargs)
+
+    monkeypatch.setattr(volumes, "load_volume", counting_loader)
+    evaluate_brasyn(subjects, "flair", ["t1", "t2"], tmp_path / "out", predictions_folder=predictions)
+    for s in SUBJECTS:
+        # the seg once; the real target once to score every method, once to choose the copied input
+        assert loads[f"subjects/{s}/{s}_seg.nii.gz"] == 1, loads
+        assert loads[f"subjects/{s}/{s}_flair.nii.gz"] == 2, loads
+        assert loads[f"predictions/{s}_flair.nii.gz"] == 1, loads
+        # both inputs to choose the copy, the chosen one (t2) again to score it
+        assert loads[f"subjects/{s}/{s}_t1.nii.gz"] == 1 and loads[f"subjects/{s}/{s}_t2.nii.gz"] == 2, loads
+
+
+def test_brasyn_copied_input_is_chosen_by_brain_psnr_and_only_it_is_scored(tmp_path, monkeypatch):
+    import csv
+
+    from medgan.evaluation.brasyn_protocol import copy_brain_psnr, evaluate_brasyn
+    from medgan.scoring import COPY, MODEL
+
+    subjects, predictions = brasyn_folders(tmp_path)
+    ssim, calls = brasyn._ssim, []
+    monkeypatch.setattr(brasyn, "_ssim", lambda *args: calls.append(1) or ssim(*args))
+    summary = evaluate_brasyn(
+        subjects, "flair", ["t1", "t2"], tmp_path / "out", predictions_folder=predictions
+    )
+    assert len(calls) == 3 * 2 * len(SUBJECTS)  # three SSIMs per subject for the model and one copy only
+
+    expected = {}
+    for name in ("t1", "t2"):
+        values = [
+            copy_brain_psnr(
+                np.asarray(nib.load(subjects / s / f"{s}_{name}.nii.gz").dataobj, dtype=np.float32),
+                np.asarray(nib.load(subjects / s / f"{s}_flair.nii.gz").dataobj, dtype=np.float32),
+            )
+            for s in SUBJECTS
+        ]
+        expected[name] = float(np.mean(values))
+    assert summary["brasyn"]["copy_brain_psnr"] == pytest.approx(expected)
+    assert summary["brasyn"]["copy_input"] == "t2" == max(expected, key=expected.__getitem__)
+    assert "on the evaluated subjects" in summary["methods"][COPY]
+
+    # the rows are the scores each method would get alone: loading the reference once changes no number
+    with open(tmp_path / "out" / "brasyn.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["method"] for row in rows] == [MODEL] * 2 + [COPY] * 2
+    references = {s: (subjects / s / f"{s}_flair.nii.gz", subjects / s / f"{s}_seg.nii.gz") for s in SUBJECTS}
+    for method, name in ((MODEL, "flair"), (COPY, "t2")):
+        files = predictions if method == MODEL else subjects
+        alone = brasyn.score_brasyn_folder(
+            {s: next(files.rglob(f"{s}_{name}.nii.gz")) for s in SUBJECTS}, references
+        )
+        written = [row for row in rows if row["method"] == method]
+        for row, direct in zip(written, alone, strict=True):
+            assert {key: str(value) for key, value in direct.items()} == {key: row[key] for key in direct}
+
+
+def test_one_grid_tolerance_for_the_brasyn_score_and_the_segmenter(tmp_path):
+    from medgan.evaluation.segmenter import SegmenterError, write_brats2023_folder
+
+    predictions, references = fixture_inputs()
+    image = nib.load(predictions["subject-a"])
+    data = np.asarray(image.dataobj)
+    for shift_mm, same in ((5e-4, True), (1e-2, False)):
+        affine = image.affine.copy()
+        affine[0, 3] += shift_mm
+        shifted = write_like(tmp_path / f"shifted_{shift_mm}.nii.gz", data, affine)
+        contrasts = {"t1": predictions["subject-a"], "t1ce": shifted, "t2": shifted, "flair": shifted}
+        if same:
+            brasyn.score_brasyn_folder({"subject-a": shifted}, {"subject-a": references["subject-a"]})
+            write_brats2023_folder({"subject-a": contrasts}, tmp_path / f"segmenter_{shift_mm}")
+        else:
+            with pytest.raises(UserError, match="affine differs"):
+                brasyn.score_brasyn_folder({"subject-a": shifted}, {"subject-a": references["subject-a"]})
+            with pytest.raises(SegmenterError, match="on one grid"):
+                write_brats2023_folder({"subject-a": contrasts}, tmp_path / f"segmenter_{shift_mm}")

@@ -254,7 +254,7 @@ def test_brasyn_protocol_from_a_checkpoint_and_from_predictions(phantom_subjects
 
 def test_spread_is_set_against_the_error(phantom_shards, tmp_path):
     from medgan.evaluation.report import write_report
-    from medgan.inference.synthesis import spread_variants
+    from medgan.inference.spread import spread_variants
 
     generator = load_generator(write_checkpoint(tmp_path / "model", arch="unet"))
     subjects = ShardSubjects(phantom_shards, "test", generator.modalities)

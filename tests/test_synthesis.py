@@ -22,17 +22,14 @@ from torch import nn
 
 from data_prep.volumes import VolumeError, discover_nifti_subjects, to_canonical
 from medgan.checkpointing import MODEL_STATES_FILE, CheckpointError, CheckpointLayout, read_safetensors
+from medgan.inference.errors import SynthesisError
 from medgan.inference.export import export_generator
+from medgan.inference.folder_mode import synthesize_folder
 from medgan.inference.loading import load_generator
 from medgan.inference.provenance import weights_sha256, write_dataset_description
-from medgan.inference.synthesis import (
-    SynthesisError,
-    load_for_synthesis,
-    parse_input_flags,
-    synthesize_folder,
-    synthesize_volume,
-    write_synthesized,
-)
+from medgan.inference.sidecars import write_synthesized
+from medgan.inference.spread import load_for_synthesis
+from medgan.inference.synthesis import parse_input_flags, synthesize_volume
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,7 @@ def _evaluate_default(request: EvaluationRequest) -> None:
     """The default protocol: PSNR / SSIM / MAE beside the baselines, on shards or NIfTI subjects."""
     from medgan.evaluation.default_protocol import evaluate
     from medgan.evaluation.tasks import EvaluationError, tasks_to_evaluate
-    from medgan.inference.synthesis import load_for_synthesis, spread_variants
+    from medgan.inference.spread import load_for_synthesis, spread_variants
 
     started = time.perf_counter()
     if request.predictions:

@@ -16,7 +16,7 @@ from medgan.cli.common import (
     command_line,
     say,
 )
-from medgan.inference.synthesis import SynthesisError
+from medgan.inference.errors import SynthesisError
 
 
 def add_parser(commands) -> None:
@@ -43,15 +43,10 @@ def add_parser(commands) -> None:
 
 
 def run(args, argv: list[str]) -> int:
-    from medgan.inference.synthesis import (
-        load_for_synthesis,
-        parse_input_flags,
-        provenance_folder,
-        spread_path,
-        synthesize_folder,
-        synthesize_volume,
-        write_synthesized,
-    )
+    from medgan.inference.folder_mode import synthesize_folder
+    from medgan.inference.sidecars import provenance_folder, spread_path, write_synthesized
+    from medgan.inference.spread import load_for_synthesis
+    from medgan.inference.synthesis import parse_input_flags, synthesize_volume
 
     if bool(args.subjects) == bool(args.input):
         raise SynthesisError("give either --input MODALITY=FILE (one subject) or --subjects DIR (a folder)")

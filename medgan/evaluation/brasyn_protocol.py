@@ -3,10 +3,11 @@
 
 Predictions come from ``--predictions DIR`` (volumes someone else synthesized, named as data_prep's
 discovery reads them: ``<subject>-t2f.nii.gz``, ``<subject>_flair.nii.gz``, ...) or are synthesized here
-from the checkpoint into ``OUT/predictions``. Baselines: every input contrast copied as it is (the one
-with the best mean ranked score is reported as the copied baseline), and ``--baseline-checkpoint``
-synthesized into ``OUT/baseline_predictions``. Outputs: ``brasyn.csv`` (a row per subject and method),
-``summary.json`` (``brasyn`` section) for the report.
+from the checkpoint into ``OUT/predictions``. Baselines: one input contrast copied as it is (the one
+whose copy has the highest mean brain PSNR against the real target, `choose_copy_input`), and
+``--baseline-checkpoint`` synthesized into ``OUT/baseline_predictions``. Each subject's real target and
+seg are loaded and normalised once and every method is scored against them. Outputs: ``brasyn.csv`` (a
+row per subject and method), ``summary.json`` (``brasyn`` section) for the report.
 """
 
 from __future__ import annotations
@@ -21,15 +22,34 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.errors import UserError
-from data_prep.volumes import SEGMENTATION, VolumeError, canonical_modality, discover_nifti_subjects
+from data_prep.volumes import (
+    SEGMENTATION,
+    VolumeError,
+    brain_mask,
+    canonical_modality,
+    discover_nifti_subjects,
+)
 from medgan import metrics
-from medgan.evaluation.brasyn_scores import METRICS, RANKED_METRICS, brasyn_provenance, score_brasyn_folder
+from medgan.evaluation.brasyn_scores import (
+    METRICS,
+    RANKED_METRICS,
+    brasyn_normalise,
+    brasyn_provenance,
+    check_on_reference_grid,
+    load_for_scoring,
+    score_brasyn_methods,
+)
 from medgan.evaluation.summary_file import write_summary
 from medgan.inference.loading import LoadedGenerator
 from medgan.inference.synthesis import SynthesisError, synthesize_volume
 from medgan.scoring import COPY, MODEL, UNET, paired_statistics
 
 PAIRED_METRICS = (*RANKED_METRICS, "ssim_whole", "psnr_whole")
+# A NIfTI folder has no validation split: the copied input is chosen on the evaluated subjects, cheaply.
+COPY_CHOICE = (
+    "highest mean brain PSNR against the real {target} on the evaluated subjects, each volume normalised "
+    "as BraSyn normalises"
+)
 
 
 class BrasynEvaluationError(UserError):
@@ -92,15 +112,117 @@ def synthesize_predictions(
     return written
 
 
-def _score(method: str, predictions: dict[str, Path], subjects: dict[str, dict[str, Path]], target: str):
-    references = {s: (subjects[s][target], subjects[s][SEGMENTATION]) for s in predictions}
-    return [{"method": method, **row} for row in score_brasyn_folder(predictions, references)]
+def copy_brain_psnr(copy: np.ndarray, real: np.ndarray) -> float:
+    """PSNR (dB) of an input copied as it is against the real target, both ``[X, Y, Z]`` in scanner
+    units and normalised as BraSyn normalises (`brasyn_normalise`), over the real target's brain (its
+    nonzero voxels; BraTS volumes are skull-stripped). ``+inf`` for identical volumes."""
+    brain = brain_mask([real])
+    return float(metrics.psnr(brasyn_normalise(copy), brasyn_normalise(real), mask=brain, spatial_dims=3))
 
 
-def _mean_ranked(rows: list[dict[str, Any]]) -> float:
-    values = [np.nanmean([row[name] for name in RANKED_METRICS]) for row in rows]
-    finite = [value for value in values if math.isfinite(value)]
-    return float(np.mean(finite)) if finite else -math.inf
+def choose_copy_input(
+    subjects: dict[str, dict[str, Path]], candidates: list[str], target: str
+) -> tuple[str | None, dict[str, float]]:
+    """(the candidate input whose copy has the highest mean `copy_brain_psnr` over ``subjects``, the
+    mean per candidate); with one candidate or none, that one (or None) without reading a file. Costs a
+    load and a percentile per volume, no SSIM. Inputs whose PSNRs are all NaN rank last; ties go to the
+    earlier candidate."""
+    if len(candidates) <= 1:
+        return (candidates[0] if candidates else None), {}
+    psnrs: dict[str, list[float]] = {name: [] for name in candidates}
+    for files in tqdm(subjects.values(), desc="choose copied input", unit="subject", disable=None):
+        real = load_for_scoring(files[target])
+        for name in candidates:
+            copy = load_for_scoring(files[name])
+            check_on_reference_grid(copy, real)
+            psnrs[name].append(copy_brain_psnr(copy.data, real.data))
+    means = {
+        name: float(np.nanmean(values)) if not np.all(np.isnan(values)) else -math.inf
+        for name, values in psnrs.items()
+    }
+    return max(means, key=means.__getitem__), means
+
+
+def _model_predictions(
+    subjects: dict[str, dict[str, Path]],
+    target: str,
+    inputs: list[str],
+    out: Path,
+    generator: LoadedGenerator | None,
+    predictions_folder: str | Path | None,
+    batch_size: int,
+    left_out: list[str],
+) -> tuple[dict[str, Path], str]:
+    """(subject -> the model's volume of ``target`` to score, where they came from): the files of
+    ``--predictions`` for subjects with references, else synthesized into ``out/predictions``; subjects
+    left out are added to ``left_out``."""
+    if predictions_folder is not None:
+        predictions = prediction_files(predictions_folder, target)
+        unknown = sorted(set(predictions) - set(subjects))
+        left_out += [f"{s}: a prediction but no reference {target} and seg in --subjects" for s in unknown]
+        return {s: p for s, p in predictions.items() if s in subjects}, f"the volumes in {predictions_folder}"
+    if generator is not None:
+        predictions = synthesize_predictions(
+            generator, subjects, inputs, target, out / "predictions", batch_size, left_out
+        )
+        return predictions, generator.source
+    raise BrasynEvaluationError("--protocol brasyn needs --checkpoint or --predictions DIR")
+
+
+def score_methods(
+    subjects: dict[str, dict[str, Path]],
+    target: str,
+    inputs: list[str],
+    predictions: dict[str, Path],
+    baseline: LoadedGenerator | None,
+    out: Path,
+    batch_size: int,
+    left_out: list[str],
+) -> tuple[list[dict[str, Any]], str | None, dict[str, float]]:
+    """(a row per method and subject: the model's ``predictions``, the copied input (`choose_copy_input`)
+    and the baseline synthesized into ``out/baseline_predictions``, each subject's references loaded once;
+    the copied input; each candidate's mean brain PSNR)."""
+    scored = sorted(predictions)
+    candidates = [name for name in inputs if all(name in subjects[s] for s in scored)]
+    copy_input, copy_psnrs = choose_copy_input({s: subjects[s] for s in scored}, candidates, target)
+    to_score = {MODEL: predictions}
+    if copy_input is not None:
+        to_score[COPY] = {s: subjects[s][copy_input] for s in scored}
+    if baseline is not None:
+        to_score[UNET] = synthesize_predictions(
+            baseline, {s: subjects[s] for s in scored}, inputs, target, out / "baseline_predictions",
+            batch_size, left_out,
+        )  # fmt: skip
+    references = {s: (subjects[s][target], subjects[s][SEGMENTATION]) for s in scored}
+    by_method = score_brasyn_methods(to_score, references)
+    rows = [{"method": method, **row} for method, method_rows in by_method.items() for row in method_rows]
+    return rows, copy_input, copy_psnrs
+
+
+def _method_statistics(rows: list[dict[str, Any]], scored: list[str]) -> dict[str, Any]:
+    """Per method the summary of each metric, and per baseline the paired statistics against the model."""
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    by_method = {
+        method: {row["subject"]: row for row in rows if row["method"] == method} for method in methods
+    }
+    return {
+        "methods": {
+            method: {
+                name: metrics.summarize([row[name] for row in by_method[method].values()]) for name in METRICS
+            }
+            for method in methods
+        },
+        "paired": {
+            method: {
+                name: paired_statistics(
+                    [by_method[MODEL][s][name] for s in scored],
+                    [by_method[method].get(s, {}).get(name, math.nan) for s in scored],
+                )
+                for name in PAIRED_METRICS
+            }
+            for method in methods[1:]
+        },
+    }
 
 
 def evaluate_brasyn(
@@ -120,58 +242,28 @@ def evaluate_brasyn(
     target = canonical_modality(target)
     out.mkdir(parents=True, exist_ok=True)
     subjects, left_out = reference_volumes(subjects_folder, target)
-    if predictions_folder is not None:
-        predictions = prediction_files(predictions_folder, target)
-        unknown = sorted(set(predictions) - set(subjects))
-        left_out += [f"{s}: a prediction but no reference {target} and seg in --subjects" for s in unknown]
-        predictions = {s: p for s, p in predictions.items() if s in subjects}
-        source = f"the volumes in {predictions_folder}"
-    elif generator is not None:
-        predictions = synthesize_predictions(
-            generator, subjects, inputs, target, out / "predictions", batch_size, left_out
-        )
-        source = generator.source
-    else:
-        raise BrasynEvaluationError("--protocol brasyn needs --checkpoint or --predictions DIR")
+    predictions, source = _model_predictions(
+        subjects, target, inputs, out, generator, predictions_folder, batch_size, left_out
+    )
     if not predictions:
         raise BrasynEvaluationError(
             f"no subject could be scored ({left_out[0] if left_out else 'none found'})"
         )
-    rows = _score(MODEL, predictions, subjects, target)
-    scored = sorted(predictions)
-    copies = {
-        name: _score(f"{COPY}:{name}", {s: subjects[s][name] for s in scored}, subjects, target)
-        for name in inputs
-        if all(name in subjects[s] for s in scored)
-    }
-    copy_input = max(copies, key=lambda name: _mean_ranked(copies[name])) if copies else None
-    if copy_input is not None:
-        rows += [{**row, "method": COPY} for row in copies[copy_input]]
-    if baseline is not None:
-        baseline_files = synthesize_predictions(
-            baseline, {s: subjects[s] for s in scored}, inputs, target, out / "baseline_predictions",
-            batch_size, left_out,
-        )  # fmt: skip
-        rows += _score(UNET, baseline_files, subjects, target)
-    methods = list(dict.fromkeys(row["method"] for row in rows))
-    by_method = {
-        method: {row["subject"]: row for row in rows if row["method"] == method} for method in methods
-    }
+    rows, copy_input, copy_psnrs = score_methods(
+        subjects, target, inputs, predictions, baseline, out, batch_size, left_out
+    )
+    copied = f"the input {copy_input} copied as it is ({COPY_CHOICE.format(target=target)})"
     summary = {
         **(description or {}),
         "protocol": "brasyn",
         "scope": f"whole NIfTI volumes of the subjects in {subjects_folder} that have {target} and a seg",
         "checkpoint": source,
         "baseline_checkpoint": baseline.source if baseline is not None else None,
-        "subjects_evaluated": len(scored),
+        "subjects_evaluated": len(predictions),
         "failed_subjects": left_out,
         "methods": {
             MODEL: f"the synthesized {target}: {source}",
-            **(
-                {COPY: f"the input {copy_input} copied as it is (best mean ranked SSIM)"}
-                if copy_input
-                else {}
-            ),
+            **({COPY: copied} if copy_input else {}),
             **({UNET: "the generator of --baseline-checkpoint"} if baseline is not None else {}),
         },
         "definitions": brasyn_definitions(),
@@ -180,24 +272,9 @@ def evaluate_brasyn(
             "target": target,
             "inputs": inputs,
             "copy_input": copy_input,
+            "copy_brain_psnr": copy_psnrs,
             "provenance": brasyn_provenance(),
-            "methods": {
-                method: {
-                    name: metrics.summarize([row[name] for row in by_method[method].values()])
-                    for name in METRICS
-                }
-                for method in methods
-            },
-            "paired": {
-                method: {
-                    name: paired_statistics(
-                        [by_method[MODEL][s][name] for s in scored],
-                        [by_method[method].get(s, {}).get(name, math.nan) for s in scored],
-                    )
-                    for name in PAIRED_METRICS
-                }
-                for method in methods[1:]
-            },
+            **_method_statistics(rows, sorted(predictions)),
         },
     }
     with open(out / "brasyn.csv", "w", newline="") as stream:

@@ -66,6 +66,10 @@ exact for the integer and float32 files BraTS and most models write, rounded for
 The upstream script reads volumes with SimpleITK, whose arrays are nibabel's transposed (``[k, j, i]``);
 we transpose the same way before the metrics, so that even their sums run in the same order.
 
+Files: `score_brasyn_folder` scores one folder of predictions; `score_brasyn_methods` scores several
+methods' volumes, loading, checking and normalising each subject's reference once (`load_reference`) and
+scoring every method's volume against it (`score_prediction`), with the same numbers.
+
 torchmetrics is not a runtime dependency of this package: it is imported only when a score is computed,
 and its absence is a one-line :class:`UserError` saying how to install it.
 """
@@ -74,12 +78,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from data_prep.errors import UserError, VolumeError
+from data_prep.volumes import LoadedVolume, same_grid
 
 UPSTREAM_REPOSITORY = "https://github.com/hongweilibran/BraSyn"
 UPSTREAM_COMMIT = "890804083b446f3d6fa0b17a4ef09b174bcd0209"
@@ -100,8 +106,6 @@ METRICS = (
     "mse_non_tumour",
     "mse_whole",
 )
-# Same grid: affines may differ by the float32 rounding of a header written by another tool.
-_AFFINE_TOLERANCE_MM = 1e-3
 _CPU_FLOAT64_LIMIT_BYTES = 4 * 2**30
 
 
@@ -176,6 +180,76 @@ def _psnr_mse(pred: torch.Tensor, real: torch.Tensor, region: torch.Tensor) -> t
     return float(psnr), float(mse)
 
 
+@dataclass(frozen=True, slots=True)
+class NormalisedReference:
+    """One subject's acquired volume and tumour, ready to score any number of predictions against.
+
+    real: the volume normalised by :func:`brasyn_normalise`, ``[1, 1, Z, Y, X]`` in ``dtype`` on the scoring
+    device. tumour: int64 of the same shape, 1 where ``seg > 0``. shape: nibabel's ``[X, Y, Z]``.
+    """
+
+    real: torch.Tensor
+    tumour: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def normalised_reference(
+    real: np.ndarray,
+    seg: np.ndarray,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> NormalisedReference:
+    """``real`` normalised and ``seg``'s tumour, once, for :func:`score_normalised` (arguments as for
+    :func:`brasyn_scores`, whose checks of the grid, the size and the dtype are made here)."""
+    shapes = {"real": np.shape(real), "seg": np.shape(seg)}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"BraSyn scoring needs one grid, got shapes {shapes}")
+    if len(shapes["real"]) != 3 or min(shapes["real"]) <= LEGACY_BORDER:
+        raise ValueError(
+            f"BraSyn scoring needs 3D volumes longer than 5 voxels per axis, got {shapes['real']}"
+        )
+    device = torch.device(device)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    # CPU conv3d in float64 unfolds the 11^3 window: 5 x 1331 x 8 bytes per voxel (475 GB for BraTS).
+    unfolded = 5 * 1331 * 8 * int(np.prod(shapes["real"]))
+    if dtype == torch.float64 and device.type == "cpu" and unfolded > _CPU_FLOAT64_LIMIT_BYTES:
+        raise UserError(
+            f"float64 BraSyn SSIM of a {shapes['real']} volume on the CPU needs {unfolded / 2**30:.0f} GiB;"
+            " use float32 or a GPU"
+        )
+    return NormalisedReference(
+        real=_as_torch_volume(brasyn_normalise(real), device, dtype),
+        tumour=_as_torch_volume((np.asarray(seg) > 0).astype(np.int64), device),
+        shape=tuple(shapes["real"]),
+        dtype=dtype,
+    )
+
+
+def score_normalised(
+    pred: np.ndarray, reference: NormalisedReference, *, legacy_border_crop: bool = False
+) -> dict[str, float]:
+    """:func:`brasyn_scores` of ``pred`` (``[X, Y, Z]``, scanner units, on the reference's grid) against a
+    :func:`normalised_reference`; the same numbers, without normalising the reference again."""
+    if np.shape(pred) != reference.shape:
+        raise ValueError(
+            f"BraSyn scoring needs one grid, got shapes pred {np.shape(pred)}, real {reference.shape}"
+        )
+    real_n, tumour = reference.real, reference.tumour
+    pred_n = _as_torch_volume(brasyn_normalise(pred), real_n.device, reference.dtype)
+    scores = {
+        "ssim_tumour": _ssim(pred_n * tumour, real_n * tumour, legacy_border_crop),
+        "ssim_non_tumour": _ssim(pred_n * (1 - tumour), real_n * (1 - tumour), legacy_border_crop),
+        "ssim_whole": _ssim(pred_n, real_n, legacy_border_crop),
+    }
+    regions = {"tumour": tumour.bool(), "non_tumour": ~tumour.bool(), "whole": torch.ones_like(tumour).bool()}
+    for name, region in regions.items():
+        scores[f"psnr_{name}"], scores[f"mse_{name}"] = _psnr_mse(pred_n, real_n, region)
+    return {key: scores[key] for key in METRICS}
+
+
 def brasyn_scores(
     pred: np.ndarray,
     real: np.ndarray,
@@ -208,38 +282,14 @@ def brasyn_scores(
     shapes = {"pred": np.shape(pred), "real": np.shape(real), "seg": np.shape(seg)}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"BraSyn scoring needs one grid, got shapes {shapes}")
-    if len(shapes["real"]) != 3 or min(shapes["real"]) <= LEGACY_BORDER:
-        raise ValueError(
-            f"BraSyn scoring needs 3D volumes longer than 5 voxels per axis, got {shapes['real']}"
-        )
-    device = torch.device(device)
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    # CPU conv3d in float64 unfolds the 11^3 window: 5 x 1331 x 8 bytes per voxel (475 GB for BraTS).
-    unfolded = 5 * 1331 * 8 * int(np.prod(shapes["real"]))
-    if dtype == torch.float64 and device.type == "cpu" and unfolded > _CPU_FLOAT64_LIMIT_BYTES:
-        raise UserError(
-            f"float64 BraSyn SSIM of a {shapes['real']} volume on the CPU needs {unfolded / 2**30:.0f} GiB;"
-            " use float32 or a GPU"
-        )
-    pred_n = _as_torch_volume(brasyn_normalise(pred), device, dtype)
-    real_n = _as_torch_volume(brasyn_normalise(real), device, dtype)
-    tumour = _as_torch_volume((np.asarray(seg) > 0).astype(np.int64), device)
-
-    scores = {
-        "ssim_tumour": _ssim(pred_n * tumour, real_n * tumour, legacy_border_crop),
-        "ssim_non_tumour": _ssim(pred_n * (1 - tumour), real_n * (1 - tumour), legacy_border_crop),
-        "ssim_whole": _ssim(pred_n, real_n, legacy_border_crop),
-    }
-    regions = {"tumour": tumour.bool(), "non_tumour": ~tumour.bool(), "whole": torch.ones_like(tumour).bool()}
-    for name, region in regions.items():
-        scores[f"psnr_{name}"], scores[f"mse_{name}"] = _psnr_mse(pred_n, real_n, region)
-    return {key: scores[key] for key in METRICS}
+    reference = normalised_reference(real, seg, dtype=dtype, device=device)
+    return score_normalised(pred, reference, legacy_border_crop=legacy_border_crop)
 
 
-def _load(path: Path, *, is_label: bool = False):
+def load_for_scoring(path: Path, *, is_label: bool = False) -> LoadedVolume:
     """A volume through data_prep's loader, refused (one-line VolumeError) if any voxel is NaN or Inf:
     the loader sets them to 0 and counts them by value (``nan_voxels``, ``inf_voxels``)."""
+    # Looked up per call, so the tests can count and replace the loader's reads.
     from data_prep.volumes import load_volume
 
     volume = load_volume(path, is_label=is_label)
@@ -252,12 +302,90 @@ def _load(path: Path, *, is_label: bool = False):
     return volume
 
 
-def _same_grid(a, b) -> bool:
-    return a.data.shape == b.data.shape and np.allclose(a.affine, b.affine, atol=_AFFINE_TOLERANCE_MM)
+def check_on_reference_grid(volume: LoadedVolume, reference: LoadedVolume) -> None:
+    """A one-line VolumeError naming both files unless ``volume`` is on ``reference``'s grid
+    (``data_prep.volumes.same_grid``)."""
+    if not same_grid(volume.data.shape, volume.affine, reference.data.shape, reference.affine):
+        what = "shape" if volume.data.shape != reference.data.shape else "affine"
+        raise VolumeError(f"{_describe(volume)}: {what} differs from the reference {_describe(reference)}")
 
 
-def _describe(volume) -> str:
+def _describe(volume: LoadedVolume) -> str:
     return f"{volume.path} (shape {volume.data.shape})"
+
+
+@dataclass(frozen=True, slots=True)
+class BrasynReference:
+    """A subject's acquired volume and segmentation, loaded from their files, checked and normalised once.
+
+    real: the acquired volume as loaded (its grid and path name it in errors). tumour_voxels: count of
+    ``seg > 0``. normalised: what predictions are scored against (:func:`score_normalised`).
+    """
+
+    real: LoadedVolume
+    tumour_voxels: int
+    normalised: NormalisedReference
+
+
+def load_reference(
+    real_path: str | Path,
+    seg_path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> BrasynReference:
+    """Load, check and normalise one subject's acquired volume and segmentation (one grid, no NaN/Inf
+    voxels, else a one-line VolumeError naming the file)."""
+    real = load_for_scoring(Path(real_path))
+    seg = load_for_scoring(Path(seg_path), is_label=True)
+    check_on_reference_grid(seg, real)
+    return BrasynReference(
+        real=real,
+        tumour_voxels=int(np.count_nonzero(seg.data > 0)),
+        normalised=normalised_reference(real.data, seg.data, dtype=dtype, device=device),
+    )
+
+
+def score_prediction(
+    reference: BrasynReference, path: str | Path, *, legacy_border_crop: bool = False
+) -> dict[str, str | int | float]:
+    """One row: ``tumour_voxels`` and the :data:`METRICS` of the prediction in ``path`` against
+    ``reference`` (a one-line VolumeError if the file is unreadable, has NaN/Inf voxels or is off the
+    reference's grid)."""
+    pred = load_for_scoring(Path(path))
+    check_on_reference_grid(pred, reference.real)
+    scores = score_normalised(pred.data, reference.normalised, legacy_border_crop=legacy_border_crop)
+    return {"tumour_voxels": reference.tumour_voxels, **scores}
+
+
+def score_brasyn_methods(
+    predictions: Mapping[str, Mapping[str, str | Path]],
+    references: Mapping[str, tuple[str | Path, str | Path]],
+    *,
+    legacy_border_crop: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> dict[str, list[dict[str, str | int | float]]]:
+    """Score several methods' predictions against references each loaded and normalised once per subject.
+
+    predictions: method -> subject -> synthesized volume; a method may leave subjects out (they get no
+    row), but every subject must have a reference, else a one-line :class:`UserError`. references: as
+    for :func:`score_brasyn_folder`. Returns method -> its rows as :func:`score_brasyn_folder` returns
+    them (sorted by subject), in the order of ``predictions``.
+    """
+    for files in predictions.values():
+        extra = sorted(set(files) - set(references))
+        if extra:
+            raise UserError(f"{files[extra[0]]}: no reference volume for subject {extra[0]!r}")
+    _torchmetrics()  # fail on a missing torchmetrics before loading any volume
+    rows: dict[str, list[dict[str, str | int | float]]] = {method: [] for method in predictions}
+    for subject in sorted(set().union(*predictions.values())):
+        reference = load_reference(*references[subject], dtype=dtype, device=device)
+        for method, files in predictions.items():
+            if subject in files:
+                row = score_prediction(reference, files[subject], legacy_border_crop=legacy_border_crop)
+                rows[method].append({"subject": subject, **row})
+    return rows
 
 
 def score_brasyn_folder(
@@ -273,9 +401,9 @@ def score_brasyn_folder(
     predictions: subject -> synthesized volume (``.nii`` / ``.nii.gz``). references: subject ->
     (acquired volume of the same contrast, BraTS segmentation). Both must name the same subjects; every
     prediction, reference and segmentation of a subject must share one voxel grid (shape, and affine to
-    1e-3 mm), else a one-line :class:`VolumeError` names both files. Missing, unreadable, non-3D or
-    all-zero image files are :class:`VolumeError` too (``data_prep.volumes.load_volume``), and so are
-    NaN/Inf voxels.
+    1e-3 mm: ``data_prep.volumes.same_grid``), else a one-line :class:`VolumeError` names both files.
+    Missing, unreadable, non-3D or all-zero image files are :class:`VolumeError` too
+    (``data_prep.volumes.load_volume``), and so are NaN/Inf voxels.
 
     Returns rows sorted by subject: ``subject``, ``tumour_voxels`` (count of ``seg > 0``), and the
     :data:`METRICS` of :func:`brasyn_scores` (whose ``legacy_border_crop``, ``dtype`` and ``device`` these
@@ -285,22 +413,7 @@ def score_brasyn_folder(
     if missing:
         listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UserError(f"no prediction for {len(missing)} subject(s) with a reference: {listed}")
-    extra = sorted(set(predictions) - set(references))
-    if extra:
-        raise UserError(f"{predictions[extra[0]]}: no reference volume for subject {extra[0]!r}")
-    _torchmetrics()  # fail on a missing torchmetrics before loading any volume
-    rows = []
-    for subject in sorted(predictions):
-        real_path, seg_path = references[subject]
-        real = _load(Path(real_path))
-        seg = _load(Path(seg_path), is_label=True)
-        pred = _load(Path(predictions[subject]))
-        for other in (pred, seg):
-            if not _same_grid(other, real):
-                what = "shape" if other.data.shape != real.data.shape else "affine"
-                raise VolumeError(f"{_describe(other)}: {what} differs from the reference {_describe(real)}")
-        scores = brasyn_scores(
-            pred.data, real.data, seg.data, legacy_border_crop=legacy_border_crop, dtype=dtype, device=device
-        )
-        rows.append({"subject": subject, "tumour_voxels": int(np.count_nonzero(seg.data > 0)), **scores})
-    return rows
+    method = "predictions"
+    return score_brasyn_methods(
+        {method: predictions}, references, legacy_border_crop=legacy_border_crop, dtype=dtype, device=device
+    )[method]

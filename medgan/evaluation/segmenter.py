@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
-from data_prep.volumes import canonical_modality, load_volume
+from data_prep.volumes import canonical_modality, load_volume, same_grid
 from medgan.evaluation.segmentation_metrics import (
     HD95_MAX_PENALTY_MM,
     LABEL_CONVENTIONS,
@@ -46,7 +46,6 @@ INPUT_PLACEHOLDER, OUTPUT_PLACEHOLDER = "{input}", "{output}"
 DEFAULT_TIMEOUT_S = 4 * 3600.0
 # Run folders inside score_with_segmenter's work_dir, one per segmenter call.
 REAL, SYNTHESIZED = "real", "synthesized"
-_AFFINE_TOLERANCE_MM = 1e-3
 
 Volume = str | os.PathLike | nib.Nifti1Image
 
@@ -79,7 +78,7 @@ def write_brats2023_folder(subjects: Mapping[str, Mapping[str, Volume]], out_dir
             this_grid = _grid_of(volume, subject, name)
             if grid is None:
                 grid = this_grid
-            elif not _same_grid(grid, this_grid):
+            elif not same_grid(*grid, *this_grid):
                 raise SegmenterError(
                     f"subject {subject}: {name} ({_describe(volume)}) has shape {this_grid[0]} and affine "
                     f"unlike the t1's {grid[0]}: the segmenter needs the four contrasts on one grid"
@@ -108,10 +107,6 @@ def _grid_of(volume: Volume, subject: str, name: str) -> tuple[tuple[int, ...], 
                 f"subject {subject}: {name} {volume}: not a readable NIfTI ({reason})"
             ) from None
     return tuple(int(size) for size in volume.shape), np.asarray(volume.affine, dtype=np.float64)
-
-
-def _same_grid(a: tuple[tuple[int, ...], np.ndarray], b: tuple[tuple[int, ...], np.ndarray]) -> bool:
-    return a[0] == b[0] and np.allclose(a[1], b[1], atol=_AFFINE_TOLERANCE_MM, rtol=0)
 
 
 def _place(volume: Volume, destination: Path) -> None:
@@ -231,7 +226,7 @@ def read_segmentations(
     for subject, grid in reference_grids.items():
         path = output_dir / f"{subject}.nii.gz"
         volume = load_volume(path, is_label=True)
-        if not _same_grid((volume.data.shape, volume.affine), grid):
+        if not same_grid(volume.data.shape, volume.affine, *grid):
             raise SegmenterError(
                 f"{path}: segmentation of shape {volume.data.shape} is not on the grid of subject "
                 f"{subject}'s inputs and reference {grid[0]} (shape and affine must match)"
@@ -312,7 +307,7 @@ def score_with_segmenter(
         spacings[subject] = nib.affines.voxel_sizes(grids[subject][1])
         # Its contrasts' own grids (and any missing one) are checked as they are written.
         for name, volume in list(subjects[subject].items())[:1]:
-            if not _same_grid(grids[subject], _grid_of(volume, subject, name)):
+            if not same_grid(*grids[subject], *_grid_of(volume, subject, name)):
                 raise SegmenterError(
                     f"{reference_segs[subject]}: reference segmentation of shape {grids[subject][0]} is not "
                     f"on the grid of subject {subject}'s {name} (shape and affine must match)"

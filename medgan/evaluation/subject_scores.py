@@ -16,7 +16,7 @@ from medgan.evaluation.subjects import NiftiSubject, NiftiSubjects, ShardSubject
 from medgan.evaluation.tasks import Task
 from medgan.evaluation.views import write_views
 from medgan.inference.loading import LoadedGenerator
-from medgan.inference.synthesis import predict_with_spread
+from medgan.inference.spread import predict_with_spread
 from medgan.scoring import (
     COPY,
     MODEL,
@@ -138,7 +138,7 @@ def score_subjects(
 ) -> Scores:
     """Step 1: synthesize every task for every subject that serves it, score the model, every input's
     copy and the baseline, and save the views. ``spread``: the test-time variants
-    (``medgan.inference.synthesis.spread_variants``) whose voxelwise SD is set against the model's error.
+    (``medgan.inference.spread.spread_variants``) whose voxelwise SD is set against the model's error.
     ``on_prediction``: given each model prediction, so that later steps reuse it instead of predicting
     again."""
     modalities = generator.modalities

@@ -18,11 +18,9 @@ from medgan.inference.loading import LoadedGenerator
 from medgan.inference.synthesis import (
     SEGMENTATION,
     SynthesisError,
-    _as_synthesized_image,
-    _on_reference_grid,
-    _preparation,
     default_reference,
     prepare_nifti_subject,
+    synthesized_image,
 )
 from medgan.shards import ChannelMap
 
@@ -163,9 +161,9 @@ class NiftiSubject:
         the mask) on the grid of the task's reference input, the image ``synthesize_volume`` makes."""
         inputs = {m: self.files[m] for m in task.inputs}
         reference = default_reference(list(task.inputs))
-        header = nib.load(inputs[reference]).header.copy()
-        image = _on_reference_grid(synthesized, subject.prepared, reference, header)
-        return _as_synthesized_image(image, task.target, _preparation(self.generator, inputs))
+        return synthesized_image(
+            self.generator, synthesized, subject.prepared, inputs, reference, task.target
+        )
 
 
 class NiftiSubjects:

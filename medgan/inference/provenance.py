@@ -5,8 +5,8 @@ MedGAN-SSM), and every synthesized NIfTI ``X.nii.gz`` a sidecar ``X.json`` sayin
 and how it was made: the input files (path and sha256), the sha256 of the weights actually loaded into
 the network, where those weights came from, the normalisation, and the command line.
 
-Sidecars are built by `synthesis` (which knows the result); this module holds the formats, the
-hashes and the writing, and imports nothing else from medgan but the version.
+Sidecars are built by `sidecars` (from a synthesis result); this module holds the formats, the names,
+the hashes and the writing, and imports nothing else from medgan but the version.
 """
 
 from __future__ import annotations
@@ -51,13 +51,20 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def split_nifti_name(path: Path) -> tuple[str, str]:
+    """(stem, suffix) of a NIfTI file name: ``a_t1.nii.gz`` -> (``a_t1``, ``.nii.gz``); no suffix when
+    the name has neither ``.nii.gz`` nor ``.nii`` (in any case)."""
+    for suffix in _NIFTI_SUFFIXES:
+        if path.name.lower().endswith(suffix):
+            return path.name[: -len(suffix)], path.name[-len(suffix) :]
+    return path.name, ""
+
+
 def sidecar_path(nifti: Path) -> Path:
     """``X.nii.gz`` or ``X.nii`` -> ``X.json`` beside it (BIDS: the sidecar shares the file's stem)."""
     nifti = Path(nifti)
-    for suffix in _NIFTI_SUFFIXES:
-        if nifti.name.lower().endswith(suffix):
-            return nifti.with_name(nifti.name[: -len(suffix)] + ".json")
-    return nifti.with_suffix(".json")
+    stem, suffix = split_nifti_name(nifti)
+    return nifti.with_name(stem + ".json") if suffix else nifti.with_suffix(".json")
 
 
 def dataset_description() -> dict[str, Any]:
