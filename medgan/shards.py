@@ -59,10 +59,16 @@ class ChannelMap:
         self.canonical = list(canonical)
         self.channels = [self.canonical.index(m) for m in manifest_modalities]
 
+    def place(self, images: np.ndarray) -> np.ndarray:
+        """float32 ``[..., M', H, W]`` in the canonical order from ``images [..., M, H, W]`` in the
+        manifest's order; a canonical contrast the manifest lacks is all zero."""
+        placed = np.zeros((*images.shape[:-3], len(self.canonical), *images.shape[-2:]), dtype=np.float32)
+        placed[..., self.channels, :, :] = images
+        return placed
+
     def decode(self, raw: dict[str, Any], with_seg: bool = False) -> DecodedSample:
         """A raw sample (``data_prep.shard_reader.raw_samples``) decoded into the canonical channels."""
         stored = decode_sample(raw, with_seg)
-        images = np.zeros((len(self.canonical), *stored.images.shape[-2:]), dtype=np.float32)
-        images[self.channels] = stored.images
+        images = self.place(stored.images)
         present = sorted(self.canonical.index(canonical_modality(m)) for m in stored.info["present"])
         return DecodedSample(stored.key, stored.info, images, present, stored.mask, stored.seg)

@@ -88,10 +88,8 @@ def in_generator_channels(
     order (contrasts it does not know left out, those ``modalities`` lacks zero), placed by the
     ``ChannelMap`` the training loader places shard channels with."""
     shared = tuple(m for m in modalities if m in generator.modalities)
-    channels = ChannelMap(shared, generator.modalities, Path(generator.source)).channels
-    mapped = np.zeros((images.shape[0], len(generator.modalities), *images.shape[2:]), dtype=np.float32)
-    mapped[:, channels] = images[:, [modalities.index(m) for m in shared]]
-    return mapped
+    channel_map = ChannelMap(shared, generator.modalities, Path(generator.source))
+    return channel_map.place(images[:, [modalities.index(m) for m in shared]])
 
 
 def _score_task(
