@@ -693,109 +693,193 @@ def prepare_subject(
     Raises VolumeError with a one-line reason when the subject cannot be used.
     """
     settings = DATASET_SETTINGS[dataset]
-    present = [modality for modality in modalities if modality in files]
-    if not present:
-        raise VolumeError(f"none of the modalities {' '.join(modalities)} is present")
-    loaded = {modality: load_volume(files[modality], keep_integers=True) for modality in present}
+    present, loaded = _load_inputs(files, modalities)
     repairs = [line for volume in loaded.values() for line in volume.repairs]
     reference = next(m for m in (*settings.reference_order, *present) if m in loaded)
-    fixed = loaded[reference]
-    canonical, canonical_affine, reorientation = to_canonical(fixed.data, fixed.affine)
-
-    def onto_reference(modality: str, volume: LoadedVolume):
-        """(the volume on the canonical reference grid, (registration, own reorientation) or None)."""
-        if same_grid(volume.data.shape, volume.affine, fixed.data.shape, fixed.affine):
-            return to_canonical(volume.data, volume.affine)[0], None
-        if not settings.register:
-            raise VolumeError(
-                f"modalities on different grids: {_describe_grids(reference, fixed, modality, volume)}"
-            )
-        moving, moving_affine, moving_reorientation = to_canonical(volume.data, volume.affine)
-        registration = register_rigid(moving, moving_affine, canonical, canonical_affine, seed=seed)
-        resampled = resample_onto(
-            moving, moving_affine, canonical.shape, canonical_affine, registration.fixed_to_moving
-        )
-        return resampled, (registration, moving_reorientation)
-
-    on_reference = {}
-    registered = {}
-    for modality, volume in loaded.items():
-        on_reference[modality], registration = onto_reference(modality, volume)
-        if registration is not None:
-            registered[modality] = registration
-
-    if settings.mask == "nonzero" and _all_oriented_alike(loaded.values()) and not registered:
-        # The mask does not depend on voxel order: made in the files' contiguous order and reoriented
-        # once, it costs a fraction of the same test on flipped canonical views.
-        mask = to_canonical(brain_mask([volume.data for volume in loaded.values()]), fixed.affine)[0]
-    elif settings.mask == "nonzero":
-        mask = brain_mask(list(on_reference.values()))
-    else:
-        mask = head_mask(on_reference[reference])
-    if not mask.any():
-        raise VolumeError(f"{files[reference]}: the {settings.mask} mask is empty (no voxel to keep)")
+    grid = _ReferenceGrid.of(reference, loaded[reference], register=settings.register, seed=seed)
+    on_reference, registered = grid.place_all(loaded)
+    mask = _subject_mask(settings.mask, loaded, on_reference, grid, registered, files[reference])
     box, cut = choose_crop(mask, size, 0.0 if every_brain_slice else MIN_SLICE_BRAIN_SHARE)
     if cut:
         repairs.append(f"mask wider than --size {size}: the in-plane crop cuts into it")
+    masked_crop = _MaskedCrop.of(mask, box)
+    images, scaling = _normalised_inputs(masked_crop, on_reference, files, modalities, dtype)
+    scored_images, scored_scaling, scored_repairs = _scored_on_crop(scored or {}, grid, masked_crop, dtype)
+    seg = _segmentation_on_crop(files["seg"], grid.fixed, box) if "seg" in files else None
+    return PreparedSubject(
+        modalities=tuple(modalities),
+        present=present,
+        images=images,
+        mask=masked_crop.cropped_mask.astype(np.uint8),
+        seg=seg,
+        geometry=grid.geometry(box, registered),
+        scaling=scaling,
+        repairs=repairs + scored_repairs,
+        scored=scored_images,
+        scored_scaling=scored_scaling,
+    )
 
-    cropped_mask = crop(mask, box)
-    # Median over the mask's bounding box only: the same voxels, a fraction of the volume to scan.
-    within = _bounding_box(mask) if mask.any() else (slice(None),) * 3
-    outside = ~cropped_mask
 
-    def normalised(modality: str, volume: np.ndarray, path: Path, out: np.ndarray) -> IntensityScaling:
-        """Fit `modality`'s scale within the mask, crop and normalise `volume` into zeroed `out`."""
+def _load_inputs(files: dict[str, Path], modalities: tuple[str, ...]):
+    """(the modalities of `modalities` that have a file, in that order; modality -> LoadedVolume, integer
+    voxels kept as stored). Raises VolumeError when none of `modalities` has a file."""
+    present = [modality for modality in modalities if modality in files]
+    if not present:
+        raise VolumeError(f"none of the modalities {' '.join(modalities)} is present")
+    return present, {modality: load_volume(files[modality], keep_integers=True) for modality in present}
+
+
+@dataclass(frozen=True, slots=True)
+class _ReferenceGrid:
+    """The grid a subject's slices live on: the reference modality's own, reoriented to RAS.
+
+    fixed: the reference volume as loaded. canonical: its voxels [X, Y, Z] in RAS order, in the file's
+    units. canonical_affine: [4, 4] canonical voxel -> mm. reorientation: the file's grid -> RAS.
+    register: whether a volume on another grid is registered onto this one (else refused); seed: the
+    registration's sampling seed.
+    """
+
+    reference: str
+    fixed: LoadedVolume
+    canonical: np.ndarray
+    canonical_affine: np.ndarray
+    reorientation: Reorientation
+    register: bool
+    seed: int
+
+    @classmethod
+    def of(cls, reference: str, fixed: LoadedVolume, *, register: bool, seed: int) -> _ReferenceGrid:
+        canonical, canonical_affine, reorientation = to_canonical(fixed.data, fixed.affine)
+        return cls(reference, fixed, canonical, canonical_affine, reorientation, register, seed)
+
+    def place(self, modality: str, volume: LoadedVolume):
+        """(`volume` on this grid: [X, Y, Z] in RAS order, in its file's units; (RigidRegistration, the
+        volume's own Reorientation), or None when it lay on the reference's grid already).
+
+        Raises VolumeError naming both grids when `volume` lies on another grid and `register` is False.
+        """
+        if same_grid(volume.data.shape, volume.affine, self.fixed.data.shape, self.fixed.affine):
+            return to_canonical(volume.data, volume.affine)[0], None
+        if not self.register:
+            difference = _describe_grids(self.reference, self.fixed, modality, volume)
+            raise VolumeError(f"modalities on different grids: {difference}")
+        moving, moving_affine, moving_reorientation = to_canonical(volume.data, volume.affine)
+        registration = register_rigid(
+            moving, moving_affine, self.canonical, self.canonical_affine, seed=self.seed
+        )
+        resampled = resample_onto(
+            moving, moving_affine, self.canonical.shape, self.canonical_affine, registration.fixed_to_moving
+        )
+        return resampled, (registration, moving_reorientation)
+
+    def place_all(self, loaded: dict[str, LoadedVolume]):
+        """(modality -> its volume on this grid [X, Y, Z]; modality -> (RigidRegistration, Reorientation)
+        for those registered onto it), each as `place` puts it."""
+        on_reference, registered = {}, {}
+        for modality, volume in loaded.items():
+            on_reference[modality], registration = self.place(modality, volume)
+            if registration is not None:
+                registered[modality] = registration
+        return on_reference, registered
+
+    def geometry(self, box: CropBox, registered: dict) -> SubjectGeometry:
+        """What puts slices cropped at `box` back on the reference's original grid."""
+        return SubjectGeometry(
+            reference=self.reference,
+            reorientation=self.reorientation,
+            canonical_affine=self.canonical_affine,
+            crop=box,
+            registered=registered,
+        )
+
+
+def _subject_mask(
+    kind: str, loaded: dict, on_reference: dict, grid: _ReferenceGrid, registered: dict, reference_path: Path
+) -> np.ndarray:
+    """bool [X, Y, Z] on `grid`: "nonzero" (skull-stripped BraTS: nonzero in any input) or "head" (IXI:
+    Otsu on the reference). Raises VolumeError naming `reference_path` when the mask is empty."""
+    if kind == "nonzero" and _all_oriented_alike(loaded.values()) and not registered:
+        # The mask does not depend on voxel order: made in the files' contiguous order and reoriented
+        # once, it costs a fraction of the same test on flipped canonical views.
+        mask = to_canonical(brain_mask([volume.data for volume in loaded.values()]), grid.fixed.affine)[0]
+    elif kind == "nonzero":
+        mask = brain_mask(list(on_reference.values()))
+    else:
+        mask = head_mask(on_reference[grid.reference])
+    if not mask.any():
+        raise VolumeError(f"{reference_path}: the {kind} mask is empty (no voxel to keep)")
+    return mask
+
+
+@dataclass(frozen=True, slots=True)
+class _MaskedCrop:
+    """A subject's mask and crop box, and what normalising a volume within them needs.
+
+    mask: bool [X, Y, Z] on the reference grid, not empty. cropped_mask: bool [Z, H, W], its slices at
+    `box`; outside: its negation. within: the mask's bounding box, where scales are fitted.
+    """
+
+    mask: np.ndarray
+    box: CropBox
+    cropped_mask: np.ndarray
+    outside: np.ndarray
+    within: tuple[slice, slice, slice]
+
+    @classmethod
+    def of(cls, mask: np.ndarray, box: CropBox) -> _MaskedCrop:
+        cropped_mask = crop(mask, box)
+        # Median over the mask's bounding box only: the same voxels, a fraction of the volume to scan.
+        return cls(mask, box, cropped_mask, ~cropped_mask, _bounding_box(mask))
+
+    def normalise_into(self, volume: np.ndarray, path: Path, out: np.ndarray) -> IntensityScaling:
+        """Fit `volume`'s scale within the mask, then crop and normalise it into zeroed `out` [Z, H, W]
+        (a float dtype): [0, 1] inside the mask, 0 outside. `path` names the file in a VolumeError."""
         try:
-            scaling = fit_scaling(volume[within], mask[within])
+            scaling = fit_scaling(volume[self.within], self.mask[self.within])
         except VolumeError as error:
             raise VolumeError(f"{path}: {error}") from None
         if uses_lookup(volume.dtype):
             # 8/16-bit integers (BraTS, IXI files): one gather through a table of every value's result.
             lookup = normalisation_lookup(volume.dtype, scaling, out.dtype)
-            window, inside = _crop_view(volume, box, box.z[0], len(cropped_mask))
+            window, inside = _crop_view(volume, self.box, self.box.z[0], len(self.cropped_mask))
             normalise_by_lookup(inside, lookup, out=out[window])
-            np.copyto(out, 0, where=outside)
+            np.copyto(out, 0, where=self.outside)
         else:
-            _normalise_into(out, volume, box, scaling, cropped_mask)
+            _normalise_into(out, volume, self.box, scaling, self.cropped_mask)
         return scaling
 
+
+def _normalised_inputs(masked_crop: _MaskedCrop, on_reference: dict, files: dict, modalities, dtype):
+    """(images [M, Z, H, W] of `dtype` in [0, 1], channels in `modalities` order, all zero for those not
+    in `on_reference`; modality -> IntensityScaling of each present one)."""
     scaling = {}
-    images = np.zeros((len(modalities), box.z[1] - box.z[0], size, size), dtype=dtype)
+    images = np.zeros((len(modalities), *masked_crop.cropped_mask.shape), dtype=dtype)
     for channel, modality in enumerate(modalities):
         if modality in on_reference:
-            scaling[modality] = normalised(modality, on_reference[modality], files[modality], images[channel])
+            scaling[modality] = masked_crop.normalise_into(
+                on_reference[modality], files[modality], images[channel]
+            )
+    return images, scaling
 
-    scored_images, scored_scaling = {}, {}
-    for modality, path in (scored or {}).items():
+
+def _scored_on_crop(scored: dict[str, Path], grid: _ReferenceGrid, masked_crop: _MaskedCrop, dtype):
+    """For files read only to score: (modality -> [Z, H, W] of `dtype` in [0, 1]; modality -> its own
+    IntensityScaling; repair lines). Each is put on `grid` (registered where the dataset registers) and
+    normalised within the inputs' mask at their crop box; none changes the grid, mask or box."""
+    images, scaling, repairs = {}, {}, []
+    for modality, path in scored.items():
         volume = load_volume(path, keep_integers=True)
         repairs.extend(volume.repairs)
-        on_grid, _ = onto_reference(modality, volume)
-        scored_images[modality] = np.zeros(images.shape[1:], dtype=dtype)
-        scored_scaling[modality] = normalised(modality, on_grid, path, scored_images[modality])
+        on_grid, _ = grid.place(modality, volume)
+        images[modality] = np.zeros(masked_crop.cropped_mask.shape, dtype=dtype)
+        scaling[modality] = masked_crop.normalise_into(on_grid, path, images[modality])
+    return images, scaling, repairs
 
-    seg = None
-    if "seg" in files:
-        seg = _load_segmentation(files["seg"], fixed)
-        seg = crop(to_canonical(seg, fixed.affine)[0], box)
-    geometry = SubjectGeometry(
-        reference=reference,
-        reorientation=reorientation,
-        canonical_affine=canonical_affine,
-        crop=box,
-        registered=registered,
-    )
-    return PreparedSubject(
-        modalities=tuple(modalities),
-        present=present,
-        images=images,
-        mask=cropped_mask.astype(np.uint8),
-        seg=seg,
-        geometry=geometry,
-        scaling=scaling,
-        repairs=repairs,
-        scored=scored_images,
-        scored_scaling=scored_scaling,
-    )
+
+def _segmentation_on_crop(path: Path, reference: LoadedVolume, box: CropBox) -> np.ndarray:
+    """uint8 [Z, H, W] BraTS 2021 labels at `box` of the reference's canonical grid."""
+    seg = _load_segmentation(path, reference)
+    return crop(to_canonical(seg, reference.affine)[0], box)
 
 
 def _normalise_into(
