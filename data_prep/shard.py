@@ -456,83 +456,123 @@ def shard_dataset(config: ShardConfig) -> int:
     _check_output_folder(config)
     found = discover(config.source, config.dataset)
     _print_ignored(found.ignored)
-    # A subject folder without images (a subject with no files) takes no part in the split: the other
-    # subjects' splits are the same as without that folder.
-    assignment, not_found = _assign_splits(config, [s for s in found.subjects if s.files])
-    for subject in not_found[:_CONSOLE_LINES_PER_KIND]:
-        _say(f"--split-file lists {subject}, which is not in --src")
-
-    outcomes = [SubjectOutcome(subject=s, split=assignment.get(s.subject)) for s in found.subjects]
-    for outcome in outcomes:
-        outcome.reason = _initial_problem(config, outcome.subject, outcome.split)
-    runnable = [o for o in outcomes if o.reason is None]
-
+    outcomes, not_found = _subject_outcomes(config, found.subjects)
     out = config.out.resolve()
-    staging = out.with_name(f".{out.name}.incomplete-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    writers = _SplitWriters(staging)
-    try:
-        bar = tqdm(total=len(outcomes), desc="shard", unit="subject", disable=None)
-        bar.update(len(outcomes) - len(runnable))
-        # closing(): the worker pool and its hand-off folder go as soon as the last subject is written
-        # (or the run fails), not whenever the generator happens to be collected.
-        subjects = [outcome.subject for outcome in runnable]
-        with contextlib.closing(_prepared_results(config, subjects)) as results:
-            for outcome, (arrays, fields) in zip(runnable, results):
-                bar.update(1)
-                if arrays is None:
-                    outcome.reason = fields["reason"]
-                    outcome.traceback = fields.get("traceback")
-                    continue
-                outcome.repairs = fields["repairs"]
-                for sample in _samples(config, outcome.subject, outcome.split, arrays, fields):
-                    writers.write(outcome.split, sample)
-                geometry = fields["geometry"]
-                outcome.manifest_entry = {
-                    "patient": outcome.subject.patient,
-                    "split": outcome.split,
-                    "modalities_present": fields["present"],
-                    "has_seg": arrays["seg"] is not None,
-                    "slice_range": geometry["crop_box"]["z"],
-                    "samples": int(arrays["images"].shape[1]),
-                    "original_shape": geometry["reorientation"]["original_shape"],
-                    "affine": geometry["reorientation"]["original_affine"],
-                    "geometry": geometry,
-                    "normalisation": fields["scaling"],
-                    "files": {m: str(p) for m, p in outcome.subject.files.items()},
-                }
-        bar.close()
+    with _staging(out) as (staging, writers):
+        _shard_subjects(config, outcomes, writers)
         shards = writers.close()
-
         failed = [o for o in outcomes if o.reason is not None]
-        for outcome in failed[:_CONSOLE_LINES_PER_KIND]:
-            _say(f"{outcome.subject.subject}: failed: {outcome.reason}")
-        if len(failed) > _CONSOLE_LINES_PER_KIND:
-            _say(f"... and {len(failed) - _CONSOLE_LINES_PER_KIND} more failed subjects (see {REPORT_NAME})")
+        _print_failed(failed)
         report = _report(config, outcomes, found.ignored, not_found)
-        if len(failed) == len(outcomes):
-            _write_report_only(config, report)
-            raise UserError(
-                f"no subject could be prepared ({len(failed)} failed; reasons in {config.out / REPORT_NAME})"
-            )
-        if failed and config.strict:
-            _write_report_only(config, report)
-            _say(f"{len(failed)} of {len(outcomes)} subjects failed and --strict is set: no shards written")
+        if _failures_stop_the_run(config, report, failed, len(outcomes)):
             return EXIT_SUBJECTS_FAILED
-
-        write_json(staging / REPORT_NAME, report)
-        write_split_file(staging / SPLIT_FILE_NAME, {o.subject.subject: o.split for o in outcomes if o.split})
-        manifest = _manifest(config, outcomes, shards)
-        write_json(staging / MANIFEST_NAME, manifest)
+        manifest = _write_outputs(config, staging, outcomes, report, shards)
         _move_into_place(staging, out)
-    finally:
-        writers.abandon()
-        shutil.rmtree(staging, ignore_errors=True)
-
     counts = ", ".join(f"{split} {manifest['splits'][split]['samples']}" for split in SPLITS)
     print(
         f"wrote {len(outcomes) - len(failed)} subjects ({counts} slices) to {config.out}"
         + (f"; {len(failed)} failed (see {REPORT_NAME})" if failed else "")
     )
     return 0
+
+
+def _subject_outcomes(config: ShardConfig, subjects: list[SubjectFiles]):
+    """(one SubjectOutcome per discovered subject, in order, with its split and the problem that rules it
+    out before preparing, if any; the subjects --split-file lists that are not in --src)."""
+    # A subject folder without images (a subject with no files) takes no part in the split: the other
+    # subjects' splits are the same as without that folder.
+    assignment, not_found = _assign_splits(config, [s for s in subjects if s.files])
+    for subject in not_found[:_CONSOLE_LINES_PER_KIND]:
+        _say(f"--split-file lists {subject}, which is not in --src")
+    outcomes = [SubjectOutcome(subject=s, split=assignment.get(s.subject)) for s in subjects]
+    for outcome in outcomes:
+        outcome.reason = _initial_problem(config, outcome.subject, outcome.split)
+    return outcomes, not_found
+
+
+@contextlib.contextmanager
+def _staging(out: Path):
+    """Yield (a fresh hidden folder beside `out`, its per-split shard writers); on leaving, by return or
+    error, unfinished shards and whatever is still in the folder are removed."""
+    staging = out.with_name(f".{out.name}.incomplete-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    writers = _SplitWriters(staging)
+    try:
+        yield staging, writers
+    finally:
+        writers.abandon()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _shard_subjects(config: ShardConfig, outcomes: list[SubjectOutcome], writers: _SplitWriters) -> None:
+    """Prepare the subjects with no problem yet (`--workers` processes) and write their slices in subject
+    order; each outcome gets its failure (reason, traceback) or its repairs and manifest entry."""
+    runnable = [o for o in outcomes if o.reason is None]
+    bar = tqdm(total=len(outcomes), desc="shard", unit="subject", disable=None)
+    bar.update(len(outcomes) - len(runnable))
+    # closing(): the worker pool and its hand-off folder go as soon as the last subject is written
+    # (or the run fails), not whenever the generator happens to be collected.
+    subjects = [outcome.subject for outcome in runnable]
+    with contextlib.closing(_prepared_results(config, subjects)) as results:
+        for outcome, (arrays, fields) in zip(runnable, results):
+            bar.update(1)
+            if arrays is None:
+                outcome.reason = fields["reason"]
+                outcome.traceback = fields.get("traceback")
+                continue
+            outcome.repairs = fields["repairs"]
+            for sample in _samples(config, outcome.subject, outcome.split, arrays, fields):
+                writers.write(outcome.split, sample)
+            outcome.manifest_entry = _manifest_entry(outcome, arrays, fields)
+    bar.close()
+
+
+def _manifest_entry(outcome: SubjectOutcome, arrays: dict, fields: dict) -> dict:
+    """A prepared subject's entry in manifest.json: where its slices came from and how to put them back.
+    arrays: images [M, Z, H, W], mask [Z, H, W], seg [Z, H, W] or None; fields: `_prepare_in_worker`'s."""
+    geometry = fields["geometry"]
+    return {
+        "patient": outcome.subject.patient,
+        "split": outcome.split,
+        "modalities_present": fields["present"],
+        "has_seg": arrays["seg"] is not None,
+        "slice_range": geometry["crop_box"]["z"],
+        "samples": int(arrays["images"].shape[1]),
+        "original_shape": geometry["reorientation"]["original_shape"],
+        "affine": geometry["reorientation"]["original_affine"],
+        "geometry": geometry,
+        "normalisation": fields["scaling"],
+        "files": {m: str(p) for m, p in outcome.subject.files.items()},
+    }
+
+
+def _print_failed(failed: list[SubjectOutcome]) -> None:
+    for outcome in failed[:_CONSOLE_LINES_PER_KIND]:
+        _say(f"{outcome.subject.subject}: failed: {outcome.reason}")
+    if len(failed) > _CONSOLE_LINES_PER_KIND:
+        _say(f"... and {len(failed) - _CONSOLE_LINES_PER_KIND} more failed subjects (see {REPORT_NAME})")
+
+
+def _failures_stop_the_run(config: ShardConfig, report: dict, failed: list, total: int) -> bool:
+    """Whether failed subjects stop the run before any shard reaches --out: then only report.json is left
+    there. Raises UserError when every subject failed; True when any did and --strict is set."""
+    if len(failed) == total:
+        _write_report_only(config, report)
+        raise UserError(
+            f"no subject could be prepared ({len(failed)} failed; reasons in {config.out / REPORT_NAME})"
+        )
+    if failed and config.strict:
+        _write_report_only(config, report)
+        _say(f"{len(failed)} of {total} subjects failed and --strict is set: no shards written")
+        return True
+    return False
+
+
+def _write_outputs(config: ShardConfig, staging: Path, outcomes: list, report: dict, shards: dict) -> dict:
+    """Write report.json, the split file and, last, manifest.json into `staging`; returns the manifest."""
+    write_json(staging / REPORT_NAME, report)
+    write_split_file(staging / SPLIT_FILE_NAME, {o.subject.subject: o.split for o in outcomes if o.split})
+    manifest = _manifest(config, outcomes, shards)
+    write_json(staging / MANIFEST_NAME, manifest)
+    return manifest
