@@ -354,6 +354,26 @@ th{background:#f3f3f3}img{max-width:100%}dt{font-weight:600;margin-top:.5em}code
 def write_report(eval_dir: str | Path, out: str | Path) -> Path:
     """Write the HTML report of ``eval_dir`` to ``out`` and return its path."""
     eval_dir, out = Path(eval_dir), Path(out)
+    summary, rows = _read_evaluation(eval_dir)
+    brasyn = summary.get("protocol") == "brasyn"
+    parts = [_provenance(summary)]
+    if brasyn:
+        parts.append(_brasyn_section(summary, rows))
+    matrix = bool(summary.get("all_subsets"))
+    if matrix:
+        parts.append(_subset_matrix_section(summary))
+    parts.extend(_task_sections(summary, rows, eval_dir, matrix))
+    if summary.get("segmentation"):
+        parts.append(_segmentation_section(summary["segmentation"]))
+    parts.append(_definitions_section(summary, brasyn))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts))
+    return out
+
+
+def _read_evaluation(eval_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(summary.json, the rows of brasyn.csv or of per_volume.csv with PSNR / SSIM / MAE as floats, NaN
+    where empty). Raises ReportError naming the folder when either file is missing."""
     summary_path = eval_dir / "summary.json"
     if not summary_path.is_file():
         raise ReportError(
@@ -369,7 +389,11 @@ def write_report(eval_dir: str | Path, out: str | Path) -> Path:
     for row in rows:
         for name in METRICS if not brasyn else ():
             row[name] = float(row[name]) if row[name] not in ("", "nan") else math.nan
+    return summary, rows
 
+
+def _provenance(summary: dict[str, Any]) -> str:
+    """The page's head, title and what was evaluated: checkpoint, data, baseline, command, left out."""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>MedGAN-SSM evaluation</title>",
         f"<style>{STYLE}</style></head><body><h1>MedGAN-SSM evaluation</h1>",
@@ -385,58 +409,85 @@ def write_report(eval_dir: str | Path, out: str | Path) -> Path:
         failed = "<br>".join(html.escape(line) for line in summary["failed_subjects"])
         parts.append(f"<dt>subjects left out</dt><dd>{failed}</dd>")
     parts.append("</dl>")
+    return "\n".join(parts)
 
-    if brasyn:
-        parts.append(_brasyn_section(summary, rows))
-    matrix = bool(summary.get("all_subsets"))
-    if matrix:
-        parts.append(
-            "<h2>Every input subset</h2><p>Mean per-volume brain values of the model over the subjects "
-            "that have the contrasts; in brackets the best single input copied as it is, in the same cell. "
-            "Below, every cell's tables; plots and examples for the task with all other contrasts as input."
-            f"</p><img alt='any-subset matrix' src='{subset_matrix(summary)}'>"
-        )
+
+def _subset_matrix_section(summary: dict[str, Any]) -> str:
+    """The any-subset matrix (``--all-subsets``) and what its cells hold."""
+    return (
+        "<h2>Every input subset</h2><p>Mean per-volume brain values of the model over the subjects "
+        "that have the contrasts; in brackets the best single input copied as it is, in the same cell. "
+        "Below, every cell's tables; plots and examples for the task with all other contrasts as input."
+        f"</p><img alt='any-subset matrix' src='{subset_matrix(summary)}'>"
+    )
+
+
+def _task_sections(
+    summary: dict[str, Any], rows: list[dict[str, Any]], eval_dir: Path, matrix: bool
+) -> list[str]:
+    """Every task's tables; its figures too, except (with the matrix) where another task of the same
+    target has more inputs."""
     widest = {}
     for task in summary["tasks"].values():
         widest[task["target"]] = max(widest.get(task["target"], 0), len(task["inputs"]))
+    parts = []
     for name, task in summary["tasks"].items():
-        methods = list(task["methods"])
-        parts.append(f"<h2>{html.escape(name)}</h2>")
-        parts.append(
-            f"<p>{task['subjects']} subjects; mean ± sample SD and median of per-volume values"
-            + (
-                f"; skipped (missing a contrast): {', '.join(task['skipped_subjects'])}"
-                if task["skipped_subjects"]
-                else ""
-            )
-            + "</p>"
-        )
-        parts.append(_summary_table(task))
-        parts.append("<p>Paired over subjects (per-volume, brain): mean difference [95% CI], Wilcoxon p.</p>")
-        parts.append(_paired_table(task))
-        if task.get("spread"):
-            parts.append(_spread_section(task["spread"]))
+        parts.extend(_task_tables(name, task))
         if matrix and len(task["inputs"]) < widest[task["target"]]:
             continue
-        parts.append(f"<img alt='box plots {html.escape(name)}' src='{box_plots(rows, name, methods)}'>")
-        for rank, subject in task["examples"].items():
-            view_file = eval_dir / task["views"] / f"{subject}.npz"
-            if not view_file.is_file():
-                continue
-            with np.load(view_file) as views:
-                psnr = next(
-                    (r["psnr"] for r in rows if r["task"] == name and r["subject"] == subject
-                     and r["method"] == MODEL and r["region"] == "brain"),
-                    math.nan,
-                )  # fmt: skip
-                title = f"{rank} subject: {subject} (PSNR {_number(psnr, 2)} dB)"
-                parts.append(
-                    f"<h3>{html.escape(title)}</h3>"
-                    f"<img alt='{html.escape(title)}' src='{montage(views, title)}'>"
-                )
+        parts.extend(_task_figures(name, task, rows, eval_dir))
+    return parts
 
-    if summary.get("segmentation"):
-        parts.append(_segmentation_section(summary["segmentation"]))
+
+def _task_tables(name: str, task: dict[str, Any]) -> list[str]:
+    """A task's heading, its summary and paired tables, and its spread when it has one."""
+    skipped = (
+        f"; skipped (missing a contrast): {', '.join(task['skipped_subjects'])}"
+        if task["skipped_subjects"]
+        else ""
+    )
+    parts = [
+        f"<h2>{html.escape(name)}</h2>",
+        f"<p>{task['subjects']} subjects; mean ± sample SD and median of per-volume values{skipped}</p>",
+        _summary_table(task),
+        "<p>Paired over subjects (per-volume, brain): mean difference [95% CI], Wilcoxon p.</p>",
+        _paired_table(task),
+    ]
+    if task.get("spread"):
+        parts.append(_spread_section(task["spread"]))
+    return parts
+
+
+def _task_figures(name: str, task: dict[str, Any], rows: list[dict[str, Any]], eval_dir: Path) -> list[str]:
+    """A task's box plots and the montage of each example subject (best, median, worst) whose views
+    were saved."""
+    parts = [
+        f"<img alt='box plots {html.escape(name)}' src='{box_plots(rows, name, list(task['methods']))}'>"
+    ]
+    for rank, subject in task["examples"].items():
+        view_file = eval_dir / task["views"] / f"{subject}.npz"
+        if not view_file.is_file():
+            continue
+        with np.load(view_file) as views:
+            title = f"{rank} subject: {subject} (PSNR {_number(_brain_psnr(rows, name, subject), 2)} dB)"
+            parts.append(
+                f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='{montage(views, title)}'>"
+            )
+    return parts
+
+
+def _brain_psnr(rows: list[dict[str, Any]], task: str, subject: str) -> float:
+    """The model's per-volume brain PSNR (dB) of ``subject`` in ``task``, NaN when it has no row."""
+    return next(
+        (r["psnr"] for r in rows if r["task"] == task and r["subject"] == subject
+         and r["method"] == MODEL and r["region"] == "brain"),
+        math.nan,
+    )  # fmt: skip
+
+
+def _definitions_section(summary: dict[str, Any], brasyn: bool) -> str:
+    """How every number was computed, each method, the tables that hold every subject's values, and the
+    page's end."""
     definitions = "".join(
         f"<dt>{html.escape(key)}</dt><dd>{html.escape(str(value))}</dd>"
         for key, value in summary["definitions"].items()
@@ -445,15 +496,12 @@ def write_report(eval_dir: str | Path, out: str | Path) -> Path:
         f"<dt>{METHOD_LABELS.get(key, key)}</dt><dd>{html.escape(value)}</dd>"
         for key, value in summary["methods"].items()
     )
-    parts.append(
-        f"<h2>How the numbers were computed</h2><dl>{definitions}</dl><h3>Methods</h3><dl>{methods}</dl>"
-    )
     tables = (
         "<code>brasyn.csv</code>" if brasyn else "<code>per_slice.csv</code> and <code>per_volume.csv</code>"
     )
-    parts.append(
-        f"<p>Every subject's values are in {tables} beside <code>summary.json</code>.</p></body></html>"
+    return "\n".join(
+        (
+            f"<h2>How the numbers were computed</h2><dl>{definitions}</dl><h3>Methods</h3><dl>{methods}</dl>",
+            f"<p>Every subject's values are in {tables} beside <code>summary.json</code>.</p></body></html>",
+        )
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts))
-    return out

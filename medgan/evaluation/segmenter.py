@@ -284,6 +284,36 @@ def score_with_segmenter(
     "hd95_max_penalty_mm", "subjects", "command", "regions": `summarize_segmentation`}). Raises
     SegmenterError (a UserError) in one line for anything the user can fix.
     """
+    target = _check_request(command, subjects, target, synthesized, reference_segs, labels)
+    references, grids = _read_references(subjects, reference_segs)
+    work_dir = Path(work_dir)
+    outputs = {
+        run: _segment(command, inputs, work_dir / run, grids, timeout_s)
+        for run, inputs in _run_inputs(subjects, target, synthesized).items()
+    }
+    rows, convention = _score_runs(outputs, references, grids, labels, work_dir)
+    summary = {
+        "target": target,
+        "command": command,
+        "label_convention": convention,
+        "labels_inferred": labels is None,
+        "hd95_max_penalty_mm": HD95_MAX_PENALTY_MM,
+        "subjects": len(references),
+        "regions": summarize_segmentation(rows),
+    }
+    return rows, summary
+
+
+def _check_request(
+    command: str,
+    subjects: Mapping[str, Mapping[str, Volume]],
+    target: str,
+    synthesized: Mapping[str, Volume],
+    reference_segs: Mapping[str, str | os.PathLike],
+    labels: str | None,
+) -> str:
+    """The canonical target, once the label convention, the target, the subjects' synthesized volumes
+    and references, and the command template are usable; SegmenterError naming the first that is not."""
     if labels is not None and labels not in LABEL_CONVENTIONS:
         raise SegmenterError(f"--segmenter-labels {labels}: expected one of {', '.join(LABEL_CONVENTIONS)}")
     target = canonical_modality(target)
@@ -299,12 +329,17 @@ def score_with_segmenter(
             if subject not in given:
                 raise SegmenterError(f"subject {subject}: no {name} for the segmentation score")
     format_segmenter_command(command, "input", "output")  # a bad template fails before any work
+    return target
 
-    work_dir = Path(work_dir)
-    references, grids, spacings = {}, {}, {}
+
+def _read_references(
+    subjects: Mapping[str, Mapping[str, Volume]], reference_segs: Mapping[str, str | os.PathLike]
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[tuple[int, ...], np.ndarray]]]:
+    """(id -> reference labels, id -> (shape, affine) of the reference), each reference on the grid of
+    its subject's first contrast; SegmenterError naming the reference file that is not."""
+    references, grids = {}, {}
     for subject in subjects:
         references[subject], grids[subject] = read_reference(reference_segs[subject])
-        spacings[subject] = nib.affines.voxel_sizes(grids[subject][1])
         # Its contrasts' own grids (and any missing one) are checked as they are written.
         for name, volume in list(subjects[subject].items())[:1]:
             if not same_grid(*grids[subject], *_grid_of(volume, subject, name)):
@@ -312,7 +347,15 @@ def score_with_segmenter(
                     f"{reference_segs[subject]}: reference segmentation of shape {grids[subject][0]} is not "
                     f"on the grid of subject {subject}'s {name} (shape and affine must match)"
                 )
-    runs = {
+    return references, grids
+
+
+def _run_inputs(
+    subjects: Mapping[str, Mapping[str, Volume]], target: str, synthesized: Mapping[str, Volume]
+) -> dict[str, dict[str, dict[str, Volume]]]:
+    """run (``REAL``, ``SYNTHESIZED``) -> id -> contrast -> volume: the real contrasts, and the same
+    with the target replaced by the synthesized volume."""
+    return {
         REAL: {subject: dict(contrasts) for subject, contrasts in subjects.items()},
         SYNTHESIZED: {
             subject: {
@@ -322,28 +365,38 @@ def score_with_segmenter(
             for subject, contrasts in subjects.items()
         },
     }
-    outputs = {}
-    for run, inputs in runs.items():
-        run_dir = work_dir / run
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        write_brats2023_folder(inputs, run_dir / "input")
-        formatted = run_segmenter(command, run_dir / "input", run_dir / "output", timeout_s=timeout_s)
-        outputs[run] = read_segmentations(run_dir / "output", grids, formatted)
 
+
+def _segment(
+    command: str,
+    inputs: Mapping[str, Mapping[str, Volume]],
+    run_dir: Path,
+    grids: Mapping[str, tuple[tuple[int, ...], np.ndarray]],
+    timeout_s: float,
+) -> dict[str, np.ndarray]:
+    """One segmenter run: replace ``run_dir``, write ``inputs`` into ``run_dir/input``, run the command
+    into ``run_dir/output`` and return its label maps (`read_segmentations`)."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    write_brats2023_folder(inputs, run_dir / "input")
+    formatted = run_segmenter(command, run_dir / "input", run_dir / "output", timeout_s=timeout_s)
+    return read_segmentations(run_dir / "output", grids, formatted)
+
+
+def _score_runs(
+    outputs: Mapping[str, Mapping[str, np.ndarray]],
+    references: Mapping[str, np.ndarray],
+    grids: Mapping[str, tuple[tuple[int, ...], np.ndarray]],
+    labels: str | None,
+    work_dir: Path,
+) -> tuple[list[SegmentationScore], str]:
+    """(`score_segmentations` rows of both runs against the references, the label convention: ``labels``
+    checked against, or inferred from, every label either run wrote)."""
     found = set()
     for run_labels in outputs.values():
         for label_map in run_labels.values():
             found.update(np.unique(label_map).tolist())
     convention = resolve_label_convention(found, labels, f"the segmentations in {work_dir}/*/output")
+    spacings = {subject: nib.affines.voxel_sizes(grid[1]) for subject, grid in grids.items()}
     rows = score_segmentations(outputs[REAL], outputs[SYNTHESIZED], references, spacings, convention)
-    summary = {
-        "target": target,
-        "command": command,
-        "label_convention": convention,
-        "labels_inferred": labels is None,
-        "hd95_max_penalty_mm": HD95_MAX_PENALTY_MM,
-        "subjects": len(references),
-        "regions": summarize_segmentation(rows),
-    }
-    return rows, summary
+    return rows, convention
