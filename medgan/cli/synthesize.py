@@ -43,10 +43,8 @@ def add_parser(commands) -> None:
 
 
 def run(args, argv: list[str]) -> int:
-    from medgan.inference.folder_mode import synthesize_folder
-    from medgan.inference.sidecars import provenance_folder, spread_path, write_synthesized
+    """One subject (``--input``) or a folder (``--subjects``, BraSyn mode without ``--target``)."""
     from medgan.inference.spread import load_for_synthesis
-    from medgan.inference.synthesis import parse_input_flags, synthesize_volume
 
     if bool(args.subjects) == bool(args.input):
         raise SynthesisError("give either --input MODALITY=FILE (one subject) or --subjects DIR (a folder)")
@@ -58,42 +56,57 @@ def run(args, argv: list[str]) -> int:
         args.checkpoint, args.tag, choose_device(args.device), args.spread
     )
     command = command_line(args.prog, argv)
-    started = time.perf_counter()
     if args.subjects:
-        written, failures = synthesize_folder(
-            generator,
-            Path(args.subjects),
-            args.target,
-            Path(args.out),
-            reference=args.reference,
-            batch_size=args.batch_size,
-            spread=args.spread,
-            other_weights=other_weights,
-            command=command,
-        )
-        for line in failures:
-            print(f"medgan synthesize: {line}", file=sys.stderr)
-        mode = (
-            f"{args.target} for every subject" if args.target else "each subject's missing contrast (BraSyn)"
-        )
-        spread = f", each with its spread ({args.spread})" if args.spread else ""
-        sidecars = (
-            "with JSON sidecars beside them"
-            if args.target
-            else f"(the folder to zip and submit; sidecars{' and spreads' if args.spread else ''} in "
-            f"{provenance_folder(Path(args.out))})"
-        )
-        say(
-            f"wrote {len(written)} synthesized volumes ({mode}{spread}) to {args.out} {sidecars} "
-            f"in {time.perf_counter() - started:.0f} s"
-        )
-        if not written:
-            return EXIT_INPUT_ERROR
-        return EXIT_SOME_SUBJECTS_FAILED if failures else 0
-    inputs = parse_input_flags(args.input)
+        return _synthesize_folder(args, generator, other_weights, command)
+    return _synthesize_one(args, generator, other_weights, command)
+
+
+def _synthesize_folder(args, generator, other_weights, command: str) -> int:
+    """Every subject of ``--subjects``; 0, or 1 when some failed (each named on stderr), or 2 when none
+    was written."""
+    from medgan.inference.folder_mode import synthesize_folder
+    from medgan.inference.sidecars import provenance_folder
+
+    started = time.perf_counter()
+    written, failures = synthesize_folder(
+        generator,
+        Path(args.subjects),
+        args.target,
+        Path(args.out),
+        reference=args.reference,
+        batch_size=args.batch_size,
+        spread=args.spread,
+        other_weights=other_weights,
+        command=command,
+    )
+    for line in failures:
+        print(f"medgan synthesize: {line}", file=sys.stderr)
+    mode = f"{args.target} for every subject" if args.target else "each subject's missing contrast (BraSyn)"
+    spread = f", each with its spread ({args.spread})" if args.spread else ""
+    sidecars = (
+        "with JSON sidecars beside them"
+        if args.target
+        else f"(the folder to zip and submit; sidecars{' and spreads' if args.spread else ''} in "
+        f"{provenance_folder(Path(args.out))})"
+    )
+    say(
+        f"wrote {len(written)} synthesized volumes ({mode}{spread}) to {args.out} {sidecars} "
+        f"in {time.perf_counter() - started:.0f} s"
+    )
+    if not written:
+        return EXIT_INPUT_ERROR
+    return EXIT_SOME_SUBJECTS_FAILED if failures else 0
+
+
+def _synthesize_one(args, generator, other_weights, command: str) -> int:
+    """One subject from its ``--input`` files to ``--out`` (and its spread beside it)."""
+    from medgan.inference.sidecars import spread_path, write_synthesized
+    from medgan.inference.synthesis import parse_input_flags, synthesize_volume
+
+    started = time.perf_counter()
     result = synthesize_volume(
         generator,
-        inputs,
+        parse_input_flags(args.input),
         args.target,
         reference=args.reference,
         batch_size=args.batch_size,
