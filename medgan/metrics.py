@@ -29,6 +29,15 @@ axes, and over only the pixels where ``mask`` is true when a mask is given)
             tumour region, may touch the crop band). Every spatial axis must be at least 11 pixels.
             Range [-1, 1], 1 for identical images.
 
+Through-plane consistency of an axial stack ``[Z, H, W]`` (z the slice index; H the x axis, left to
+right, and W the y axis, posterior to anterior: data_prep's slice layout), numpy only
+    through-plane error = mean |(p[z+1] - p[z]) - (r[z+1] - r[z])| over the pairs of voxels on adjacent
+            slices that are both inside the mask: how much the synthesized stack's slice-to-slice change
+            departs from the real one's (0 for a perfect stack; slice-by-slice flicker raises it).
+    sagittal / coronal SSIM = the SSIM map above computed on each sagittal plane ``[Z, W]`` (fixed x) or
+            coronal plane ``[Z, H]`` (fixed y), averaged over every mask voxel of the stack; needs at
+            least 11 slices.
+
 Shapes and types
     ``pred`` and ``target`` have the same shape ``(*batch, *image)`` where ``image`` is the last
     ``spatial_dims`` axes (2 for slices ``(H, W)``, 3 for volumes ``(D, H, W)``) and ``batch`` is any
@@ -132,6 +141,54 @@ def ssim(
     if is_torch:
         return cropped.mean(dim=axes)
     return _scalar_if_0d(cropped.mean(axis=axes, dtype=np.float64))
+
+
+PLANES = {"sagittal": 1, "coronal": 2}  # the axis of an axial stack [Z, H, W] a plane holds fixed
+
+
+def through_plane_error(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean |(p[z+1] - p[z]) - (r[z+1] - r[z])| over the voxel pairs of adjacent axial slices that are both
+    inside ``mask``, in intensity units. pred, target: ``[Z, H, W]`` in ``[0, 1]``; mask: bool
+    ``[Z, H, W]`` (None: every voxel). NaN when no pair is inside the mask (fewer than 2 slices)."""
+    pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+    _check_stack(pred, target, mask, "through_plane_error")
+    pairs = np.ones(pred.shape, bool) if mask is None else np.asarray(mask, bool)
+    pairs = pairs[1:] & pairs[:-1]
+    if not pairs.any():
+        return math.nan
+    change_error = np.abs(np.diff(pred, axis=0) - np.diff(target, axis=0))
+    return float(change_error[pairs].mean())
+
+
+def plane_ssim(
+    pred: np.ndarray, target: np.ndarray, plane: str, mask: np.ndarray | None = None, data_range: float = 1.0
+) -> float:
+    """SSIM (as :func:`ssim`) on the sagittal or coronal planes of an axial stack: each plane's full SSIM
+    map, averaged over every voxel of ``mask`` (None: every voxel). pred, target: ``[Z, H, W]``; plane:
+    ``sagittal`` (planes ``[Z, W]`` at each x) or ``coronal`` (``[Z, H]`` at each y). NaN when the mask is
+    empty or the stack has fewer than 11 slices (the window)."""
+    if plane not in PLANES:
+        raise ValueError(f"plane {plane!r}: expected one of {', '.join(PLANES)}")
+    pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+    _check_stack(pred, target, mask, "plane_ssim")
+    fixed = PLANES[plane]
+    if min(pred.shape[0], pred.shape[3 - fixed]) < SSIM_WIN_SIZE:
+        return math.nan
+    inside = np.ones(pred.shape, bool) if mask is None else np.asarray(mask, bool)
+    if not inside.any():
+        return math.nan
+    planes = [np.moveaxis(array, fixed, 0) for array in (pred, target)]  # [planes, Z, other]
+    ssim_map = _ssim_map_numpy(*planes, _check_data_range(data_range), 2)
+    return float(ssim_map[np.moveaxis(inside, fixed, 0)].mean())
+
+
+def _check_stack(pred: np.ndarray, target: np.ndarray, mask, name: str) -> None:
+    if pred.ndim != 3 or pred.shape != target.shape:
+        raise ValueError(
+            f"{name} takes two axial stacks [Z, H, W] of one shape; got {pred.shape} and {target.shape}"
+        )
+    if mask is not None and np.shape(mask) != pred.shape:
+        raise ValueError(f"{name}: mask shape {np.shape(mask)} is not the stack's {pred.shape}")
 
 
 def summarize(values: Array) -> dict[str, float | int]:

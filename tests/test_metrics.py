@@ -294,3 +294,49 @@ def test_summarize_skips_and_counts_nans():
     assert empty["n"] == 0 and empty["n_nan"] == 1 and math.isnan(empty["mean"]) and math.isnan(empty["std"])
     single = metrics.summarize([0.5])
     assert single["mean"] == 0.5 and math.isnan(single["std"])
+
+
+def test_through_plane_error_by_hand():
+    # one row of two voxels, three slices: the synthesized change from slice to slice against the real one
+    pred = np.array([[[0.0, 0.0]], [[1.0, 0.0]], [[1.0, 1.0]]])
+    real = np.array([[[0.0, 0.0]], [[0.0, 0.0]], [[1.0, 1.0]]])
+    # |(p1 - p0) - (r1 - r0)| = |1 - 0|, |0 - 0|; |(p2 - p1) - (r2 - r1)| = |0 - 1|, |1 - 1|
+    assert metrics.through_plane_error(pred, real) == 0.5
+    # without voxel (z 1, x 0) neither pair of the first column is inside: only the second column's zeros
+    mask = np.ones(pred.shape, bool)
+    mask[1, 0, 0] = False
+    assert metrics.through_plane_error(pred, real, mask) == 0.0
+    assert np.isnan(metrics.through_plane_error(pred[:1], real[:1]))
+
+
+def test_through_plane_error_sees_flicker_that_each_slice_hides():
+    rng = np.random.default_rng(0)
+    real = rng.random((8, 16, 16)) * 0.5
+    flicker = real + np.where(np.arange(8) % 2, 0.1, -0.1)[:, None, None]
+    # every slice is off by 0.1 (what a per-slice MAE sees); the change between slices is off by 0.2
+    assert np.isclose(float(metrics.mae(flicker, real, spatial_dims=3)), 0.1)
+    assert np.isclose(metrics.through_plane_error(flicker, real), 0.2)
+    assert metrics.through_plane_error(real + 0.1, real) < 1e-12
+
+
+@pytest.mark.parametrize(("plane", "fixed_axis"), [("sagittal", 1), ("coronal", 2)])
+def test_plane_ssim_is_scikit_images_map_over_the_mask(plane, fixed_axis):
+    rng = np.random.default_rng(1)
+    real = rng.random((12, 14, 13))
+    pred = np.clip(real + rng.normal(0, 0.1, real.shape), 0, 1)
+    mask = np.zeros(real.shape, bool)
+    mask[2:10, 3:12, 1:11] = True
+    values = []
+    for index in range(real.shape[fixed_axis]):
+        take = [slice(None)] * 3
+        take[fixed_axis] = index
+        _, ssim_map = structural_similarity(
+            pred[tuple(take)], real[tuple(take)], data_range=1.0, gaussian_weights=True, sigma=1.5,
+            use_sample_covariance=False, full=True,
+        )  # fmt: skip
+        values.append(ssim_map[mask[tuple(take)]])
+    expected = np.concatenate(values).mean()
+    assert abs(metrics.plane_ssim(pred, real, plane, mask) - expected) < 1e-10
+    assert metrics.plane_ssim(real, real, plane, mask) == pytest.approx(1.0)
+    assert np.isnan(metrics.plane_ssim(pred[:10], real[:10], plane, mask[:10]))
+    assert np.isnan(metrics.plane_ssim(pred, real, plane, np.zeros_like(mask)))
