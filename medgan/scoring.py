@@ -21,6 +21,9 @@ from scipy import stats
 from medgan import metrics
 
 METRICS = ("psnr", "ssim", "mae")
+# Per volume only: the slice-to-slice change against the real one's, SSIM on sagittal and coronal planes.
+THROUGH_PLANE_METRICS = ("through_plane_error", "ssim_sagittal", "ssim_coronal")
+VOLUME_METRICS = (*METRICS, *THROUGH_PLANE_METRICS)
 REGIONS = ("brain", "tumour", "non_tumour")
 # The methods an evaluation scores: the generator, the best single input copied, another checkpoint.
 MODEL, COPY, UNET = "model", "best_input_copy", "baseline_checkpoint"
@@ -48,7 +51,8 @@ class SliceScore:
 @dataclass(frozen=True, slots=True)
 class VolumeScore:
     """One subject's scores over every voxel of one region in its stack of slices (3D SSIM: NaN when the
-    stack has fewer slices than the SSIM window)."""
+    stack has fewer slices than the SSIM window), and its through-plane consistency
+    (``medgan.metrics.through_plane_error``, ``plane_ssim``; the SSIMs NaN below 11 slices)."""
 
     method: str
     task: str
@@ -57,6 +61,9 @@ class VolumeScore:
     psnr: float
     ssim: float
     mae: float
+    through_plane_error: float
+    ssim_sagittal: float
+    ssim_coronal: float
     voxels: int
     slices: int
 
@@ -80,14 +87,18 @@ def slice_scores(pred, target, mask) -> dict[str, np.ndarray]:
 
 
 def volume_scores(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    """metric -> float: ``pred`` vs ``target`` [Z, H, W] in [0, 1] over every voxel of ``mask`` (3D SSIM;
-    NaN when Z < 11, the 3D window's length)."""
+    """metric (``VOLUME_METRICS``) -> float: ``pred`` vs ``target`` [Z, H, W] in [0, 1] over every voxel
+    of ``mask`` (3D SSIM; NaN when Z < 11, the 3D window's length), and the through-plane metrics over it:
+    the slice-to-slice change's error and SSIM on sagittal and coronal planes."""
     per_volume = {}
     for name in METRICS:
         if name == "ssim" and min(pred.shape) < metrics.SSIM_WIN_SIZE:
             per_volume[name] = math.nan
             continue
         per_volume[name] = float(getattr(metrics, name)(pred, target, mask=mask, spatial_dims=3))
+    per_volume["through_plane_error"] = metrics.through_plane_error(pred, target, mask)
+    for plane in metrics.PLANES:
+        per_volume[f"ssim_{plane}"] = metrics.plane_ssim(pred, target, plane, mask)
     return per_volume
 
 
@@ -148,7 +159,7 @@ def score_subject(
                 task,
                 subject,
                 region,
-                *(per_volume[name] for name in METRICS),
+                *(per_volume[name] for name in VOLUME_METRICS),
                 int(region_mask.sum()),
                 int(region_mask.shape[0]),
             )  # fmt: skip
@@ -156,12 +167,15 @@ def score_subject(
     return slice_rows, volume_rows
 
 
-def summarize_scores(rows: Iterable[SliceScore | VolumeScore]) -> dict[str, dict[str, Any]]:
-    """metric -> ``metrics.summarize`` (mean, std, median, n, NaNs skipped and counted) over ``rows``."""
+def summarize_scores(
+    rows: Iterable[SliceScore | VolumeScore], names: tuple[str, ...] = METRICS
+) -> dict[str, dict[str, Any]]:
+    """metric (of ``names``: ``VOLUME_METRICS`` for volume rows) -> ``metrics.summarize`` (mean, std,
+    median, n, NaNs skipped and counted) over ``rows``."""
     rows = list(rows)
     return {
         name: metrics.summarize(np.array([getattr(row, name) for row in rows], dtype=np.float64))
-        for name in METRICS
+        for name in names
     }
 
 

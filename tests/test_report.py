@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import pytest
@@ -32,6 +33,24 @@ def test_report_is_self_contained_and_holds_every_part(phantom_shards, tmp_path)
     for part in ("t1+t1ce+t2-&gt;flair", "best input copied", "Wilcoxon", "How the numbers were computed"):
         assert part in page
     assert "the axial slices in the &#x27;test&#x27; shards" in page  # says what a volume is
+    for label in ("through-plane error ↓", "sagittal SSIM ↑", "coronal SSIM ↑"):
+        assert page.count(label) == 2  # the summary table and the paired one
+
+    # an evaluation folder written before the through-plane metrics still makes its report, without them
+    summary_file = tmp_path / "eval" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    for task in summary["tasks"].values():
+        for regions in task["methods"].values():
+            for levels in regions.values():
+                for name in ("through_plane_error", "ssim_sagittal", "ssim_coronal"):
+                    del levels["per_volume"][name]
+        for by_metric in task["paired"].values():
+            for name in ("through_plane_error", "ssim_sagittal", "ssim_coronal"):
+                del by_metric[name]
+    summary_file.write_text(json.dumps(summary))
+    older = write_report(tmp_path / "eval", tmp_path / "older.html").read_text()
+    assert "through-plane error" not in older.split("How the numbers were computed")[0]
+    assert "PSNR (dB) ↑" in older
 
 
 def test_missing_evaluation_is_one_line(tmp_path):

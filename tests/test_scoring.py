@@ -3,7 +3,8 @@ validation (batches) and evaluation (stacks) give the same per-slice numbers."""
 
 import numpy as np
 
-from medgan.scoring import score_slices, score_subject
+from medgan import metrics
+from medgan.scoring import VOLUME_METRICS, score_slices, score_subject
 
 
 def test_a_mixed_batch_scores_each_slice_as_its_subjects_stack_does():
@@ -32,3 +33,22 @@ def test_a_mixed_batch_scores_each_slice_as_its_subjects_stack_does():
             assert got.to_dict()[name] == value or (
                 value != value and got.to_dict()[name] != got.to_dict()[name]
             )
+
+
+def test_each_region_of_a_volume_gets_its_through_plane_metrics():
+    rng = np.random.default_rng(2)
+    pred, target = rng.random((12, 16, 16)), rng.random((12, 16, 16))
+    mask = np.zeros(pred.shape, bool)
+    mask[1:11, 2:14, 2:14] = True
+    seg = np.zeros(pred.shape, np.uint8)
+    seg[4:8, 5:9, 5:9] = 1
+    _, volumes = score_subject("model", "->flair", "a", np.arange(12), pred, target, mask, seg)
+    by_region = {row.region: row for row in volumes}
+    regions = {"brain": mask, "tumour": mask & (seg > 0), "non_tumour": mask & (seg == 0)}
+    assert set(by_region) == set(regions)
+    for region, region_mask in regions.items():
+        row = by_region[region]
+        assert row.through_plane_error == metrics.through_plane_error(pred, target, region_mask)
+        assert row.ssim_sagittal == metrics.plane_ssim(pred, target, "sagittal", region_mask)
+        assert row.ssim_coronal == metrics.plane_ssim(pred, target, "coronal", region_mask)
+    assert all(name in by_region["brain"].to_dict() for name in VOLUME_METRICS)

@@ -26,6 +26,13 @@ def metric_definitions() -> dict[str, str]:
         "K1 0.01, K2 0.03; mean of the full SSIM map over the region; per slice 2D, per volume 3D "
         "(NaN when a subject has fewer than 11 slices)",
         "mae": "mean |synthesized - real| over the region's voxels, in the [0, 1] scale",
+        "through_plane_error": "per volume: mean |(p[z+1] - p[z]) - (r[z+1] - r[z])| over the pairs of "
+        "voxels on adjacent axial slices both inside the region (how far the synthesized slice-to-slice "
+        "change departs from the real one; slice-by-slice flicker raises it)",
+        "ssim_sagittal": "per volume: the SSIM map (as ssim) on each sagittal plane [Z, y] at fixed x, "
+        "averaged over the region's voxels (NaN below 11 slices)",
+        "ssim_coronal": "per volume: the SSIM map on each coronal plane [Z, x] at fixed y, averaged over "
+        "the region's voxels (NaN below 11 slices)",
         "per_slice": "one value per axial slice (slices with an empty region are NaN and skipped)",
         "per_volume": "one value per subject over every voxel of the region in its stack of slices",
         "regions": "brain: the mask; tumour: seg > 0 within the mask; non_tumour: seg == 0 within the "

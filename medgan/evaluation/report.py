@@ -22,10 +22,17 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import UserError
-from medgan.scoring import COPY, METRICS, MODEL, UNET
+from medgan.scoring import COPY, METRICS, MODEL, UNET, VOLUME_METRICS
 
 VIEWS = ("axial", "sagittal", "coronal")
-METRIC_LABELS = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "mae": "MAE ↓"}
+METRIC_LABELS = {
+    "psnr": "PSNR (dB) ↑",
+    "ssim": "SSIM ↑",
+    "mae": "MAE ↓",
+    "through_plane_error": "through-plane error ↓",
+    "ssim_sagittal": "sagittal SSIM ↑",
+    "ssim_coronal": "coronal SSIM ↑",
+}
 METHOD_LABELS = {MODEL: "MedGAN-SSM", COPY: "best input copied", UNET: "baseline checkpoint"}
 # The error panel's colour scale: |error| of 0.5 (half the [0, 1] range) and above is saturated.
 ERROR_SCALE = 0.5
@@ -307,11 +314,19 @@ def _number(value: Any, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-DIGITS = {"psnr": 2, "ssim": 4, "mae": 4}
+DIGITS = {"psnr": 2, "ssim": 4, "mae": 4, "through_plane_error": 4, "ssim_sagittal": 4, "ssim_coronal": 4}
+
+
+def _volume_metrics(task: dict[str, Any]) -> tuple[str, ...]:
+    """The per-volume metrics an evaluation wrote: the through-plane ones too where it has them (an
+    evaluation folder written before they existed has only PSNR, SSIM and MAE)."""
+    model_brain = task["methods"][MODEL]["brain"]["per_volume"]
+    return tuple(name for name in VOLUME_METRICS if name in model_brain)
 
 
 def _summary_table(task: dict[str, Any]) -> str:
-    header = "".join(f"<th>{METRIC_LABELS[name]}</th>" for name in METRICS)
+    names = _volume_metrics(task)
+    header = "".join(f"<th>{METRIC_LABELS[name]}</th>" for name in names)
     lines = [f"<table><tr><th>method</th><th>region</th><th>n</th>{header}</tr>"]
     for method, regions in task["methods"].items():
         label = METHOD_LABELS[method]
@@ -322,7 +337,7 @@ def _summary_table(task: dict[str, Any]) -> str:
             cells = "".join(
                 f"<td>{_number(values[n]['mean'], DIGITS[n])} ± {_number(values[n]['std'], DIGITS[n])}"
                 f"<br><small>median {_number(values[n]['median'], DIGITS[n])}</small></td>"
-                for n in METRICS
+                for n in names
             )
             lines.append(
                 f"<tr><td>{html.escape(label)}</td><td>{region}</td><td>{values['psnr']['n']}</td>{cells}</tr>"
@@ -332,14 +347,15 @@ def _summary_table(task: dict[str, Any]) -> str:
 
 
 def _paired_table(task: dict[str, Any]) -> str:
-    header = "".join(f"<th>{METRIC_LABELS[name]}</th>" for name in METRICS)
+    names = _volume_metrics(task)
+    header = "".join(f"<th>{METRIC_LABELS[name]}</th>" for name in names)
     lines = [f"<table><tr><th>MedGAN-SSM minus</th><th>n</th>{header}</tr>"]
     for method, by_metric in task["paired"].items():
         cells = "".join(
             f"<td>{_number(by_metric[n]['mean_difference'], DIGITS[n])} "
             f"[{_number(by_metric[n]['ci95'][0], DIGITS[n])}, {_number(by_metric[n]['ci95'][1], DIGITS[n])}]"
             f"<br><small>Wilcoxon p = {_number(by_metric[n]['wilcoxon_p'], 4)}</small></td>"
-            for n in METRICS
+            for n in names
         )
         lines.append(f"<tr><td>{METHOD_LABELS[method]}</td><td>{by_metric['psnr']['n']}</td>{cells}</tr>")
     lines.append("</table>")

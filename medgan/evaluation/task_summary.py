@@ -12,9 +12,9 @@ from medgan import metrics
 from medgan.evaluation.subject_scores import Scores
 from medgan.evaluation.tasks import Task
 from medgan.scoring import (
-    METRICS,
     MODEL,
     REGIONS,
+    VOLUME_METRICS,
     SliceScore,
     VolumeScore,
     error_by_spread_decile,
@@ -55,7 +55,7 @@ def summarize_task(
         method: {
             region: {
                 "per_volume": summarize_scores(
-                    r for r in task_volumes if r.method == method and r.region == region
+                    (r for r in task_volumes if r.method == method and r.region == region), VOLUME_METRICS
                 ),
                 "per_slice": summarize_scores(
                     r for r in task_slices if r.method == method and r.region == region
@@ -77,7 +77,7 @@ def summarize_task(
                 np.array([getattr(brain[MODEL][s], name) for s in order]),
                 np.array([getattr(brain[method][s], name) for s in order]),
             )
-            for name in METRICS
+            for name in VOLUME_METRICS
         }
         for method in methods[1:]
     }
