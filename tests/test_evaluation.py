@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
 import tarfile
 
@@ -449,3 +450,18 @@ def test_the_baseline_gets_its_own_channel_order():
     np.testing.assert_array_equal(mapped[:, 0], images[:, 3])
     np.testing.assert_array_equal(mapped[:, 1], images[:, 0])
     assert not mapped[:, 2].any()
+
+
+def test_evaluate_reports_the_through_plane_metrics(capsys, tmp_path, phantom_shards):
+    from medgan.__main__ import main
+
+    checkpoint = str(write_checkpoint(tmp_path / "model", arch="unet"))
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--checkpoint", checkpoint, "--data_path", str(phantom_shards), "--out", str(out)]
+    assert main([*argv, "--target_modality", "flair"]) == 0
+    headline = capsys.readouterr().out.splitlines()[0]
+    assert re.search(r"MAE [0-9.]+, through-plane error [0-9.]+ \(copied", headline), headline
+    with open(out / "per_volume.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert {"through_plane_error", "ssim_sagittal", "ssim_coronal"} <= set(rows[0])
+    assert all(float(row["through_plane_error"]) >= 0 for row in rows if row["region"] == "brain")

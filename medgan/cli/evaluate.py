@@ -232,8 +232,9 @@ def _print_default(summary: dict, spread: str | None) -> None:
         copy = task["methods"]["best_input_copy"]["brain"]["per_volume"]
         say(
             f"{name}: {task['subjects']} subjects, PSNR {brain['psnr']['mean']:.2f} dB, SSIM "
-            f"{brain['ssim']['mean']:.4f}, MAE {brain['mae']['mean']:.4f} "
-            f"(copied {task['best_input_copy']['input']}: PSNR {copy['psnr']['mean']:.2f} dB)"
+            f"{brain['ssim']['mean']:.4f}, MAE {brain['mae']['mean']:.4f}, through-plane error "
+            f"{brain['through_plane_error']['mean']:.4f} (copied {task['best_input_copy']['input']}: PSNR "
+            f"{copy['psnr']['mean']:.2f} dB)"
         )
     for name, task in summary["tasks"].items():
         if "spread" in task:
