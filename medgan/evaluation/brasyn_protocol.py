@@ -116,8 +116,12 @@ def copy_brain_psnr(copy: np.ndarray, real: np.ndarray) -> float:
     """PSNR (dB) of an input copied as it is against the real target, both ``[X, Y, Z]`` in scanner
     units and normalised as BraSyn normalises (`brasyn_normalise`), over the real target's brain (its
     nonzero voxels; BraTS volumes are skull-stripped). ``+inf`` for identical volumes."""
-    brain = brain_mask([real])
-    return float(metrics.psnr(brasyn_normalise(copy), brasyn_normalise(real), mask=brain, spatial_dims=3))
+    return _psnr_against(copy, brasyn_normalise(real), brain_mask([real]))
+
+
+def _psnr_against(copy: np.ndarray, normalised_real: np.ndarray, brain: np.ndarray) -> float:
+    """:func:`copy_brain_psnr` with the real target already normalised and its brain found."""
+    return float(metrics.psnr(brasyn_normalise(copy), normalised_real, mask=brain, spatial_dims=3))
 
 
 def choose_copy_input(
@@ -132,10 +136,12 @@ def choose_copy_input(
     psnrs: dict[str, list[float]] = {name: [] for name in candidates}
     for files in tqdm(subjects.values(), desc="choose copied input", unit="subject", disable=None):
         real = load_for_scoring(files[target])
+        # the real target's normalisation and brain once per subject, not once per candidate
+        normalised_real, brain = brasyn_normalise(real.data), brain_mask([real.data])
         for name in candidates:
             copy = load_for_scoring(files[name])
             check_on_reference_grid(copy, real)
-            psnrs[name].append(copy_brain_psnr(copy.data, real.data))
+            psnrs[name].append(_psnr_against(copy.data, normalised_real, brain))
     means = {
         name: float(np.nanmean(values)) if not np.all(np.isnan(values)) else -math.inf
         for name, values in psnrs.items()
