@@ -465,3 +465,26 @@ def test_evaluate_reports_the_through_plane_metrics(capsys, tmp_path, phantom_sh
         rows = list(csv.DictReader(stream))
     assert {"through_plane_error", "ssim_sagittal", "ssim_coronal"} <= set(rows[0])
     assert all(float(row["through_plane_error"]) >= 0 for row in rows if row["region"] == "brain")
+
+
+@pytest.mark.parametrize("with_validation_split", [True, False])
+def test_only_the_chosen_copy_is_scored_once_the_validation_split_chose_it(
+    phantom_shards, tmp_path, monkeypatch, with_validation_split
+):
+    from medgan.evaluation.subject_scores import Scores
+
+    scored, add = [], Scores.add
+    monkeypatch.setattr(
+        Scores, "add", lambda self, method, *rest: scored.append(method) or add(self, method, *rest)
+    )
+    generator = load_generator(write_checkpoint(tmp_path / "model", arch="unet"))
+    subjects = ShardSubjects(phantom_shards, "test", generator.modalities)
+    tasks = tasks_to_evaluate(generator, subjects.available_modalities, target="flair")
+    selection = ShardSubjects(phantom_shards, "val", generator.modalities) if with_validation_split else None
+    summary = evaluate(generator, subjects, tasks, tmp_path / "eval", selection_subjects=selection)
+    chosen = summary["tasks"]["t1+t1ce+t2->flair"]["best_input_copy"]["input"]
+    copies = {method for method in scored if method.startswith(COPY)}
+    # without a validation split every copy is scored to choose from; with one, the choice comes first
+    assert copies == (
+        {f"{COPY}:{chosen}"} if with_validation_split else {f"{COPY}:{m}" for m in tasks[0].inputs}
+    )

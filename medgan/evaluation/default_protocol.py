@@ -85,15 +85,6 @@ def _check_scored(scores: Scores, subjects: ShardSubjects | NiftiSubjects) -> No
         raise EvaluationError(f"no subject could be evaluated{detail}")
 
 
-def _copy_choice(
-    scores: Scores, tasks: list[Task], modalities: list[str], selection_subjects: ShardSubjects | None
-) -> tuple[dict[str, str], str]:
-    """(task -> the input whose copy is its baseline, where that was chosen)."""
-    if selection_subjects is not None:
-        return choose_copied_inputs_on(selection_subjects, tasks, modalities), "the validation split"
-    return choose_copied_inputs_from(scores.volumes, tasks), "the evaluated subjects"
-
-
 def evaluate(
     generator: LoadedGenerator,
     subjects: ShardSubjects | NiftiSubjects,
@@ -115,12 +106,20 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     _check_baseline(baseline, tasks)
     keep = segmentation.keep if segmentation is not None else None
-    scores = score_subjects(generator, subjects, tasks, out, baseline, batch_size, spread and spread[1], keep)
+    # chosen on the validation split first, only the chosen copy is scored; else every copy, to choose from
+    copy_choice = None
+    if selection_subjects is not None:
+        copy_choice = choose_copied_inputs_on(selection_subjects, tasks, generator.modalities)
+    scores = score_subjects(
+        generator, subjects, tasks, out, baseline, batch_size, spread and spread[1], keep, copy_choice
+    )
     _check_scored(scores, subjects)
     description = dict(description or {})
     if segmentation is not None:
         description["segmentation"] = segmentation.scores()
-    copy_choice, chosen_on = _copy_choice(scores, tasks, generator.modalities, selection_subjects)
+    chosen_on = "the validation split" if copy_choice is not None else "the evaluated subjects"
+    if copy_choice is None:
+        copy_choice = choose_copied_inputs_from(scores.volumes, tasks)
     slice_rows, volume_rows = keep_chosen_copies(scores, copy_choice)
     methods = [MODEL, COPY] + ([UNET] if baseline is not None else [])
     summary = {

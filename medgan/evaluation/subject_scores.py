@@ -37,7 +37,7 @@ PredictionHandler = Callable[[NiftiSubject | SubjectSlices, Task, SubjectSlices,
 
 @dataclass(slots=True)
 class Scores:
-    """Rows scored by :func:`score_subjects`: every input's copy is scored (``best_input_copy:NAME``)
+    """Rows scored by :func:`score_subjects`: the inputs' copies are scored as ``best_input_copy:NAME``
     until :func:`keep_chosen_copies` keeps the one chosen per task."""
 
     slices: list[SliceScore] = field(default_factory=list)
@@ -100,9 +100,11 @@ def _score_task(
     subject: SubjectSlices,
     batch_size: int,
     spread: list | None,
+    copied: tuple[str, ...],
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Score the model, every input's copy and the baseline on one subject for ``task``; returns the
-    model's prediction and spread (None without one), both [Z, H, W] and zero outside the mask."""
+    """Score the model, the ``copied`` inputs' copies and the baseline on one subject for ``task``;
+    returns the model's prediction and spread (None without one), both [Z, H, W] and zero outside the
+    mask."""
     modalities = generator.modalities
     target = subject.images[:, modalities.index(task.target)]
     mask = subject.mask.astype(np.float32)
@@ -115,7 +117,7 @@ def _score_task(
     else:
         pred = mask * scores.predict(MODEL, generator, subject.images, inputs, task.target, batch_size)
     scores.add(MODEL, task, subject, pred, target)
-    for name in task.inputs:
+    for name in copied:
         scores.add(f"{COPY}:{name}", task, subject, subject.images[:, modalities.index(name)], target)
     if baseline is not None:
         images = in_generator_channels(baseline, subject.images, modalities)
@@ -133,12 +135,14 @@ def score_subjects(
     batch_size: int,
     spread: list | None = None,
     on_prediction: PredictionHandler | None = None,
+    copy_choice: dict[str, str] | None = None,
 ) -> Scores:
-    """Step 1: synthesize every task for every subject that serves it, score the model, every input's
-    copy and the baseline, and save the views. ``spread``: the test-time variants
+    """Step 1: synthesize every task for every subject that serves it, score the model, the inputs'
+    copies and the baseline, and save the views. ``spread``: the test-time variants
     (``medgan.inference.spread.spread_variants``) whose voxelwise SD is set against the model's error.
     ``on_prediction``: given each model prediction, so that later steps reuse it instead of predicting
-    again."""
+    again. ``copy_choice``: task -> the input already chosen as its copied baseline (only that copy is
+    scored); None scores every input's copy, to choose from."""
     modalities = generator.modalities
     scores = Scores(skipped={task.name: [] for task in tasks})
     for entry in tqdm(subjects, total=len(subjects), desc="evaluate", unit="subject", disable=None):
@@ -149,7 +153,10 @@ def score_subjects(
                 scores.skipped[task.name].append(entry.subject)
                 continue
             scored_any = True
-            pred, spread_map = _score_task(scores, generator, baseline, task, subject, batch_size, spread)
+            copied = (copy_choice[task.name],) if copy_choice is not None else task.inputs
+            pred, spread_map = _score_task(
+                scores, generator, baseline, task, subject, batch_size, spread, tuple(copied)
+            )
             if on_prediction is not None:
                 on_prediction(entry, task, subject, pred)
             target = subject.images[:, modalities.index(task.target)]
