@@ -81,7 +81,7 @@ class TrainState:
             "train_cpu_seconds": self.train_cpu_seconds,
             "generator_parameters": parameter_counts[0],
             "discriminator_parameters": parameter_counts[1],
-            "best_step": self.best_step if has_best else None,
+            "best_step": self.best_step,
             "best_tag": tag_for_step(self.best_step) if has_best else None,
             "best_val_psnr": self.best_psnr if has_best else None,
             "validations": [list(entry) for entry in self.validations],

@@ -189,9 +189,10 @@ class GANTrainer:
         self.state.validations.append([self.step, summary["val/psnr"]])
         if summary["val/psnr"] > self.state.best_psnr:
             self.state.best_psnr, self.state.best_step = summary["val/psnr"], self.step
-            self.save()
+            self.save()  # writes the record with this validation in it
             self.checkpoints.mark_best(tag_for_step(self.step))
-        self._write_record()
+        else:
+            self._write_record()
 
     # ------------------------------------------------------------------------------------------ loop
     def _start(self) -> dict[str, Any] | None:
