@@ -14,6 +14,12 @@ from pathlib import Path
 
 # 2: healthy-median normalisation (1: each volume's own 0.5-99.5 percentiles, moved by tumours).
 FORMAT_VERSION = 2
+# How samples sit in the tar files, versioned apart from the intensity scale (FORMAT_VERSION): a model
+# depends on the scale, only the loader on the layout. 1 (manifests without the field): a subject's
+# slices are consecutive, in slice order, across the split's tar files, and may cross from one file into
+# the next. 2: the same, and a subject never crosses a file, so dealing tar files deals whole subjects
+# (slabs and 2.5D training need that: docs/data.md).
+LAYOUT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
 SHARD_PATTERN = "{split}-%06d.tar"

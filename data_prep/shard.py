@@ -25,6 +25,7 @@ from data_prep.discovery import DATASET_MODALITIES, SubjectFiles, discover, norm
 from data_prep.errors import UserError
 from data_prep.manifest import (
     FORMAT_VERSION,
+    LAYOUT_VERSION,
     MANIFEST_NAME,
     MAX_SHARD_BYTES,
     REPORT_NAME,
@@ -221,14 +222,14 @@ class _SplitWriters:
         self.folder = folder
         self.series: dict[str, ShardSeries] = {}
 
-    def write(self, split: str, sample: dict) -> None:
+    def write(self, split: str, sample: dict, may_start_shard: bool = True) -> None:
         if split not in self.series:
             # The folder's own "%" (a user's --out name) must not be read as the shard number's format.
             pattern = str(self.folder).replace("%", "%%") + os.sep + SHARD_PATTERN.format(split=split)
             self.series[split] = ShardSeries(
                 pattern, max_samples=SAMPLES_PER_SHARD, max_bytes=MAX_SHARD_BYTES
             )
-        self.series[split].write(sample)
+        self.series[split].write(sample, may_start_shard)
 
     def close(self) -> dict:
         """Finish every shard; per split, the manifest's list of shards (file, samples, sha256, bytes)."""
@@ -351,6 +352,7 @@ def _manifest(config: ShardConfig, outcomes, shards: dict) -> dict:
     entries = {o.subject.subject: o.manifest_entry for o in outcomes if o.reason is None}
     return {
         "format_version": FORMAT_VERSION,
+        "layout_version": LAYOUT_VERSION,
         "created_by": "python -m data_prep shard",
         "dataset": config.dataset,
         "source": str(config.source),
@@ -522,8 +524,9 @@ def _shard_subjects(config: ShardConfig, outcomes: list[SubjectOutcome], writers
                 outcome.traceback = fields.get("traceback")
                 continue
             outcome.repairs = fields["repairs"]
-            for sample in _samples(config, outcome.subject, outcome.split, arrays, fields):
-                writers.write(outcome.split, sample)
+            # a new tar file starts only with a subject's first slice (LAYOUT_VERSION 2)
+            for index, sample in enumerate(_samples(config, outcome.subject, outcome.split, arrays, fields)):
+                writers.write(outcome.split, sample, may_start_shard=index == 0)
             outcome.manifest_entry = _manifest_entry(outcome, arrays, fields)
     bar.close()
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from data_prep.errors import DataError
 from data_prep.intensity import normalisation_method
-from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, REPORT_NAME, SEG_FIELD
+from data_prep.manifest import FORMAT_VERSION, LAYOUT_VERSION, MANIFEST_NAME, REPORT_NAME, SEG_FIELD
 from data_prep.modalities import canonical_modality
 
 # What every manifest this version reads holds (the rest is described in docs/data.md).
@@ -53,6 +53,18 @@ class ShardSplit:
     samples: int
     subjects: tuple[str, ...]
     manifest_sha256: str
+    layout_version: int = 1
+
+    def require_whole_subjects(self, why: str) -> None:
+        """A DataError unless every subject of the split sits in one tar file (layout 2), naming ``why``
+        the caller needs that (e.g. ``data.slab_slices 8``) and the command that re-shards the folder."""
+        if self.layout_version < LAYOUT_VERSION:
+            command = ShardFolder.read(self.directory).reshard_command(f"-layout{LAYOUT_VERSION}")
+            raise DataError(
+                f"{self.directory}: shard layout {self.layout_version} (a subject's slices may cross from "
+                f"one tar file into the next); {why} needs layout {LAYOUT_VERSION} (each subject in one tar "
+                f"file): re-shard with {command}"
+            )
 
 
 def format_mismatch(format_version: Any, normalisation: dict[str, Any] | None) -> str | None:
@@ -125,6 +137,11 @@ class ShardFolder:
         return tuple(canonical_modality(name) for name in self.manifest["modalities"])
 
     @property
+    def layout_version(self) -> int:
+        """How samples sit in the tar files (``data_prep.manifest.LAYOUT_VERSION``); 1 when unrecorded."""
+        return int(self.manifest.get("layout_version", 1))
+
+    @property
     def records(self) -> dict[str, dict[str, Any]]:
         return self.manifest.get("subjects", {})
 
@@ -161,10 +178,12 @@ class ShardFolder:
             samples=samples,
             subjects=tuple(splits[name].get("subjects", [])),
             manifest_sha256=self.manifest_sha256,
+            layout_version=self.layout_version,
         )
 
-    def reshard_command(self) -> str:
-        """The data_prep command that makes this folder again in the current format, into a new folder."""
+    def reshard_command(self, suffix: str | None = None) -> str:
+        """The data_prep command that makes this folder again in the current format and layout, into a new
+        folder (this one's name with ``suffix``, by default ``-format2``)."""
         source = self.manifest.get("source")
         if not source:
             # Format 1 manifests did not record the source; its report.json did.
@@ -174,7 +193,7 @@ class ShardFolder:
                 source = None
         return (
             f"python -m data_prep shard --format {self.dataset or 'brats'} --src {source or 'RAW'} "
-            f"--out {self.directory.with_name(self.directory.name + f'-format{FORMAT_VERSION}')}"
+            f"--out {self.directory.with_name(self.directory.name + (suffix or f'-format{FORMAT_VERSION}'))}"
         )
 
     def training_data(self) -> dict[str, Any]:

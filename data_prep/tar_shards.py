@@ -98,12 +98,17 @@ class ShardSeries:
         self._open: _OpenShard | None = None
         self.written: list[WrittenShard] = []
 
-    def write(self, sample: dict) -> str:
-        """Write one sample; returns the name of the shard file it went into."""
+    def write(self, sample: dict, may_start_shard: bool = True) -> str:
+        """Write one sample; returns the name of the shard file it went into. ``may_start_shard=False``
+        keeps the sample in the open shard even when that one is full (the rest of a subject's slices:
+        a subject never crosses a file); the next sample that may start one does."""
         if "__key__" not in sample:
             raise ValueError(f"sample without a __key__ (fields {sorted(sample)})")
         shard = self._open
-        if shard is None or shard.samples >= self.max_samples or shard.member_bytes >= self.max_bytes:
+        full = shard is not None and (
+            shard.samples >= self.max_samples or shard.member_bytes >= self.max_bytes
+        )
+        if shard is None or (full and may_start_shard):
             shard = self._start_next()
         encoded = self._encode(sample)
         key = encoded["__key__"]

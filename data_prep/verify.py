@@ -75,8 +75,9 @@ def _check_labels(where: str, mask: np.ndarray, seg: np.ndarray | None, info: di
             )
 
 
-def _verify_shard(shard: ShardFile, manifest: dict, split: str, subjects: set[str]) -> int:
-    """Check one tar file against its manifest entry; returns its sample count, adds its subjects."""
+def _verify_shard(shard: ShardFile, manifest: dict, split: str, subjects: dict[str, str]) -> int:
+    """Check one tar file against its manifest entry; returns its sample count, adds its subjects (subject
+    -> the first tar file holding it). From layout 2 on, a subject seen in an earlier file is an error."""
     name = shard.path.name
     if not shard.path.is_file():
         raise VerificationError(f"{name}: listed in the manifest but missing")
@@ -87,15 +88,22 @@ def _verify_shard(shard: ShardFile, manifest: dict, split: str, subjects: set[st
             f"the manifest's {shard.sha256[:12]}... (modified or corrupted)"
         )
     count = 0
+    whole_subjects = int(manifest.get("layout_version", 1)) >= 2
     for fields in raw_samples([shard.path]):
-        subjects.add(_check_sample(f"{name}: {fields['__key__']}", fields, manifest, split)["subject"])
+        subject = _check_sample(f"{name}: {fields['__key__']}", fields, manifest, split)["subject"]
+        first_file = subjects.setdefault(subject, name)
+        if whole_subjects and first_file != name:
+            raise VerificationError(
+                f"{name}: {fields['__key__']}: subject {subject} also in {first_file} "
+                "(shard layout 2 keeps each subject in one tar file)"
+            )
         count += 1
     if count != shard.samples:
         raise VerificationError(f"{name}: {count} samples, the manifest says {shard.samples}")
     return count
 
 
-def _check_patients_disjoint(manifest: dict, subjects_by_split: dict[str, set[str]]) -> None:
+def _check_patients_disjoint(manifest: dict, subjects_by_split: dict[str, dict[str, str]]) -> None:
     patients = {subject: entry["patient"] for subject, entry in manifest["subjects"].items()}
     for index, first in enumerate(SPLITS):
         for second in SPLITS[index + 1 :]:
@@ -110,7 +118,7 @@ def verify_shards(folder: Path) -> str:
     """Check a shard folder; returns a one-line summary. Raises DataError on the first problem (the reader's
     for an unreadable manifest or tar file, VerificationError for a mismatch)."""
     shards = ShardFolder.open(folder)
-    subjects_by_split: dict[str, set[str]] = defaultdict(set)
+    subjects_by_split: dict[str, dict[str, str]] = defaultdict(dict)
     total = 0
     for split in SPLITS:
         counted = sum(
