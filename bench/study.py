@@ -118,7 +118,7 @@ def run_flags(run: Run, shards: Path, folder: Path, budget_seconds: float) -> li
         "--data.num_workers", "0", "--training.epochs", "10000", "--training.max_steps", "0",
         "--training.cpu_budget_seconds", str(budget_seconds), "--training.lr_schedule", "constant",
         "--training.seed", str(run.seed), "--training.val_every_steps", str(VAL_EVERY[run.size]),
-        "--training.val_max_batches", "0", "--checkpoint.every_steps", "1000000",
+        "--training.val_max_subjects", "0", "--checkpoint.every_steps", "1000000",
         "--checkpoint.keep_last", "1",
         "--training.adversarial_weight", "0" if run.recipe == "l1" else "1",
         "--deepspeed.zero_stage", "0", "--logging.wandb", "disabled", "--logging.progress_bar", "false",

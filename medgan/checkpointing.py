@@ -282,7 +282,7 @@ def read_run(checkpoint_dir: Path) -> tuple[Config, dict[str, Any]]:
     if not layout.config_file.is_file():
         raise CheckpointError(f"{checkpoint_dir}: no config.yaml (not a checkpoint folder written by medgan)")
     try:
-        config = load_config(layout.config_file)
+        config = load_config(layout.config_file, saved=True)
     except ConfigError as error:
         raise CheckpointError(f"{layout.config_file}: {error}") from None
     if layout.training_data_file.is_file():

@@ -46,6 +46,12 @@ class DataConfig:
     ``target_modality: any`` trains one model for every task: per sample a random non-empty subset of the
     present modalities as input and a random other present one as target. A named target with
     ``input_modalities`` is the seed's fixed task (empty ``input_modalities``: every other present one).
+
+    ``slab_slices`` (S): a training sample is S consecutive axial slices of one subject, one task and one
+    flip for the whole slab (1: single slices, as before slabs existed). ``batch_size`` counts slices per
+    rank whatever S is (a multiple of S: batch 16 with S 8 is two slabs), and so does ``shuffle_buffer``
+    (it holds ``shuffle_buffer // S`` slabs). Slabs, and 2.5D input (``model.generator.context_slices``),
+    need shards of layout 2 (each subject in one tar file), which ``python -m data_prep shard`` writes.
     """
 
     data_path: str = ""
@@ -55,6 +61,7 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 256
     random_flips: bool = True
+    slab_slices: int = 1
 
     def __post_init__(self) -> None:
         self.input_modalities = [canonical_modality(name) for name in self.input_modalities]
@@ -80,6 +87,13 @@ class DataConfig:
         _check(self.batch_size >= 1, "data.batch_size", f"{self.batch_size} must be >= 1 (per rank)")
         _check(self.num_workers >= 0, "data.num_workers", f"{self.num_workers} must be >= 0")
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"{self.shuffle_buffer} must be >= 1")
+        _check(1 <= self.slab_slices <= 256, "data.slab_slices", f"{self.slab_slices} must be in 1..256")
+        _check(
+            self.batch_size % self.slab_slices == 0,
+            "data.batch_size",
+            f"{self.batch_size} slices per rank is not a whole number of slabs of data.slab_slices "
+            f"{self.slab_slices} (make it a multiple of {self.slab_slices})",
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -100,9 +114,9 @@ class TrainingConfig:
     budget cannot count whole (it reaches this process only when they exit, and includes batches
     prefetched past the last step).
     Equal CPU time, not equal steps, is how ``bench/study.py`` compares generators of different speed.
-    ``val_max_batches``: validation batches per rank (0: the whole val split). Each val slice's task is a
-    function of the slice, so the whole split scores the same on any world size; a cap does not (it
-    keeps a number of batches per rank).
+    ``val_max_subjects``: how many val subjects validation scores (0: the whole val split), the first
+    ones in the split's order. Validation scores whole volumes, each subject on one rank with a task that
+    is a function of the subject, so its scores do not depend on the world size.
     """
 
     epochs: int = 100
@@ -122,7 +136,7 @@ class TrainingConfig:
     ema_decay: float = 0.999
     seed: int = 0
     val_every_steps: int = 500
-    val_max_batches: int = 0
+    val_max_subjects: int = 0
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "training.epochs", f"{self.epochs} must be >= 1")
@@ -158,7 +172,9 @@ class TrainingConfig:
         )
         _check(0 < self.ema_decay < 1, "training.ema_decay", f"{self.ema_decay} must be in (0, 1)")
         _check(self.val_every_steps >= 1, "training.val_every_steps", f"{self.val_every_steps} must be >= 1")
-        _check(self.val_max_batches >= 0, "training.val_max_batches", f"{self.val_max_batches} must be >= 0")
+        _check(
+            self.val_max_subjects >= 0, "training.val_max_subjects", f"{self.val_max_subjects} must be >= 0"
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -329,20 +345,35 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise TypeError(f"{key}: unsupported field type {annotation!r}")
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    """Build dataclass ``cls`` from a nested dict, recursing into sections; unknown keys are errors."""
+# Keys a released version had and this one does not: a saved config (a checkpoint's) drops them, a user's
+# config or command line is told what replaced each.
+RETIRED_KEYS: dict[str, str] = {
+    "training.val_max_batches": (
+        "retired: validation scores whole volumes now; cap it with training.val_max_subjects"
+    ),
+}
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, saved: bool = False) -> Any:
+    """Build dataclass ``cls`` from a nested dict, recursing into sections; unknown keys are errors, and so
+    are retired ones unless ``saved`` (a checkpoint's config, valid when it was written)."""
     _check(isinstance(values, dict), prefix or "config", f"expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    for name in values:
+    values = dict(values)
+    for name in list(values):
         key = f"{prefix}.{name}" if prefix else str(name)
+        if key in RETIRED_KEYS and name not in known:
+            _check(saved, key, RETIRED_KEYS[key])
+            del values[name]
+            continue
         _check(name in known, key, f"unknown config key (known here: {', '.join(sorted(known))})")
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
-            kwargs[name] = _build(annotation, value or {}, key)
+            kwargs[name] = _build(annotation, value or {}, key, saved)
         else:
             kwargs[name] = _coerce(value, annotation, key)
     return cls(**kwargs)
@@ -426,15 +457,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def build_config(values: dict[str, Any] | None = None) -> Config:
-    """Build and validate a :class:`Config` from a nested dict (missing keys keep their defaults)."""
-    return _build(Config, values or {}, "")
+def build_config(values: dict[str, Any] | None = None, saved: bool = False) -> Config:
+    """Build and validate a :class:`Config` from a nested dict (missing keys keep their defaults);
+    ``saved``: the dict is a checkpoint's saved config, whose retired keys (:data:`RETIRED_KEYS`) are
+    dropped instead of refused."""
+    return _build(Config, values or {}, "", saved)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """YAML file (optional) merged with a nested overrides dict, validated."""
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, saved: bool = False
+) -> Config:
+    """YAML file (optional) merged with a nested overrides dict, validated (``saved``: as build_config)."""
     values = read_yaml(path) if path else {}
-    return build_config(_merge(values, overrides or {}))
+    return build_config(_merge(values, overrides or {}), saved)
 
 
 def config_from_cli(argv: list[str]) -> Config:

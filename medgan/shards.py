@@ -1,6 +1,7 @@
 """What medgan makes of data_prep's shards, which it reads through ``data_prep.shard_reader`` (data_prep
-owns the format): each sample's channels mapped onto the generator's canonical modality list, and the check
-that a checkpoint's training data is in the format and normalisation this version reads.
+owns the format): each sample's channels mapped onto the generator's canonical modality list, a split's
+subjects as whole stacks of slices (validation and evaluation score whole volumes), and the check that a
+checkpoint's training data is in the format and normalisation this version reads.
 
 It reads one format: data_prep's ``FORMAT_VERSION`` with data_prep's current normalisation (a model sees
 intensities on one scale; shards or checkpoints of another are refused, see :func:`format_problem`).
@@ -8,6 +9,8 @@ intensities on one scale; shards or checkpoints of another are refused, see :fun
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import DataError
-from data_prep.shard_reader import decode_sample, format_mismatch
+from data_prep.shard_reader import decode_sample, format_mismatch, raw_samples
 from data_prep.volumes import canonical_modality
 
 
@@ -72,3 +75,56 @@ class ChannelMap:
         images = self.place(stored.images)
         present = sorted(self.canonical.index(canonical_modality(m)) for m in stored.info["present"])
         return DecodedSample(stored.key, stored.info, images, present, stored.mask, stored.seg)
+
+
+@dataclass(slots=True)
+class SubjectStack:
+    """One subject's slices of a shard split, stacked in slice order, in the generator's channel order.
+
+    images: float32 ``[Z, M, H, W]`` in ``[0, 1]`` (absent contrasts zero). present: indices into the
+    canonical list of the contrasts the subject has. mask: bool ``[Z, H, W]``. seg: uint8 ``[Z, H, W]``
+    BraTS labels, or None. slices: int ``[Z]``, each slice's axial index.
+    """
+
+    subject: str
+    images: np.ndarray
+    present: list[int]
+    mask: np.ndarray
+    seg: np.ndarray | None
+    slices: np.ndarray
+
+
+def subject_stacks(
+    shards: Iterable[Path], channels: ChannelMap, keep: Callable[[int], bool] = lambda ordinal: True
+) -> Iterator[SubjectStack]:
+    """The subjects of ``shards`` (read in order; a subject's slices are consecutive in every shard layout),
+    whole; ``keep(ordinal)`` picks which to decode (the n-th subject met has ordinal n)."""
+    group: list[dict[str, Any]] = []
+    ordinal = 0
+
+    def stacked() -> SubjectStack:
+        samples = sorted(
+            (channels.decode(raw, with_seg=True) for raw in group), key=lambda s: s.info["slice"]
+        )
+        has_seg = all(sample.seg is not None for sample in samples)
+        return SubjectStack(
+            subject=samples[0].subject,
+            images=np.stack([sample.images for sample in samples]),
+            present=samples[0].present,
+            mask=np.stack([sample.mask for sample in samples]).astype(bool),
+            seg=np.stack([sample.seg for sample in samples]) if has_seg else None,
+            slices=np.array([sample.info["slice"] for sample in samples]),
+        )
+
+    current: str | None = None
+    for raw in raw_samples(shards):
+        subject = str(json.loads(raw["json"])["subject"])
+        if group and subject != current:
+            if keep(ordinal):
+                yield stacked()
+            ordinal += 1
+            group = []
+        current = subject
+        group.append(raw)
+    if group and keep(ordinal):
+        yield stacked()

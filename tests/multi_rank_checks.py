@@ -76,7 +76,7 @@ def validation_scores(shards: str, out: Path, context: DistributedContext) -> di
             "data_path": shards, "input_modalities": [], "target_modality": "any", "batch_size": 2,
             "num_workers": 0,
         },
-        "training": {"val_max_batches": 0},
+        "training": {"val_max_subjects": 0},
         "deepspeed": {"zero_stage": 0, "precision": "fp32"},
         "logging": {"wandb": "disabled", "progress_bar": False},
         "checkpoint": {"dir": str(out / "validation")},

@@ -128,7 +128,7 @@ def test_mode_both_shards_a_raw_folder_trains_evaluates_and_reports(phantom_subj
         sys.executable, "-m", "medgan", "--mode", "both", "--data_path", str(phantom_subjects),
         "--checkpoint_dir", str(checkpoint_dir), "--batch_size", "2", "--num_workers", "0",
         "--target_modality", "flair", "--input_modalities", "t1", "t2",
-        "--training.max_steps", "2", "--training.val_max_batches", "1", "--logging.wandb", "disabled",
+        "--training.max_steps", "2", "--training.val_max_subjects", "1", "--logging.wandb", "disabled",
         "--logging.progress_bar", "false", "--deepspeed.zero_stage", "0",
         "--model.generator.arch", "unet", "--model.generator.base_channels", "8",
         "--model.generator.depth", "2", "--model.generator.ssm_levels", "1",

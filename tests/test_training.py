@@ -36,7 +36,7 @@ TINY = [
     "--model.generator.ssm_levels", "1", "--model.generator.ssm_state", "4",
     "--model.generator.condition_dim", "8", "--model.generator.attention_heads", "2",
     "--model.discriminator.base_channels", "8", "--model.discriminator.layers", "2",
-    "--data.batch_size", "2", "--training.val_max_batches", "2", "--logging.progress_bar", "false",
+    "--data.batch_size", "2", "--training.val_max_subjects", "2", "--logging.progress_bar", "false",
     "--logging.log_every_steps", "1", "--logging.image_every_steps", "1000",
 ]  # fmt: skip
 

@@ -16,7 +16,7 @@ TINY_RUN_FLAGS = [
     "--model.discriminator.base_channels", "8",
     "--data.batch_size", "2",
     "--data.num_workers", "0",
-    "--training.val_max_batches", "2",
+    "--training.val_max_subjects", "2",
     "--logging.wandb", "disabled",
     "--logging.progress_bar", "false",
 ]  # fmt: skip

@@ -11,7 +11,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from data_prep.shard_reader import ShardFolder, raw_samples
+from data_prep.shard_reader import ShardFolder
 from data_prep.volumes import PreparedSubject, discover_nifti_subjects
 from medgan.evaluation.tasks import Task
 from medgan.inference.loading import LoadedGenerator
@@ -22,7 +22,7 @@ from medgan.inference.synthesis import (
     prepare_nifti_subject,
     synthesized_image,
 )
-from medgan.shards import ChannelMap
+from medgan.shards import ChannelMap, subject_stacks
 
 
 @dataclass(slots=True)
@@ -79,29 +79,16 @@ class ShardSubjects:
         return len(self.subjects)
 
     def __iter__(self) -> Iterator[SubjectSlices]:
-        current: list = []
-        for raw in raw_samples(self.split.shards):
-            sample = self.channels.decode(raw, with_seg=True)
-            if current and sample.subject != current[0].subject:
-                yield self._subject(current)
-                current = []
-            current.append(sample)
-        if current:
-            yield self._subject(current)
-
-    def _subject(self, samples: list) -> SubjectSlices:
-        samples.sort(key=lambda sample: sample.info["slice"])
-        has_seg = all(sample.seg is not None for sample in samples)
-        subject = samples[0].subject
-        return SubjectSlices(
-            subject=subject,
-            images=np.stack([sample.images for sample in samples]),
-            present=[self.channels.canonical[i] for i in samples[0].present],
-            mask=np.stack([sample.mask for sample in samples]).astype(bool),
-            seg=np.stack([sample.seg for sample in samples]) if has_seg else None,
-            slices=np.array([sample.info["slice"] for sample in samples]),
-            spacing=_spacing(self.folder.records.get(subject, {}).get("geometry")),
-        )
+        for stack in subject_stacks(self.split.shards, self.channels):
+            yield SubjectSlices(
+                subject=stack.subject,
+                images=stack.images,
+                present=[self.channels.canonical[i] for i in stack.present],
+                mask=stack.mask,
+                seg=stack.seg,
+                slices=stack.slices,
+                spacing=_spacing(self.folder.records.get(stack.subject, {}).get("geometry")),
+            )
 
 
 @dataclass(slots=True)

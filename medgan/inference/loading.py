@@ -37,6 +37,7 @@ from medgan.checkpointing import (
 )
 from medgan.config import Config, ConfigError, build_config
 from medgan.inference.provenance import weights_sha256
+from medgan.models.context import predict_stack
 from medgan.models.generator import GeneratorConfig, build_generator
 from medgan.shards import format_problem
 
@@ -116,29 +117,28 @@ class LoadedGenerator:
         """Synthesize ``target`` for a stack of slices.
 
         images: float32 ``[Z, M, H, W]`` in ``[0, 1]``, channels in ``modalities`` order (only the
-        ``inputs`` channels are shown to the model). Returns float32 ``[Z, H, W]`` in ``[0, 1]``.
+        ``inputs`` channels are shown to the model), consecutive axial slices of one subject (a model
+        with 2.5D context draws on the neighbours within the stack, ``medgan.models.context``).
+        Returns float32 ``[Z, H, W]`` in ``[0, 1]``.
         progress: a tqdm description, or None for no bar.
         """
         channels = [self.modalities.index(name) for name in inputs]
-        available = torch.zeros(len(self.modalities), dtype=torch.bool)
+        available = torch.zeros(len(self.modalities), dtype=torch.bool, device=self.device)
         available[channels] = True
-        target_index = self.modalities.index(target)
-        device = self.device
-        outputs = []
-        starts = range(0, images.shape[0], batch_size)
         with torch.inference_mode():
-            for start in tqdm(
-                starts, desc=progress, unit="batch", disable=None if progress else True, leave=False
-            ):
-                batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
-                count = batch.shape[0]
-                predicted = self.module(
-                    batch.float(),
-                    available.expand(count, -1).to(device),
-                    torch.full((count,), target_index, dtype=torch.long, device=device),
-                )
-                outputs.append(predicted[:, 0].float().cpu().numpy())
-        return np.concatenate(outputs, axis=0).astype(np.float32)
+            stack = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).float()
+            predicted = predict_stack(
+                self.module,
+                stack,
+                available,
+                self.modalities.index(target),
+                self.generator_config.context_slices,
+                batch_size,
+                lambda starts: tqdm(
+                    starts, desc=progress, unit="batch", disable=None if progress else True, leave=False
+                ),
+            )
+        return predicted[:, 0].float().cpu().numpy().astype(np.float32)
 
     def description(self) -> dict[str, Any]:
         """What an exported file says about this generator (stored as metadata and as JSON)."""
@@ -267,7 +267,7 @@ def _load_exported(path: Path, device) -> LoadedGenerator:
             f"{path}: a safetensors file without medgan's metadata (make it with python -m medgan export)"
         )
     try:
-        config = build_config(json.loads(metadata["config"]))
+        config = build_config(json.loads(metadata["config"]), saved=True)
         training_data = json.loads(metadata.get("training_data", "{}"))
     except (KeyError, json.JSONDecodeError, ConfigError) as error:
         raise CheckpointError(f"{path}: its stored config cannot be read ({error})") from None

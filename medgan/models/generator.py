@@ -2,6 +2,8 @@
 
 ``generator(images [B, M, H, W], available [B, M], target_index [B]) -> [B, 1, H, W]``, for any non-empty
 subset of inputs and any target, and any H, W (padded to a multiple of ``2 ** depth`` and cropped back).
+With ``context_slices: k`` (2.5D) ``images`` is ``[B, 2k + 1, M, H, W]``, the slice to synthesize and its
+k neighbours on each side (``medgan.models.context`` builds it from a stack of slices).
 
 The head is linear (a 1x1 convolution, no sigmoid: a sigmoid saturates on the bright tumour under an L1
 that pulls towards the median). In training mode the output is unclamped, so the loss sees and corrects
@@ -28,7 +30,7 @@ from medgan.models.blocks import (
     SSMStage,
     init_linear_,
 )
-from medgan.models.conditioning import MODALITIES, condition_stack, condition_vector
+from medgan.models.conditioning import MODALITIES, condition_stack, condition_vector, stack_channels
 from medgan.models.config_checks import require
 from medgan.models.ssm import BACKENDS
 
@@ -54,6 +56,10 @@ class GeneratorConfig:
     checkpoint saved without it (older ones) loads with ``auto``.
     ``checkpoint_stages``: recompute each SSM stage's activations in the backward instead of keeping them
     (activation checkpointing): less memory for about one more forward of the stages; the same gradients.
+    ``context_slices`` (k, 2.5D): the generator sees the k axial slices on each side of the one it
+    synthesizes as extra input channels (0: one slice). A neighbour beyond either end of the stack of
+    slices it is given (a subject's slices in the shards, or every slice with brain at inference) is zero
+    in every contrast, in training and inference alike (``medgan.models.context``).
     """
 
     arch: str = "ssm"
@@ -76,6 +82,7 @@ class GeneratorConfig:
     unet_base_channels: int = 0
     checkpoint_stages: bool = False
     scan_backend: str = "auto"
+    context_slices: int = 0
 
     def __post_init__(self) -> None:
         _require(self.arch in ("ssm", "unet"), "arch", f"{self.arch!r} is not one of ssm, unet")
@@ -118,6 +125,7 @@ class GeneratorConfig:
         _require(
             self.unet_base_channels >= 0, "unet_base_channels", f"{self.unet_base_channels} must be >= 0"
         )
+        _require(0 <= self.context_slices <= 16, "context_slices", f"{self.context_slices} must be in 0..16")
 
     @property
     def pad_multiple(self) -> int:
@@ -173,7 +181,7 @@ class SSMGenerator(nn.Module):
             if config.use_dynamic_gating
             else None
         )
-        self.stem = nn.Conv2d(3 * modalities, widths[0], 3, padding=1)
+        self.stem = nn.Conv2d(stack_channels(modalities, config.context_slices), widths[0], 3, padding=1)
         self.encoder = nn.ModuleList()
         self.encoder_ssm = nn.ModuleDict()
         self.encoder_gates = nn.ModuleList()
@@ -255,7 +263,7 @@ class UNetGenerator(nn.Module):
         self.config = config
         modalities = len(config.modalities)
         widths = [base_channels * 2**level for level in range(config.depth + 1)]
-        self.stem = nn.Conv2d(3 * modalities, widths[0], 3, padding=1)
+        self.stem = nn.Conv2d(stack_channels(modalities, config.context_slices), widths[0], 3, padding=1)
         self.encoder = nn.ModuleList(ConvBlock(widths[i], widths[i]) for i in range(config.depth))
         self.downsample = nn.ModuleList(
             nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1) for i in range(config.depth)

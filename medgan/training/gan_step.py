@@ -99,7 +99,8 @@ def train_step(
     )
     condition = condition_stack(images, available, target_index)
     with timer("g_forward"):
-        fake = g_engine(images, available, target_index)
+        # a 2.5D generator takes each slice with its neighbours (the loader's "context"); D judges the slice
+        fake = g_engine(batch.get("context", images), available, target_index)
     losses: dict[str, float] = {}
     if training.adversarial_weight > 0:
         detached = fake.detach()

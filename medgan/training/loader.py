@@ -41,9 +41,7 @@ class TaskSpec:
         return TaskSpec(inputs=tuple(canonical.index(m) for m in inputs), target=canonical.index(target))
 
 
-def _choose_task(
-    present: list[int], task: TaskSpec, rng: np.random.Generator
-) -> tuple[list[int], int] | None:
+def choose_task(present: list[int], task: TaskSpec, rng: np.random.Generator) -> tuple[list[int], int] | None:
     """(inputs, target) for one sample, or None when the sample cannot serve the task."""
     if task.target is None:
         if len(present) < 2:
@@ -60,18 +58,17 @@ def _choose_task(
     return inputs, task.target
 
 
-def _validation_task(
-    present: list[int], task: TaskSpec, subject: str, slice_index: int
-) -> tuple[list[int], int] | None:
-    """Deterministic task for validation, a function of the sample alone (never of where a rank met it,
-    so validation scores do not depend on the world size): the fixed task, or a target picked among the
-    present contrasts by a hash of ``(subject, slice_index)``, with every other present one as input."""
+def validation_task(present: list[int], task: TaskSpec, name: str) -> tuple[list[int], int] | None:
+    """Deterministic task for validation, a function of the sample's ``name`` alone (``subject/slice`` for
+    a slice, the subject for a whole volume; never of where a rank met it, so validation scores do not
+    depend on the world size): the fixed task, or a target picked among the present contrasts by a hash
+    of ``name``, with every other present one as input."""
     if task.target is not None:
-        return _choose_task(present, task, np.random.default_rng(0))
+        return choose_task(present, task, np.random.default_rng(0))
     if len(present) < 2:
         return None
     # crc32, not hash(): Python salts str hashes per process, so ranks would disagree
-    target = present[zlib.crc32(f"{subject}/{slice_index}".encode()) % len(present)]
+    target = present[zlib.crc32(name.encode()) % len(present)]
     return [m for m in present if m != target], target
 
 
@@ -133,23 +130,27 @@ class SliceStream(IterableDataset):
             if keep is None or index % keep[1] == keep[0]:
                 yield sample
 
-    def _slot_samples(self, slot: int, slots: int, cycle: int) -> Iterator[dict[str, Any]]:
+    def _cycle_shards(self, cycle: int) -> list[Path]:
+        """The split's tar files in this cycle's order (training: a permutation per epoch and cycle)."""
         shards = list(self.split.shards)
         if self.train:
             order = np.random.default_rng([self.seed, self.epoch, cycle]).permutation(len(shards))
             shards = [shards[i] for i in order]
+        return shards
+
+    def _slot_samples(self, slot: int, slots: int, cycle: int) -> Iterator[dict[str, Any]]:
+        shards = self._cycle_shards(cycle)
         if len(shards) >= slots:
             yield from self._raw_samples(shards[slot::slots], None)
         else:
             yield from self._raw_samples(shards, (slot, slots))
 
-    def _shuffled(
-        self, samples: Iterator[dict[str, Any]], rng: np.random.Generator
-    ) -> Iterator[dict[str, Any]]:
-        buffer: list[dict[str, Any]] = []
-        for sample in samples:
+    def _shuffled(self, items: Iterator[Any], rng: np.random.Generator, capacity: int) -> Iterator[Any]:
+        """``items`` through a seeded shuffle buffer of ``capacity`` items."""
+        buffer: list[Any] = []
+        for sample in items:
             buffer.append(sample)
-            if len(buffer) >= self.shuffle_buffer:
+            if len(buffer) >= capacity:
                 yield buffer.pop(int(rng.integers(len(buffer))))
         while buffer:
             yield buffer.pop(int(rng.integers(len(buffer))))
@@ -157,9 +158,9 @@ class SliceStream(IterableDataset):
     def _convert(self, raw: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
         sample = self.channels.decode(raw, with_seg=True)
         choice = (
-            _choose_task(sample.present, self.task, rng)
+            choose_task(sample.present, self.task, rng)
             if self.train
-            else _validation_task(sample.present, self.task, sample.subject, int(sample.info["slice"]))
+            else validation_task(sample.present, self.task, f"{sample.subject}/{int(sample.info['slice'])}")
         )
         if choice is None:
             return None
@@ -192,7 +193,7 @@ class SliceStream(IterableDataset):
             rng = np.random.default_rng([self.seed, self.epoch, cycle, slot, 1])
             stream = self._slot_samples(slot, slots, cycle)
             if self.train:
-                stream = self._shuffled(stream, rng)
+                stream = self._shuffled(stream, rng, self.shuffle_buffer)
             produced = 0
             for raw in stream:
                 sample = self._convert(raw, rng)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,12 @@ from medgan.checkpointing import CheckpointLayout, CheckpointManager, provenance
 from medgan.config import Config, load_config
 from medgan.distributed import DistributedContext, barrier, max_over_ranks
 from medgan.scoring import METRICS
+from medgan.shards import ChannelMap, SubjectStack, subject_stacks
 from medgan.training import gan_step, validation
 from medgan.training.ema import ExponentialMovingAverage
 from medgan.training.engines import PRECISION_DTYPES, build_engines
 from medgan.training.loader import SliceStream, TaskSpec, make_loader
+from medgan.training.slabs import SlabStream
 from medgan.training.state import TrainState, restore_rng_states, rng_states
 from medgan.training.step_logging import PhaseTimer, ThroughputMeter, progress_values, step_values
 from medgan.training.stopping import Stop, StopPolicy
@@ -127,22 +130,42 @@ class GANTrainer:
         self.checkpoints.write_run_record(record)
 
     def slice_stream(self, train: bool, epoch: int = 0, skip_batches: int = 0) -> SliceStream:
-        """This rank's batches of the train split (shuffled, from ``skip_batches`` of ``epoch``) or of the
-        val split (one pass, deterministic tasks), as the config describes them."""
+        """This rank's batches of the train split (shuffled, from ``skip_batches`` of ``epoch``; slabs of
+        ``data.slab_slices`` with the generator's 2.5D context when it takes one) or of the val split as
+        single slices (one pass, deterministic tasks), as the config describes them."""
         data = self.config.data
-        return SliceStream(
-            self.train_split if train else self.val_split,
-            self.canonical,
-            self.task,
-            data.batch_size,
+        options: dict[str, Any] = dict(
             seed=self.config.training.seed,
             rank=self.context.rank,
             world_size=self.context.world_size,
-            train=train,
             random_flips=train and data.random_flips,
             shuffle_buffer=data.shuffle_buffer,
             epoch=epoch,
             skip_batches=skip_batches,
+        )
+        context_slices = self.config.model.generator.context_slices
+        if train and (data.slab_slices > 1 or context_slices):
+            return SlabStream(
+                self.train_split,
+                self.canonical,
+                self.task,
+                data.batch_size,
+                slab_slices=data.slab_slices,
+                context_slices=context_slices,
+                **options,
+            )
+        split = self.train_split if train else self.val_split
+        return SliceStream(split, self.canonical, self.task, data.batch_size, train=train, **options)
+
+    def val_subjects(self) -> Iterator[SubjectStack]:
+        """This rank's share of the val subjects, whole (the first ``training.val_max_subjects`` of the
+        split's order, or all with 0; subject n goes to rank ``n % world size``)."""
+        limit, world_size = self.config.training.val_max_subjects, self.context.world_size
+        channels = ChannelMap(self.val_split.modalities, self.canonical, self.val_split.directory)
+        return subject_stacks(
+            self.val_split.shards,
+            channels,
+            keep=lambda n: n % world_size == self.context.rank and (not limit or n < limit),
         )
 
     # ------------------------------------------------------------------------------ step and validation
@@ -170,12 +193,18 @@ class GANTrainer:
         )
 
     def validate(self) -> dict[str, float]:
-        """:func:`validation.validate` of the EMA generator on the val split (each rank a share); the
-        per-subject table goes to W&B. With ``training.val_max_batches 0`` (the whole split) the scores do
-        not depend on the world size. Collective."""
-        model, batches = self._evaluation_generator(), make_loader(self.slice_stream(train=False), 0)
-        limit = self.config.training.val_max_batches
-        summary, table = validation.validate(model, batches, self.canonical, self.device, limit)
+        """:func:`validation.validate` of the EMA generator on the whole val volumes (each rank a share of the
+        subjects); the per-volume table goes to W&B. The scores do not depend on the world size.
+        Collective."""
+        summary, table = validation.validate(
+            self._evaluation_generator(),
+            self.val_subjects(),
+            self.canonical,
+            self.task,
+            self.config.model.generator.context_slices,
+            self.device,
+            self.config.data.batch_size,
+        )
         self.reporter.log_table("val/per_subject", ["subject", "slices", *METRICS], table, self.step)
         return summary
 
@@ -184,7 +213,8 @@ class GANTrainer:
         self.reporter.log(summary, self.step)
         self.reporter.print(
             f"step {self.step}: val PSNR {summary['val/psnr']:.2f} dB, SSIM {summary['val/ssim']:.4f}, "
-            f"MAE {summary['val/mae']:.4f} over {summary['val/slices']} slices"
+            f"MAE {summary['val/mae']:.4f}, through-plane error {summary['val/through_plane_error']:.4f} "
+            f"over {summary['val/volumes']} volumes ({summary['val/slices']} slices)"
         )
         self.state.validations.append([self.step, summary["val/psnr"]])
         if summary["val/psnr"] > self.state.best_psnr:
@@ -285,7 +315,7 @@ def _load_resumed_model_config(config: Config) -> Config:
     layout = CheckpointLayout(Path(config.checkpoint.dir))
     if not config.checkpoint.resume or not layout.latest_file().is_file():
         return config
-    saved = load_config(layout.config_file)
+    saved = load_config(layout.config_file, saved=True)
     if saved.model != config.model:
         print(f"note: resuming keeps the model architecture saved in {layout.config_file}", file=sys.stderr)
         config.model = saved.model

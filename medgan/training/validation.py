@@ -1,5 +1,6 @@
-"""Validation during training: the generator as evaluation sees it (EMA weights when kept), scored on the
-val split through ``medgan.scoring`` as evaluation scores it, and the image grid of a training batch."""
+"""Validation during training: the generator as evaluation sees it (EMA weights when kept), run on the whole
+volumes of the val subjects (with its 2.5D context, as inference runs it) and scored per volume through
+``medgan.scoring`` as evaluation scores it, and the image grid of a training batch."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import numpy as np
 import torch
 
 from medgan.distributed import all_gather_objects
+from medgan.models.context import predict_stack
 from medgan.models.generator import GeneratorConfig, build_generator, recording_scan_share
-from medgan.scoring import MODEL, SliceScore, per_subject_means, score_slices, summarize_scores
+from medgan.scoring import METRICS, MODEL, VOLUME_METRICS, VolumeScore, score_subject, summarize_scores
+from medgan.shards import SubjectStack
 from medgan.training.ema import ExponentialMovingAverage, full_fp32_state
+from medgan.training.loader import TaskSpec, validation_task
 from medgan.training.tracking import image_grid
 
 IMAGE_CAPTION = "inputs (max) | synthesized | real | |error|"
@@ -32,53 +36,69 @@ def evaluation_generator(
     return model.eval()
 
 
-def score_batch(fake: torch.Tensor, batch: dict[str, Any], canonical: list[str]) -> list[SliceScore]:
-    """Each slice's brain scores (``scoring.score_slices``, task ``->TARGET``) of ``fake [B, H, W]``
-    (float32, CPU, in ``[0, 1]``) against the batch's target over its mask."""
-    tasks = [f"->{canonical[int(index)]}" for index in batch["target_index"]]
-    return score_slices(
-        MODEL,
-        tasks,
-        list(batch["subject"]),
-        batch["slice"].numpy(),
-        fake,
-        batch["target"][:, 0],
-        batch["mask"][:, 0] > 0.5,
-    )
-
-
 @torch.no_grad()
 def validate(
-    model: torch.nn.Module, batches: Iterable[dict[str, Any]], canonical: list[str], device, max_batches: int
+    model: torch.nn.Module,
+    subjects: Iterable[SubjectStack],
+    canonical: list[str],
+    task: TaskSpec,
+    context_slices: int,
+    device,
+    batch_size: int,
 ) -> tuple[dict[str, float], list[list[Any]]]:
-    """(summary, per-subject table) of ``model`` on this rank's val ``batches`` (the first ``max_batches``,
-    or all with 0) and every other rank's: ``val/slices``, the mean and std over slices of each metric
-    (``val/psnr``, ``val/psnr_std``, ...), ``model/scan_share/<block>`` (each S6 block's
-    ``rms(scan term) / rms(D * u)`` on this rank's first batch); the table is
-    ``scoring.per_subject_means``. Collective (the ranks' rows are gathered)."""
-    rows: list[SliceScore] = []
+    """(summary, per-subject table) of ``model`` on this rank's whole val volumes ``subjects`` and every
+    other rank's, scored per volume as evaluation scores them (``scoring.score_subject``, prediction masked
+    to the brain), each subject with the task :func:`loader.validation_task` gives it.
+
+    summary: ``val/volumes``, ``val/slices``, the mean and std over volumes of each brain metric
+    (``val/psnr``, ``val/psnr_std``, ..., ``val/through_plane_error``), the mean tumour PSNR over the
+    volumes with a tumour (``val/tumour_psnr``), and ``model/scan_share/<block>`` (each S6 block's
+    ``rms(scan term) / rms(D * u)`` on the last batch of this rank's first volume). table:
+    ``[subject, slices, psnr, ssim, mae]`` per volume, sorted by subject. Collective (the ranks' rows are
+    gathered).
+    """
+    rows: list[VolumeScore] = []
     shares: dict[str, float] = {}
-    for index, batch in enumerate(batches):
-        if max_batches and index >= max_batches:
-            break
-        # each S6 block's scan share, rms(scan term) / rms(D * u), on the first batch only (cheap)
+    for index, subject in enumerate(subjects):
+        choice = validation_task(subject.present, task, subject.subject)
+        if choice is None:
+            continue
+        inputs, target = choice
+        available = torch.zeros(len(canonical), dtype=torch.bool, device=device)
+        available[inputs] = True
+        stack = torch.from_numpy(subject.images).to(device)
+        # each S6 block's scan share, rms(scan term) / rms(D * u), as of the first subject's last batch
         with recording_scan_share(model) if index == 0 else contextlib.nullcontext(shares) as recorded:
-            fake = model(
-                batch["images"].to(device), batch["available"].to(device), batch["target_index"].to(device)
-            )
+            fake = predict_stack(model, stack, available, target, context_slices, batch_size)
         shares = recorded
-        rows.extend(score_batch(fake.float().cpu()[:, 0], batch, canonical))
-    # every slice's row, in one order on any world size: the means then agree to the last bit
+        pred = fake[:, 0].float().cpu().numpy() * subject.mask
+        _, volume_rows = score_subject(
+            MODEL,
+            f"->{canonical[target]}",
+            subject.subject,
+            subject.slices,
+            pred,
+            subject.images[:, target],
+            subject.mask,
+            subject.seg,
+        )
+        rows.extend(volume_rows)
+    # every volume's rows, in one order on any world size: the means then agree to the last bit
     all_rows = sorted(
         (row for rank_rows in all_gather_objects(rows) for row in rank_rows),
-        key=lambda row: (row.subject, row.slice),
+        key=lambda row: (row.subject, row.region),
     )
-    summary: dict[str, float] = {"val/slices": len(all_rows)}
+    brain = [row for row in all_rows if row.region == "brain"]
+    summary: dict[str, float] = {"val/volumes": len(brain), "val/slices": sum(row.slices for row in brain)}
     summary.update({f"model/scan_share/{name}": share for name, share in shares.items()})
-    for name, values in summarize_scores(all_rows).items():
+    for name, values in summarize_scores(brain, VOLUME_METRICS).items():
         summary[f"val/{name}"] = values["mean"]
         summary[f"val/{name}_std"] = values["std"]
-    return summary, per_subject_means(all_rows)
+    tumour = [row.psnr for row in all_rows if row.region == "tumour" and row.voxels]
+    if tumour:
+        summary["val/tumour_psnr"] = float(np.nanmean(tumour))
+    table = [[row.subject, row.slices, *(getattr(row, name) for name in METRICS)] for row in brain]
+    return summary, table
 
 
 def training_images(batch: dict[str, Any], fake: torch.Tensor, count: int = 4) -> np.ndarray:
