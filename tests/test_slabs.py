@@ -216,3 +216,22 @@ def test_shard_starts_a_new_tar_file_only_with_a_subject(phantom_subjects, tmp_p
         batches = take(make_loader(slab_stream(split, rank=rank, world_size=2, shuffle_buffer=4), 0), 2)
         per_rank.append({subject for b in batches for subject, _, _ in slabs_of(b, 4)})
     assert per_rank[0] and per_rank[1] and not per_rank[0] & per_rank[1]
+
+
+def test_verify_refuses_a_layout_2_folder_whose_subject_crosses_files(
+    phantom_subjects, tmp_path, monkeypatch
+):
+    """A writer that rotates files mid-subject (as layout 1 did) under a manifest that claims layout 2."""
+    from data_prep import shard as shard_module
+    from data_prep.tar_shards import ShardSeries
+
+    write = ShardSeries.write
+    monkeypatch.setattr(ShardSeries, "write", lambda self, sample, may_start_shard=True: write(self, sample))
+    monkeypatch.setattr(shard_module, "SAMPLES_PER_SHARD", 10)
+    out = tmp_path / "crossing"
+    config = shard_module.ShardConfig(
+        dataset="brats", source=phantom_subjects, out=out, size=64, split_fractions=(0.75, 0.125, 0.125)
+    )
+    assert shard_module.shard_dataset(config) == 0
+    with pytest.raises(DataError, match=r"train-000001.tar: .*: subject \S+ also in train-000000.tar"):
+        verify_shards(out)
