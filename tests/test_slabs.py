@@ -155,16 +155,16 @@ def test_flips_flip_the_context_with_the_slice(phantom_shards):
         assert torch.equal(batch["context"][:, 1], batch["images"])
 
 
-def test_the_shuffle_buffer_counts_slices(phantom_shards):
+def test_the_shuffle_buffer_counts_slices_and_margins_share_them(phantom_shards):
     split = read_split(phantom_shards, "train")
     assert slab_stream(split, shuffle_buffer=2000, slab_slices=8, batch_size=16).slabs_in_buffer == 250
-    assert (
-        slab_stream(
-            split, shuffle_buffer=2000, slab_slices=8, batch_size=16, context_slices=2
-        ).slabs_in_buffer
-        == 166
-    )
     assert slab_stream(split, shuffle_buffer=3).slabs_in_buffer == 1
+    stream = slab_stream(split, slab_slices=1, batch_size=4, context_slices=2)
+    assert stream.slabs_in_buffer == 24
+    subject = [{"slice": z} for z in range(10)]
+    slabs = list(stream._slabs(subject, np.random.default_rng(0)))
+    held = {id(raw) for raws, _ in slabs for raw in raws}
+    assert len(slabs) == 10 and len(held) == 10, "margins are the neighbours' own samples, not copies"
 
 
 def test_slabs_longer_than_every_subject_are_refused_in_one_line(phantom_shards):

@@ -5,8 +5,10 @@ The slabs are cut from the per-slice samples of data_prep's shards as they are r
 twice. Whole subjects are dealt to the reading slots: with at least as many tar files as slots, the
 files (shard layout 2 keeps each subject in one file); with fewer, every slot reads every file and keeps
 every ``slots``-th subject. Per subject and epoch the slabs start at a random offset below S and do not
-overlap. The shuffle buffer holds ``data.shuffle_buffer`` slices (a slab with its context margins counts
-as its slices), still undecoded. Each slab gets one task and one left-right flip.
+overlap. The shuffle buffer holds ``data.shuffle_buffer // S`` slabs, still undecoded: about
+``data.shuffle_buffer`` slices, since a slab's context margins are the very samples of its neighbouring
+slabs (shared, not copied), so margins add at most 2k slices per subject in the buffer. Each slab gets
+one task and one left-right flip.
 
 Everything else is :class:`~medgan.training.loader.SliceStream`'s: the order is a pure function of
 ``(seed, epoch, rank, world size, workers)``, ``skip_batches`` resumes exactly, and ``batch_size`` counts
@@ -79,7 +81,7 @@ class SlabStream(SliceStream):
         split.require_whole_subjects(" and ".join(needs) or "a slab stream")
         self.slab_slices = slab_slices
         self.context_slices = context_slices
-        self.slabs_in_buffer = max(1, self.shuffle_buffer // (slab_slices + 2 * context_slices))
+        self.slabs_in_buffer = max(1, self.shuffle_buffer // slab_slices)
 
     def _slot_subjects(self, slot: int, slots: int, cycle: int) -> Iterator[list[dict[str, Any]]]:
         shards = self._cycle_shards(cycle)
