@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from medgan.models import blocks  # noqa: E402
+from medgan.models.context import input_shape  # noqa: E402
 from medgan.models.generator import GeneratorConfig, build_generator, count_parameters  # noqa: E402
 
 UNET_WIDTH = 72
@@ -58,7 +59,7 @@ def measure_here(config: GeneratorConfig, size: int) -> dict:
     modalities = len(config.modalities)
 
     def step(pixels: int) -> None:
-        images = torch.rand(1, modalities, pixels, pixels)
+        images = torch.rand(input_shape(1, modalities, pixels, pixels, config.context_slices))
         available = torch.zeros(1, modalities, dtype=torch.bool)
         available[:, :2] = True
         model(images, available, torch.tensor([2])).mean().backward()

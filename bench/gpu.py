@@ -68,6 +68,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from medgan.models import blocks, ssm  # noqa: E402
+from medgan.models.context import input_shape  # noqa: E402
 from medgan.models.generator import GeneratorConfig, build_generator, count_parameters  # noqa: E402
 
 CAP_BYTES = 80 * 2**30
@@ -430,9 +431,17 @@ def scan_counted_analytically(calls: list):
         blocks.selective_scan = original
 
 
-def make_batch(batch: int, size: int, modalities: int, device: torch.device, dtype=torch.bfloat16):
-    """Images in [0, 1], the first two contrasts available, the third the target."""
-    images = torch.rand(batch, modalities, size, size, device=device).to(dtype)
+def make_batch(
+    batch: int,
+    size: int,
+    modalities: int,
+    device: torch.device,
+    dtype=torch.bfloat16,
+    context_slices: int = 0,
+):
+    """Images in [0, 1] (with each slice's 2.5D context when the generator takes one), the first two
+    contrasts available, the third the target."""
+    images = torch.rand(input_shape(batch, modalities, size, size, context_slices), device=device).to(dtype)
     available = torch.zeros(batch, modalities, dtype=torch.bool, device=device)
     available[:, :2] = True
     target = torch.full((batch,), 2, dtype=torch.long, device=device)
@@ -441,7 +450,8 @@ def make_batch(batch: int, size: int, modalities: int, device: torch.device, dty
 
 def model_flops_per_image(model: torch.nn.Module, size: int, modalities: int, device) -> tuple[float, float]:
     """(all FLOPs, of which the scan's) of one forward + backward of one image (see the docstring)."""
-    images, available, target = make_batch(1, size, modalities, device, next(model.parameters()).dtype)
+    dtype, context = next(model.parameters()).dtype, model.config.context_slices
+    images, available, target = make_batch(1, size, modalities, device, dtype, context)
     calls = []
     with scan_counted_analytically(calls), FlopCounterMode(display=False) as counter:
         out = model(images, available, target)
@@ -486,7 +496,9 @@ def generator_rows(name, config, device, settings, peaks, flops=None):
                 f"| {name} | {batch} | not run: {settings['seconds_per_model']} s per model spent | | | | |"
             )
             break
-        images, available, target = make_batch(batch, size, modalities, device)
+        images, available, target = make_batch(
+            batch, size, modalities, device, context_slices=model.config.context_slices
+        )
 
         def step(images=images, available=available, target=target, model=model, optimizer=optimizer):
             out = model(images, available, target)

@@ -30,6 +30,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from medgan.models.conditioning import condition_stack  # noqa: E402
+from medgan.models.context import input_shape  # noqa: E402
 from medgan.models.discriminator import DiscriminatorConfig, PatchDiscriminator  # noqa: E402
 from medgan.models.generator import GeneratorConfig, build_generator  # noqa: E402
 
@@ -79,7 +80,8 @@ def measure(model: torch.nn.Module, run) -> SavedBytes:
 
 def generator_step(generator, dtype, size):
     modalities = len(generator.config.modalities) if hasattr(generator, "config") else 5
-    images = torch.rand(1, modalities, size, size, dtype=dtype)
+    context = generator.config.context_slices if hasattr(generator, "config") else 0
+    images = torch.rand(input_shape(1, modalities, size, size, context), dtype=dtype)
     available = torch.tensor([[True, True, True, False, False][:modalities]])
     return lambda: generator(images, available, torch.tensor([3])).float().mean()
 

@@ -2,7 +2,9 @@
 
 `ShardSeries(pattern, max_samples=N, max_bytes=B)` gives the same files as
 ``webdataset.ShardWriter(pattern, maxcount=N, maxsize=B, mtime=0)`` (same members, order, headers,
-padding and rotation; tests/test_data_prep_tar_shards.py holds them equal), at a fraction of the cost on
+padding and rotation; tests/test_data_prep_tar_shards.py holds them equal) when every sample may start a
+new file; ``data_prep shard`` lets only a subject's first slice start one (shard layout 2, so a file may
+run over by the rest of a subject), and is otherwise the same. It costs a fraction of ShardWriter's on
 full-size MRI slices: ShardWriter streams each member through tarfile's 10 KiB stream buffer (several
 copies of every byte in Python), and the manifest's sha256 then had to read every shard back. Here each
 member's header, data and padding go to the file in one write each, and the same bytes update the

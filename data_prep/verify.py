@@ -89,14 +89,25 @@ def _verify_shard(shard: ShardFile, manifest: dict, split: str, subjects: dict[s
         )
     count = 0
     whole_subjects = int(manifest.get("layout_version", 1)) >= 2
+    previous: tuple[str, int] | None = None
+    in_this_file: set[str] = set()
     for fields in raw_samples([shard.path]):
-        subject = _check_sample(f"{name}: {fields['__key__']}", fields, manifest, split)["subject"]
+        where = f"{name}: {fields['__key__']}"
+        info = _check_sample(where, fields, manifest, split)
+        subject, index = info["subject"], int(info["slice"])
         first_file = subjects.setdefault(subject, name)
         if whole_subjects and first_file != name:
             raise VerificationError(
-                f"{name}: {fields['__key__']}: subject {subject} also in {first_file} "
-                "(shard layout 2 keeps each subject in one tar file)"
+                f"{where}: subject {subject} also in {first_file} (shard layout 2 keeps each subject in one "
+                "tar file)"
             )
+        # every layout: a subject's slices follow each other in slice order
+        if previous is not None and previous[0] == subject and index != previous[1] + 1:
+            raise VerificationError(f"{where}: slice {index} follows slice {previous[1]} of {subject}")
+        if subject in in_this_file and previous is not None and previous[0] != subject:
+            raise VerificationError(f"{where}: subject {subject} comes back after other subjects")
+        in_this_file.add(subject)
+        previous = (subject, index)
         count += 1
     if count != shard.samples:
         raise VerificationError(f"{name}: {count} samples, the manifest says {shard.samples}")

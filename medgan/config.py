@@ -114,9 +114,10 @@ class TrainingConfig:
     budget cannot count whole (it reaches this process only when they exit, and includes batches
     prefetched past the last step).
     Equal CPU time, not equal steps, is how ``bench/study.py`` compares generators of different speed.
-    ``val_max_subjects``: how many val subjects validation scores (0: the whole val split), the first
-    ones in the split's order. Validation scores whole volumes, each subject on one rank with a task that
-    is a function of the subject, so its scores do not depend on the world size.
+    ``val_max_subjects``: validation reads the first this many val subjects in the split's order (0: the
+    whole val split) and scores those that serve the task (all, for ``target_modality: any``).
+    Validation scores whole volumes, each subject on one rank with a task that is a function of the
+    subject, so its scores do not depend on the world size.
     """
 
     epochs: int = 100

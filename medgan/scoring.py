@@ -150,6 +150,20 @@ def score_subject(
     stack; arguments as there, with one task and subject."""
     count = len(slices)
     slice_rows = score_slices(method, [task] * count, [subject] * count, slices, pred, target, mask, seg)
+    return slice_rows, score_volume(method, task, subject, pred, target, mask, seg)
+
+
+def score_volume(
+    method: str,
+    task: str,
+    subject: str,
+    pred: np.ndarray,
+    target: np.ndarray,
+    mask: np.ndarray,
+    seg: np.ndarray | None,
+) -> list[VolumeScore]:
+    """Every region's per-volume scores (:func:`volume_scores`) of one subject's synthesized stack, without
+    the per-slice ones (validation); arguments as :func:`score_subject`."""
     volume_rows = []
     for region, region_mask in region_masks(mask, seg).items():
         per_volume = volume_scores(pred, target, region_mask)
@@ -164,7 +178,7 @@ def score_subject(
                 int(region_mask.shape[0]),
             )  # fmt: skip
         )
-    return slice_rows, volume_rows
+    return volume_rows
 
 
 def summarize_scores(

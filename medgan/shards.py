@@ -95,10 +95,14 @@ class SubjectStack:
 
 
 def subject_stacks(
-    shards: Iterable[Path], channels: ChannelMap, keep: Callable[[int], bool] = lambda ordinal: True
+    shards: Iterable[Path],
+    channels: ChannelMap,
+    keep: Callable[[int], bool] = lambda ordinal: True,
+    limit: int = 0,
 ) -> Iterator[SubjectStack]:
     """The subjects of ``shards`` (read in order; a subject's slices are consecutive in every shard layout),
-    whole; ``keep(ordinal)`` picks which to decode (the n-th subject met has ordinal n)."""
+    whole; ``keep(ordinal)`` picks which to decode (the n-th subject met has ordinal n), and reading stops
+    after the first ``limit`` subjects (0: all)."""
     group: list[dict[str, Any]] = []
     ordinal = 0
 
@@ -124,6 +128,8 @@ def subject_stacks(
                 yield stacked()
             ordinal += 1
             group = []
+            if limit and ordinal >= limit:
+                return
         current = subject
         group.append(raw)
     if group and keep(ordinal):

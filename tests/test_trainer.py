@@ -65,6 +65,14 @@ def test_train_state_round_trips_and_refuses_another_world_size():
     assert (state.step, state.epoch, state.batch_in_epoch) == (10, 2, 0)
 
 
+def test_a_run_that_validated_per_slice_resumes_with_its_best_started_again():
+    saved = TrainState(step=7, best_psnr=30.0, best_step=4, validations=[[4, 30.0]]).to_client_state(1, 8)
+    del saved["validation_score"]  # as checkpoints from before whole-volume validation are
+    resumed = TrainState.from_client_state(saved, world_size=1, where="runs/x")
+    assert resumed.step == 7 and resumed.restarted_best
+    assert (resumed.best_psnr, resumed.best_step, resumed.validations) == (float("-inf"), None, [])
+
+
 def test_throughput_meter_reports_a_window():
     meter = ThroughputMeter(images_per_step=8)
     meter.add(data_seconds=0.1, total_seconds=1.0)

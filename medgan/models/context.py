@@ -25,6 +25,22 @@ def context_windows(stack: torch.Tensor, centres: torch.Tensor, context_slices: 
     return windows * inside[:, :, None, None, None].to(windows.dtype)
 
 
+def input_shape(batch: int, modalities: int, height: int, width: int, context_slices: int) -> tuple[int, ...]:
+    """The shape of ``images`` a generator with ``context_slices`` takes (for benchmarks' random inputs)."""
+    return (batch, *([2 * context_slices + 1] if context_slices else []), modalities, height, width)
+
+
+def check_generator_input(images: torch.Tensor, modalities: int, context_slices: int) -> None:
+    """A ValueError naming the shape a generator with ``context_slices`` takes, unless ``images`` has it."""
+    expected = (modalities,) if context_slices == 0 else (2 * context_slices + 1, modalities)
+    if images.dim() != len(expected) + 3 or tuple(images.shape[1:-2]) != expected:
+        wanted = "[B, M, H, W]" if context_slices == 0 else f"[B, {2 * context_slices + 1}, M, H, W]"
+        raise ValueError(
+            f"images of shape {tuple(images.shape)}: a generator with context_slices {context_slices} and "
+            f"M = {modalities} contrasts takes {wanted} (medgan.models.context.generator_input builds it)"
+        )
+
+
 def generator_input(stack: torch.Tensor, centres: torch.Tensor, context_slices: int) -> torch.Tensor:
     """What a generator with ``context_slices`` takes for the slices ``centres`` of ``stack``: the slices
     themselves ``[n, M, H, W]`` for 0, their context windows ``[n, 2k + 1, M, H, W]`` otherwise."""

@@ -32,6 +32,7 @@ from medgan.models.blocks import (
 )
 from medgan.models.conditioning import MODALITIES, condition_stack, condition_vector, stack_channels
 from medgan.models.config_checks import require
+from medgan.models.context import check_generator_input
 from medgan.models.ssm import BACKENDS
 
 
@@ -224,8 +225,10 @@ class SSMGenerator(nn.Module):
     def forward(
         self, images: torch.Tensor, available: torch.Tensor, target_index: torch.Tensor
     ) -> torch.Tensor:
-        """``images [B, M, H, W]`` in ``[0, 1]``, ``available [B, M]``, ``target_index [B]`` ->
-        ``[B, 1, H, W]``: unclamped in training mode, in ``[0, 1]`` in eval mode."""
+        """``images [B, M, H, W]`` in ``[0, 1]`` (``[B, 2k + 1, M, H, W]`` with ``context_slices`` k),
+        ``available [B, M]``, ``target_index [B]`` -> ``[B, 1, H, W]``: unclamped in training mode, in
+        ``[0, 1]`` in eval mode."""
+        check_generator_input(images, len(self.config.modalities), self.config.context_slices)
         stack, (height, width) = _pad_to_multiple(
             condition_stack(images, available, target_index), self.config.pad_multiple
         )
@@ -282,6 +285,7 @@ class UNetGenerator(nn.Module):
         self, images: torch.Tensor, available: torch.Tensor, target_index: torch.Tensor
     ) -> torch.Tensor:
         """Same contract as :meth:`SSMGenerator.forward`."""
+        check_generator_input(images, len(self.config.modalities), self.config.context_slices)
         stack, (height, width) = _pad_to_multiple(
             condition_stack(images, available, target_index), self.config.pad_multiple
         )

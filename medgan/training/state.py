@@ -12,6 +12,11 @@ import torch
 
 from medgan.checkpointing import CheckpointError, tag_for_step
 
+# What a validation PSNR is the mean of, saved with the state: per-volume PSNR of whole val volumes.
+# Checkpoints without it validated the mean over val slices of per-slice PSNR, a different number (higher
+# for the same prediction), so a resumed older run starts its best and its history anew.
+VALIDATION_SCORE = "volume"
+
 
 @dataclass(slots=True)
 class TrainState:
@@ -27,6 +32,8 @@ class TrainState:
     best_step: int | None = None
     validations: list[list[float]] = field(default_factory=list)
     train_cpu_seconds: float = 0.0
+    # set on resume when the checkpoint's validations were of another kind (see VALIDATION_SCORE)
+    restarted_best: bool = False
 
     def to_client_state(self, world_size: int, samples_per_step: int) -> dict[str, Any]:
         return {
@@ -37,18 +44,26 @@ class TrainState:
             "best_step": self.best_step,
             "validations": [list(entry) for entry in self.validations],
             "train_cpu_seconds": self.train_cpu_seconds,
+            "validation_score": VALIDATION_SCORE,
             "samples_consumed": self.step * samples_per_step,
             "world_size": world_size,
         }
 
     @staticmethod
     def from_client_state(state: dict[str, Any], world_size: int, where: str) -> TrainState:
-        """The saved position; another world size is a CheckpointError (the sample order depends on it)."""
+        """The saved position; another world size is a CheckpointError (the sample order depends on it).
+        A checkpoint whose validations scored slices, not volumes, keeps its position but not its best
+        PSNR or history (``restarted_best``): the next validation sets the best."""
         if state.get("world_size") != world_size:
             raise CheckpointError(
                 f"{where}: saved with {state.get('world_size')} ranks, resumed with {world_size}; the "
                 "sample order depends on it (start a new checkpoint_dir)"
             )
+        if state.get("validation_score") != VALIDATION_SCORE:
+            state = {**state, "best_psnr": float("-inf"), "best_step": None, "validations": []}
+            restarted = True
+        else:
+            restarted = False
         return TrainState(
             step=state["step"],
             epoch=state["epoch"],
@@ -57,6 +72,7 @@ class TrainState:
             best_step=state.get("best_step"),
             validations=[list(entry) for entry in state.get("validations", [])],
             train_cpu_seconds=state.get("train_cpu_seconds", 0.0),
+            restarted_best=restarted,
         )
 
     def advance(self, batches_per_epoch: int) -> None:

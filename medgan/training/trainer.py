@@ -162,10 +162,9 @@ class GANTrainer:
         split's order, or all with 0; subject n goes to rank ``n % world size``)."""
         limit, world_size = self.config.training.val_max_subjects, self.context.world_size
         channels = ChannelMap(self.val_split.modalities, self.canonical, self.val_split.directory)
+        rank = self.context.rank
         return subject_stacks(
-            self.val_split.shards,
-            channels,
-            keep=lambda n: n % world_size == self.context.rank and (not limit or n < limit),
+            self.val_split.shards, channels, keep=lambda n: n % world_size == rank, limit=limit
         )
 
     # ------------------------------------------------------------------------------ step and validation
@@ -242,6 +241,11 @@ class GANTrainer:
             self.reporter.print(
                 f"resuming from {saved['tag']} (step {self.step}, epoch {self.state.epoch}) "
                 f"in {config.checkpoint.dir}"
+            )
+        if self.state.restarted_best:
+            self.reporter.print(
+                "note: this run validated per slice before; validation now scores whole volumes, so the best "
+                "tag and the validation history start again from the next validation"
             )
         self.stop_policy.install()
         self.reporter.start_progress(self.total_steps, self.step)

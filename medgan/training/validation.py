@@ -14,7 +14,7 @@ import torch
 from medgan.distributed import all_gather_objects
 from medgan.models.context import predict_stack
 from medgan.models.generator import GeneratorConfig, build_generator, recording_scan_share
-from medgan.scoring import METRICS, MODEL, VOLUME_METRICS, VolumeScore, score_subject, summarize_scores
+from medgan.scoring import METRICS, MODEL, VOLUME_METRICS, VolumeScore, score_volume, summarize_scores
 from medgan.shards import SubjectStack
 from medgan.training.ema import ExponentialMovingAverage, full_fp32_state
 from medgan.training.loader import TaskSpec, validation_task
@@ -47,19 +47,19 @@ def validate(
     batch_size: int,
 ) -> tuple[dict[str, float], list[list[Any]]]:
     """(summary, per-subject table) of ``model`` on this rank's whole val volumes ``subjects`` and every
-    other rank's, scored per volume as evaluation scores them (``scoring.score_subject``, prediction masked
+    other rank's, scored per volume as evaluation scores them (``scoring.score_volume``, prediction masked
     to the brain), each subject with the task :func:`loader.validation_task` gives it.
 
     summary: ``val/volumes``, ``val/slices``, the mean and std over volumes of each brain metric
     (``val/psnr``, ``val/psnr_std``, ..., ``val/through_plane_error``), the mean tumour PSNR over the
     volumes with a tumour (``val/tumour_psnr``), and ``model/scan_share/<block>`` (each S6 block's
-    ``rms(scan term) / rms(D * u)`` on the last batch of this rank's first volume). table:
+    ``rms(scan term) / rms(D * u)`` on the last batch of this rank's first scored volume). table:
     ``[subject, slices, psnr, ssim, mae]`` per volume, sorted by subject. Collective (the ranks' rows are
     gathered).
     """
     rows: list[VolumeScore] = []
     shares: dict[str, float] = {}
-    for index, subject in enumerate(subjects):
+    for subject in subjects:
         choice = validation_task(subject.present, task, subject.subject)
         if choice is None:
             continue
@@ -68,15 +68,14 @@ def validate(
         available[inputs] = True
         stack = torch.from_numpy(subject.images).to(device)
         # each S6 block's scan share, rms(scan term) / rms(D * u), as of the first subject's last batch
-        with recording_scan_share(model) if index == 0 else contextlib.nullcontext(shares) as recorded:
+        with recording_scan_share(model) if not rows else contextlib.nullcontext(shares) as recorded:
             fake = predict_stack(model, stack, available, target, context_slices, batch_size)
         shares = recorded
         pred = fake[:, 0].float().cpu().numpy() * subject.mask
-        _, volume_rows = score_subject(
+        volume_rows = score_volume(
             MODEL,
             f"->{canonical[target]}",
             subject.subject,
-            subject.slices,
             pred,
             subject.images[:, target],
             subject.mask,
