@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -35,6 +36,11 @@ def run_module(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess
         command = " ".join(args)
         pytest.fail(f"python -m {command} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def take_batches(loader, count: int) -> list:
+    """The first ``count`` batches of a loader (an endless training stream included)."""
+    return list(itertools.islice(loader, count))
 
 
 def load_script(path: Path, name: str):

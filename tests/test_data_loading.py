@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import take_batches as take
 
 from data_prep.errors import DataError
 from data_prep.shard_reader import raw_samples, read_split
@@ -28,15 +29,6 @@ def stream(split, **overrides):
     )
     arguments.update(overrides)
     return SliceStream(split, **arguments)
-
-
-def take(loader, count):
-    batches = []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) == count:
-            break
-    return batches
 
 
 def signature(batches):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import take_batches as take
 
 from data_prep.errors import DataError
 from data_prep.manifest import LAYOUT_VERSION
@@ -35,15 +36,6 @@ def slab_stream(split, **overrides):
     )
     arguments.update(overrides)
     return SlabStream(split, **arguments)
-
-
-def take(loader, count):
-    batches = []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) == count:
-            break
-    return batches
 
 
 def slabs_of(batch, slab_slices):
