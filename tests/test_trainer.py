@@ -15,6 +15,7 @@ from medgan.config import load_config
 from medgan.distributed import init_distributed
 from medgan.models.blocks import MultiDirectionS6
 from medgan.shards import ChannelMap, subject_stacks
+from medgan.training import validation
 from medgan.training.gan_step import discriminator_loss, generator_adversarial_loss, weighted_l1
 from medgan.training.loader import make_loader, validation_task
 from medgan.training.state import TrainState
@@ -319,3 +320,17 @@ def test_the_run_record_holds_steps_cpu_time_parameters_and_every_validation(tra
     assert (record["generator_parameters"], record["discriminator_parameters"]) == trainer.parameter_counts
     # rewritten after the first validation, while the run was still going
     assert any(r["validations"] == record["validations"][:1] and r["stopped_by"] is None for r in written)
+
+
+def test_volume_views_show_three_planes_superior_up():
+    depth, size = 6, 8
+    real = np.zeros((depth, size, size), np.float32)
+    real[-1] = 1.0  # the top slice bright
+    synthesized = real.copy()
+    synthesized[:, 0, 0] = 0.5
+    grid = validation.volume_views([real, synthesized, real])
+    assert grid.dtype == np.uint8 and grid.shape == (size + 2 * depth, 4 * size)
+    coronal, sagittal = grid[size : size + depth], grid[size + depth :]
+    for plane in (coronal, sagittal):
+        assert (plane[0, :size] == 255).all() and not plane[1:, :size].any(), "superior (last slice) is up"
+    assert grid[size + depth :, 3 * size : 4 * size].max() == 0  # no error in the middle sagittal plane

@@ -195,7 +195,7 @@ class GANTrainer:
         """:func:`validation.validate` of the EMA generator on the whole val volumes (each rank a share of the
         subjects); the per-volume table goes to W&B. The scores do not depend on the world size.
         Collective."""
-        summary, table = validation.validate(
+        summary, table, views = validation.validate(
             self._evaluation_generator(),
             self.val_subjects(),
             self.canonical,
@@ -205,6 +205,8 @@ class GANTrainer:
             self.config.data.batch_size,
         )
         self.reporter.log_table("val/per_subject", ["subject", "slices", *METRICS], table, self.step)
+        if views is not None:  # rank 0's first val volume: the same subject on any world size
+            self.reporter.log_images("val/volume", views, self.step, caption=validation.VOLUME_CAPTION)
         return summary
 
     def _validate_and_keep_best(self) -> None:

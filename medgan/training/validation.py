@@ -21,6 +21,7 @@ from medgan.training.loader import TaskSpec, validation_task
 from medgan.training.tracking import image_grid
 
 IMAGE_CAPTION = "inputs (max) | synthesized | real | |error|"
+VOLUME_CAPTION = f"first val volume, rows axial | coronal | sagittal (superior up), columns {IMAGE_CAPTION}"
 
 
 def evaluation_generator(
@@ -45,20 +46,21 @@ def validate(
     context_slices: int,
     device,
     batch_size: int,
-) -> tuple[dict[str, float], list[list[Any]]]:
-    """(summary, per-subject table) of ``model`` on this rank's whole val volumes ``subjects`` and every
-    other rank's, scored per volume as evaluation scores them (``scoring.score_volume``, prediction masked
-    to the brain), each subject with the task :func:`loader.validation_task` gives it.
+) -> tuple[dict[str, float], list[list[Any]], np.ndarray | None]:
+    """(summary, per-subject table, views) of ``model`` on this rank's whole val volumes ``subjects`` and
+    every other rank's, scored per volume as evaluation scores them (``scoring.score_volume``, prediction
+    masked to the brain), each subject with the task :func:`loader.validation_task` gives it.
 
     summary: ``val/volumes``, ``val/slices``, the mean and std over volumes of each brain metric
     (``val/psnr``, ``val/psnr_std``, ..., ``val/through_plane_error``), the mean tumour PSNR over the
     volumes with a tumour (``val/tumour_psnr``), and ``model/scan_share/<block>`` (each S6 block's
     ``rms(scan term) / rms(D * u)`` on the last batch of this rank's first scored volume). table:
-    ``[subject, slices, psnr, ssim, mae]`` per volume, sorted by subject. Collective (the ranks' rows are
-    gathered).
+    ``[subject, slices, psnr, ssim, mae]`` per volume, sorted by subject. views: :func:`volume_views` of
+    this rank's first scored volume (None when it scored none). Collective (the ranks' rows are gathered).
     """
     rows: list[VolumeScore] = []
     shares: dict[str, float] = {}
+    views = None
     for subject in subjects:
         choice = validation_task(subject.present, task, subject.subject)
         if choice is None:
@@ -72,6 +74,9 @@ def validate(
             fake = predict_stack(model, stack, available, target, context_slices, batch_size)
         shares = recorded
         pred = fake[:, 0].float().cpu().numpy() * subject.mask
+        if views is None:
+            shown = (subject.images * available.cpu().numpy()[None, :, None, None]).max(axis=1)
+            views = volume_views([shown, pred, subject.images[:, target]])
         volume_rows = score_volume(
             MODEL,
             f"->{canonical[target]}",
@@ -97,7 +102,24 @@ def validate(
     if tumour:
         summary["val/tumour_psnr"] = float(np.nanmean(tumour))
     table = [[row.subject, row.slices, *(getattr(row, name) for name in METRICS)] for row in brain]
-    return summary, table
+    return summary, table, views
+
+
+def volume_views(volumes: list[np.ndarray]) -> np.ndarray:
+    """uint8 grid of one volume in three planes, a row each (axial, coronal, sagittal through the middle,
+    superior up in the last two) and a column per volume ``[Z, H, W]`` in ``[0, 1]`` (inputs' max,
+    synthesized, real) plus ``|synthesized - real|`` (:data:`VOLUME_CAPTION`): slice-to-slice flicker
+    shows in the lower two rows. A row narrower than the widest is padded with black on the right."""
+    volumes = [*volumes, np.abs(volumes[1] - volumes[2])]
+    depth, height, width = volumes[0].shape
+    planes = [
+        [volume[depth // 2] for volume in volumes],
+        [volume[::-1, :, width // 2] for volume in volumes],
+        [volume[::-1, height // 2, :] for volume in volumes],
+    ]
+    rows = [image_grid([tile[None] for tile in plane]) for plane in planes]
+    widest = max(row.shape[1] for row in rows)
+    return np.concatenate([np.pad(row, ((0, 0), (0, widest - row.shape[1]))) for row in rows], axis=0)
 
 
 def training_images(batch: dict[str, Any], fake: torch.Tensor, count: int = 4) -> np.ndarray:
