@@ -429,28 +429,41 @@ def mean_sd(values: list[float], digits: int) -> str:
 
 def scan_shares(out: Path, name: str, size: int, batches: int = 8) -> dict[str, float]:
     """Each S6 block's rms(scan term) / rms(D * u) at the scored (best) checkpoint, the mean over the
-    first ``batches`` batches of the test split."""
+    first ``batches`` batches of 16 slices of the test split's subjects in order, each slice given as the
+    generator takes it (with its 2.5D context from its own subject when it has one)."""
     import torch
 
     from data_prep.shard_reader import ShardFolder
     from medgan.inference.loading import load_generator
+    from medgan.models.context import generator_input
     from medgan.models.generator import recording_scan_share
-    from medgan.training.loader import SliceStream, TaskSpec, make_loader
+    from medgan.shards import ChannelMap, subject_stacks
 
     generator = load_generator(out / "runs" / name)
     canonical = list(generator.modalities)
-    task = TaskSpec.from_names(list(INPUTS), TARGET, canonical)
     split = ShardFolder.open(out / f"shards{size}").split("test")
-    stream = SliceStream(split, canonical, task, 16, seed=0, rank=0, world_size=1, train=False)
+    context = generator.generator_config.context_slices
+    available = torch.tensor([m in INPUTS for m in canonical])
     collected: dict[str, list[float]] = {}
+    done = 0
     with torch.no_grad():
-        for index, batch in enumerate(make_loader(stream, 0)):
-            if index >= batches:
+        for subject in subject_stacks(split.shards, ChannelMap(split.modalities, canonical, split.directory)):
+            stack = torch.from_numpy(subject.images)
+            for start in range(0, len(stack), 16):
+                if done >= batches:
+                    break
+                centres = torch.arange(start, min(start + 16, len(stack)))
+                with recording_scan_share(generator.module) as shares:
+                    generator.module(
+                        generator_input(stack, centres, context),
+                        available.expand(len(centres), -1),
+                        torch.full((len(centres),), canonical.index(TARGET)),
+                    )
+                for block, share in shares.items():
+                    collected.setdefault(block, []).append(share)
+                done += 1
+            if done >= batches:
                 break
-            with recording_scan_share(generator.module) as shares:
-                generator.module(batch["images"], batch["available"], batch["target_index"])
-            for block, share in shares.items():
-                collected.setdefault(block, []).append(share)
     return {block: float(np.mean(values)) for block, values in collected.items()}
 
 
