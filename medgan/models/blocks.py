@@ -123,7 +123,10 @@ class MultiDirectionS6(nn.Module):
     ablation). ``scan_backend``: the ``selective_scan`` path, one of ``medgan.models.ssm.BACKENDS``
     (``auto``: mamba-ssm's kernel on a GPU where installed, else pure PyTorch).
     ``record_scan_share``: each forward stores ``scan_share = rms(scan term) / rms(D * u)``.
+    Subclasses scan other token orders by overriding :meth:`sequences` and :meth:`merge`.
     """
+
+    DIRECTIONS: tuple[int, ...] = (1, 2, 4)
 
     def __init__(
         self,
@@ -137,8 +140,8 @@ class MultiDirectionS6(nn.Module):
         scan_backend: str = "auto",
     ) -> None:
         super().__init__()
-        if directions not in (1, 2, 4):
-            raise ValueError(f"directions={directions} must be 1, 2 or 4")
+        if directions not in self.DIRECTIONS:
+            raise ValueError(f"directions={directions} must be one of {self.DIRECTIONS}")
         if scan_backend not in BACKENDS:
             raise ValueError(f"scan_backend={scan_backend!r} must be one of {', '.join(BACKENDS)}")
         if not 0 < dt_range[0] <= dt_range[1]:
@@ -174,13 +177,22 @@ class MultiDirectionS6(nn.Module):
         self.out_proj = nn.Conv2d(inner, channels, 1)
         init_linear_(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = x.shape
+    def sequences(self, u: torch.Tensor, slab_slices: int) -> torch.Tensor:
+        """``[N, D, H, W] -> [b, K, D, L]``: the token sequences to scan (here each slice on its own)."""
+        return _directional_sequences(u, self.directions)
+
+    def merge(self, y: torch.Tensor, shape: torch.Size, slab_slices: int) -> torch.Tensor:
+        """Inverse of :meth:`sequences`, summed over directions: ``[b, K, D, L] -> [N, D, H, W]``."""
+        return _merge_directions(y, shape[-2], shape[-1])
+
+    def forward(self, x: torch.Tensor, slab_slices: int = 1) -> torch.Tensor:
+        """``x [N, C, H, W] -> [N, C, H, W]``; ``slab_slices``: consecutive slices scanned together (a
+        subclass's business; this block scans each slice on its own)."""
         u, z = self.in_proj(x).chunk(2, dim=1)
         u = F.silu(self.depthwise(u))
-        sequences = _directional_sequences(u, self.directions)  # [B, K, D, L]
-        length = height * width
-        folded = sequences.reshape(batch, -1, length)  # [B, K * D, L]: direction k is channel group k
+        sequences = self.sequences(u, slab_slices)  # [b, K, D, L]
+        batch, _, _, length = sequences.shape
+        folded = sequences.reshape(batch, -1, length)  # [b, K * D, L]: direction k is channel group k
         if self.scan_off:
             y = folded * self.D.to(folded.dtype)[:, None]
         else:
@@ -206,7 +218,7 @@ class MultiDirectionS6(nn.Module):
                 self.scan_share = _rms(scan) / max(_rms(skip), 1e-12)
                 scan = scan + skip
             y = scan
-        y = _merge_directions(y.view(batch, self.directions, -1, length), height, width)
+        y = self.merge(y.view(batch, self.directions, -1, length), u.shape, slab_slices)
         return self.out_proj(self.out_norm(y) * F.silu(z))
 
 

@@ -62,8 +62,19 @@ def predict_stack(
 
     available: ``[M]`` bool, the inputs; target_index: the channel to synthesize. The slices go through in
     batches of ``batch_size``, each with its context windows built from the whole stack, so a slice's
-    prediction does not depend on the batching. ``batches`` wraps the batch starts (a progress bar).
+    prediction does not depend on the batching. ``batches`` wraps the batch starts (a progress bar). A
+    generator that scans across slices (``scans_across_slices``: the hybrid) takes the whole stack as one
+    slab in one forward.
     """
+    if getattr(generator, "scans_across_slices", False):
+        # the whole volume's token sequence at once: every slice reaches every other
+        count = stack.shape[0]
+        return generator(
+            generator_input(stack, torch.arange(count, device=stack.device), context_slices),
+            available.expand(count, -1),
+            torch.full((count,), target_index, dtype=torch.long, device=stack.device),
+            slab_slices=count,
+        )
     outputs = []
     for start in batches(range(0, stack.shape[0], batch_size)):
         centres = torch.arange(start, min(start + batch_size, stack.shape[0]), device=stack.device)

@@ -33,7 +33,12 @@ from medgan.models.blocks import (
 from medgan.models.conditioning import MODALITIES, condition_stack, condition_vector, stack_channels
 from medgan.models.config_checks import require
 from medgan.models.context import check_generator_input
+from medgan.models.slab_scan import SlabScanBranch
 from medgan.models.ssm import BACKENDS
+
+# ssm: the state-space encoder-decoder; unet: the plain convolutional baseline; hybrid: the U-Net trunk with
+# state-space branches that scan across the slices of a slab.
+ARCHS = ("ssm", "unet", "hybrid")
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -44,8 +49,10 @@ def _require(condition: bool, key: str, message: str) -> None:
 class GeneratorConfig:
     """The generator's architecture; each ``use_*`` switch removes one block for ablations.
 
-    ``arch``: ``ssm`` (this project's model) or ``unet`` (the plain convolutional baseline; with
-    ``unet_base_channels: 0`` its width is chosen to match the SSM generator's parameter count).
+    ``arch``: ``ssm`` (this project's model), ``unet`` (the plain convolutional baseline; with
+    ``unet_base_channels: 0`` its width is chosen to match the SSM generator's parameter count) or
+    ``hybrid`` (that U-Net as the trunk, with state-space branches at ``ssm_levels`` and the bottleneck
+    that scan across the slices of a slab, ``data.slab_slices``; :class:`HybridGenerator`).
     ``ssm_levels``: encoder levels (0 = full resolution) that get an SSM stage; the bottleneck always does
     when ``use_ssm``. ``ssm_directions``: scan orders per S6 block (1 rows, 2 rows and columns, 4 both and
     reversed; ``use_multi_direction: false`` is 1). ``scan_off``: inside every S6 block the scan's
@@ -86,7 +93,7 @@ class GeneratorConfig:
     context_slices: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.arch in ("ssm", "unet"), "arch", f"{self.arch!r} is not one of ssm, unet")
+        _require(self.arch in ARCHS, "arch", f"{self.arch!r} is not one of {', '.join(ARCHS)}")
         _require(len(self.modalities) >= 2, "modalities", f"{self.modalities} needs at least two contrasts")
         _require(
             len(set(self.modalities)) == len(self.modalities), "modalities", f"{self.modalities} repeats one"
@@ -223,11 +230,16 @@ class SSMGenerator(nn.Module):
         return stage(x)
 
     def forward(
-        self, images: torch.Tensor, available: torch.Tensor, target_index: torch.Tensor
+        self,
+        images: torch.Tensor,
+        available: torch.Tensor,
+        target_index: torch.Tensor,
+        slab_slices: int = 1,
     ) -> torch.Tensor:
         """``images [B, M, H, W]`` in ``[0, 1]`` (``[B, 2k + 1, M, H, W]`` with ``context_slices`` k),
         ``available [B, M]``, ``target_index [B]`` -> ``[B, 1, H, W]``: unclamped in training mode, in
-        ``[0, 1]`` in eval mode."""
+        ``[0, 1]`` in eval mode. ``slab_slices``: how many consecutive slices of the batch form a slab; this
+        generator sees each slice alone and ignores it (the hybrid scans across them)."""
         check_generator_input(images, len(self.config.modalities), self.config.context_slices)
         stack, (height, width) = _pad_to_multiple(
             condition_stack(images, available, target_index), self.config.pad_multiple
@@ -282,23 +294,71 @@ class UNetGenerator(nn.Module):
         self.head = linear_head(widths[0])
 
     def forward(
-        self, images: torch.Tensor, available: torch.Tensor, target_index: torch.Tensor
+        self,
+        images: torch.Tensor,
+        available: torch.Tensor,
+        target_index: torch.Tensor,
+        slab_slices: int = 1,
     ) -> torch.Tensor:
-        """Same contract as :meth:`SSMGenerator.forward`."""
+        """Same contract as :meth:`SSMGenerator.forward` (``slab_slices`` matters to the hybrid only)."""
         check_generator_input(images, len(self.config.modalities), self.config.context_slices)
         stack, (height, width) = _pad_to_multiple(
             condition_stack(images, available, target_index), self.config.pad_multiple
         )
         x = self.stem(stack)
         skips = []
-        for block, down in zip(self.encoder, self.downsample):
-            x = block(x)
+        for level, (block, down) in enumerate(zip(self.encoder, self.downsample)):
+            x = self.beside_encoder(level, block(x), slab_slices)
             skips.append(x)
             x = down(x)
-        x = self.bottleneck(x)
+        x = self.beside_bottleneck(self.bottleneck(x), slab_slices)
         for up, block, skip in zip(self.upsample, self.decoder, reversed(skips)):
             x = block(torch.cat([up(x), skip], dim=1))
         return head_output(self.head(x)[..., :height, :width], self.training)
+
+    def beside_encoder(self, level: int, x: torch.Tensor, slab_slices: int) -> torch.Tensor:
+        """What joins encoder level ``level``'s output before its skip and downsampling (nothing here)."""
+        return x
+
+    def beside_bottleneck(self, x: torch.Tensor, slab_slices: int) -> torch.Tensor:
+        """What joins the bottleneck's output (nothing here)."""
+        return x
+
+
+class HybridGenerator(UNetGenerator):
+    """The U-Net trunk ``arch: unet`` builds from the same config, with a state-space branch
+    (:class:`~medgan.models.slab_scan.SlabScanBranch`) beside the encoder levels ``ssm_levels`` and the
+    bottleneck, each scanning every token of a slab of ``slab_slices`` consecutive slices. The branches
+    join through per-channel scales that start at 0, so at initialisation it computes the U-Net's output
+    exactly (its trunk parameters have the U-Net's names). In a batch ``[N, ...]`` each run of
+    ``slab_slices`` slices is one slab, in slice order; 1 scans each slice alone (the 2D hybrid)."""
+
+    scans_across_slices = True
+
+    def __init__(self, config: GeneratorConfig, base_channels: int) -> None:
+        super().__init__(config, base_channels)
+        widths = [base_channels * 2**level for level in range(config.depth + 1)]
+
+        def branch(channels: int) -> SlabScanBranch:
+            return SlabScanBranch(channels, config.ssm_state, config.ssm_expand, config.scan_backend)
+
+        self.encoder_branches = nn.ModuleDict(
+            {str(level): branch(widths[level]) for level in config.ssm_levels}
+        )
+        self.bottleneck_branch = branch(widths[-1])
+
+    def _branch(self, branch: SlabScanBranch, x: torch.Tensor, slab_slices: int) -> torch.Tensor:
+        if self.config.checkpoint_stages and torch.is_grad_enabled():
+            return checkpoint(branch, x, slab_slices, use_reentrant=False)
+        return branch(x, slab_slices)
+
+    def beside_encoder(self, level: int, x: torch.Tensor, slab_slices: int) -> torch.Tensor:
+        if str(level) not in self.encoder_branches:
+            return x
+        return self._branch(self.encoder_branches[str(level)], x, slab_slices)
+
+    def beside_bottleneck(self, x: torch.Tensor, slab_slices: int) -> torch.Tensor:
+        return self._branch(self.bottleneck_branch, x, slab_slices)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -336,4 +396,4 @@ def build_generator(config: GeneratorConfig) -> nn.Module:
     if config.arch == "ssm":
         return SSMGenerator(config)
     width = config.unet_base_channels or matched_unet_width(config)
-    return UNetGenerator(config, width)
+    return HybridGenerator(config, width) if config.arch == "hybrid" else UNetGenerator(config, width)

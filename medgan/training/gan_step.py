@@ -87,10 +87,12 @@ def train_step(
     batch: dict[str, Any],
     training: TrainingConfig,
     timer: PhaseTimer,
+    slab_slices: int = 1,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """One step on ``batch`` (on the device, floats in the engines' dtype): D's step when the adversarial
     term is on, G's step, then the EMA at an accumulation boundary. Returns (losses, the detached fake
-    ``[B, 1, H, W]``); ``loss_d`` and ``loss_adv`` only when D trains (``adversarial_weight > 0``)."""
+    ``[B, 1, H, W]``); ``loss_d`` and ``loss_adv`` only when D trains (``adversarial_weight > 0``).
+    ``slab_slices``: the batch's slabs (``data.slab_slices``), for a generator that scans across them."""
     images, available, target_index, real = (
         batch["images"],
         batch["available"],
@@ -100,7 +102,7 @@ def train_step(
     condition = condition_stack(images, available, target_index)
     with timer("g_forward"):
         # a 2.5D generator takes each slice with its neighbours (the loader's "context"); D judges the slice
-        fake = g_engine(batch.get("context", images), available, target_index)
+        fake = g_engine(batch.get("context", images), available, target_index, slab_slices=slab_slices)
     losses: dict[str, float] = {}
     if training.adversarial_weight > 0:
         detached = fake.detach()

@@ -181,7 +181,13 @@ class GANTrainer:
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         """:func:`gan_step.train_step` on ``batch``; its losses (the batch and fake kept for image grids)."""
         losses, fake = gan_step.train_step(
-            self.g_engine, self.d_engine, self.ema, batch, self.config.training, self.timer
+            self.g_engine,
+            self.d_engine,
+            self.ema,
+            batch,
+            self.config.training,
+            self.timer,
+            self.config.data.slab_slices,
         )
         self._last_images = (batch, fake)
         return losses
