@@ -14,6 +14,12 @@ the peak memory growth: the peak resident set (``VmHWM``, reset after the warm-u
 before the timed call, with the parameters and their gradients already resident, so activations and
 temporaries. Ratios are of the medians, against the U-Net. The budget: time <= 2.5x, memory <= 2x.
 
+``--hybrid [LEVELS ...]`` compares the hybrid (``arch: hybrid``, branches at the config's ``ssm_levels`` or
+at each comma-separated level set given, and the bottleneck) with the U-Net trunk it is built on (the
+config's ``unet_base_channels``), on one slab of ``--slab-slices`` (8) slices; its budget is 1.3x the
+trunk's time and 1.5x its memory. The last column is the share of the step's CPU time spent inside the
+selective scans, forward and backward (timed in a second step).
+
 ``--variant NAME JSON`` adds a design to the table (overrides of the config's ``model.generator``); with
 none, the config's design and the U-Net. ``--old-commit C`` adds the first design again, calling the scan as
 it was at commit ``C`` (read with ``git show``), to measure what a change of the scan saved. ``--quick`` is
@@ -43,6 +49,8 @@ from medgan.models.generator import GeneratorConfig, build_generator, count_para
 
 UNET_WIDTH = 72
 TIME_BUDGET, MEMORY_BUDGET = 2.5, 2.0
+# The hybrid's budget against the U-Net trunk it is built on (issue 23), on one slab of HYBRID_SLAB slices.
+HYBRID_TIME_BUDGET, HYBRID_MEMORY_BUDGET, HYBRID_SLAB = 1.3, 1.5, 8
 
 
 def _status_kib(field: str) -> int:
@@ -52,17 +60,51 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure_here(config: GeneratorConfig, size: int) -> dict:
-    """One model's forward + backward in this process: CPU and wall seconds, peak memory growth in bytes."""
+class ScanClock:
+    """CPU seconds spent inside ``selective_scan``, forward and backward, while installed: each call is
+    timed, and its output's backward node timed by hooks before and after it runs (the CPU backward runs on
+    the calling thread)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._original = blocks.selective_scan
+
+    def __enter__(self) -> ScanClock:
+        def timed(*args, **options):
+            start = time.process_time()
+            out = self._original(*args, **options)
+            self.seconds += time.process_time() - start
+            node = out.grad_fn
+            if node is not None:
+                began: list[float] = []
+                node.register_prehook(lambda grads: began.append(time.process_time()))
+                node.register_hook(lambda inputs, outputs: self._add(time.process_time() - began.pop()))
+            return out
+
+        blocks.selective_scan = timed
+        return self
+
+    def _add(self, seconds: float) -> None:
+        self.seconds += seconds
+
+    def __exit__(self, *exc) -> None:
+        blocks.selective_scan = self._original
+
+
+def measure_here(config: GeneratorConfig, size: int, slab_slices: int = 1) -> dict:
+    """One sample's forward + backward in this process (``slab_slices`` slices of it, one slab): CPU and
+    wall seconds, peak memory growth in bytes, and in a second step the share of its CPU time spent in the
+    selective scans (0 for a model without them)."""
     torch.manual_seed(0)
     model = build_generator(config).train()
     modalities = len(config.modalities)
 
     def step(pixels: int) -> None:
-        images = torch.rand(input_shape(1, modalities, pixels, pixels, config.context_slices))
-        available = torch.zeros(1, modalities, dtype=torch.bool)
+        images = torch.rand(input_shape(slab_slices, modalities, pixels, pixels, config.context_slices))
+        available = torch.zeros(slab_slices, modalities, dtype=torch.bool)
         available[:, :2] = True
-        model(images, available, torch.tensor([2])).mean().backward()
+        target = torch.full((slab_slices,), 2)
+        model(images, available, target, slab_slices=slab_slices).mean().backward()
         # kept, not freed: the parameters' gradients are then in the resident size before, not in the growth
         model.zero_grad(set_to_none=False)
 
@@ -73,7 +115,17 @@ def measure_here(config: GeneratorConfig, size: int) -> dict:
     step(size)
     wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     growth = (_status_kib("VmHWM") - before) * 1024
-    return {"parameters": count_parameters(model), "wall": wall, "cpu": cpu, "peak_bytes": growth}
+    with ScanClock() as clock:
+        start_cpu = time.process_time()
+        step(size)
+        scan_share = clock.seconds / (time.process_time() - start_cpu)
+    return {
+        "parameters": count_parameters(model),
+        "wall": wall,
+        "cpu": cpu,
+        "peak_bytes": growth,
+        "scan_share": scan_share,
+    }
 
 
 def use_scan_at(commit: str) -> None:
@@ -93,9 +145,12 @@ def use_scan_at(commit: str) -> None:
     blocks.selective_scan = selective_scan
 
 
-def measure_in_child(settings: dict, size: int, threads: int, scan_at: str | None = None) -> dict:
+def measure_in_child(
+    settings: dict, size: int, threads: int, scan_at: str | None = None, slab_slices: int = 1
+) -> dict:
     command = [sys.executable, __file__, "--child", json.dumps(settings), "--size", str(size)]
-    command += ["--threads", str(threads)] + (["--scan-at", scan_at] if scan_at else [])
+    command += ["--threads", str(threads), "--slab-slices", str(slab_slices)]
+    command += ["--scan-at", scan_at] if scan_at else []
     return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
 
 
@@ -104,7 +159,12 @@ def load_generator_settings(path: Path) -> dict:
 
 
 def run_table(
-    variants: list[tuple[str, dict]], size: int, rounds: int, threads: int, scan_at: dict | None = None
+    variants: list[tuple[str, dict]],
+    size: int,
+    rounds: int,
+    threads: int,
+    scan_at: dict | None = None,
+    slab_slices: int = 1,
 ) -> list[dict]:
     """Every variant once per round, in turn; per variant the medians and the ratios to the last one.
     ``scan_at`` maps a variant's name to the commit whose scan it calls."""
@@ -112,7 +172,7 @@ def run_table(
     samples: dict[str, list[dict]] = {name: [] for name, _ in variants}
     for _ in range(rounds):
         for name, settings in variants:
-            samples[name].append(measure_in_child(settings, size, threads, scan_at.get(name)))
+            samples[name].append(measure_in_child(settings, size, threads, scan_at.get(name), slab_slices))
     rows = []
     for name, _ in variants:
         runs = samples[name]
@@ -120,7 +180,10 @@ def run_table(
             {
                 "name": name,
                 "parameters": runs[0]["parameters"],
-                **{key: statistics.median(r[key] for r in runs) for key in ("cpu", "wall", "peak_bytes")},
+                **{
+                    key: statistics.median(r[key] for r in runs)
+                    for key in ("cpu", "wall", "peak_bytes", "scan_share")
+                },
                 "cpu_runs": [round(r["cpu"], 2) for r in runs],
             }
         )
@@ -131,21 +194,28 @@ def run_table(
     return rows
 
 
-def print_table(rows: list[dict], size: int, rounds: int, threads: int) -> None:
+def print_table(
+    rows: list[dict],
+    size: int,
+    rounds: int,
+    threads: int,
+    slab_slices: int = 1,
+    budget: tuple[float, float] = (TIME_BUDGET, MEMORY_BUDGET),
+) -> None:
+    sample = f"{slab_slices} x {size} x {size} slab" if slab_slices > 1 else f"{size} x {size} sample"
+    print(f"## Generator fwd+bwd, CPU fp32, one {sample}, {threads} thread(s), {rounds} round(s)")
     print(
-        f"## Generator fwd+bwd, CPU fp32, one {size} x {size} sample, {threads} thread(s), {rounds} round(s)"
+        "| model | parameters | CPU s (median) | wall s | peak growth GiB | time / U-Net | memory / U-Net "
+        "| scan's share of the step |"
     )
-    print(
-        "| model | parameters | CPU s (median) | wall s | peak growth GiB | time / U-Net | memory / U-Net |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
             f"| {row['name']} | {row['parameters'] / 1e6:.1f} M | {row['cpu']:.2f} {row['cpu_runs']} | "
             f"{row['wall']:.2f} | {row['peak_bytes'] / 2**30:.3f} | {row['time_ratio']:.2f}x | "
-            f"{row['memory_ratio']:.2f}x |"
+            f"{row['memory_ratio']:.2f}x | {row['scan_share']:.0%} |"
         )
-    print(f"budget: time <= {TIME_BUDGET}x, memory <= {MEMORY_BUDGET}x the U-Net's")
+    print(f"budget: time <= {budget[0]}x, memory <= {budget[1]}x the U-Net's")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "JSON"))
     parser.add_argument("--old-commit", metavar="C", help="also the first design with the scan of commit C")
     parser.add_argument("--quick", action="store_true", help="32 x 32, one round (a smoke test)")
+    parser.add_argument(
+        "--hybrid",
+        nargs="*",
+        metavar="LEVELS",
+        help="the hybrid against its U-Net trunk alone on one slab, at the config's ssm_levels or at each "
+        "comma-separated LEVELS given (e.g. 3 2,3; '' for the bottleneck alone); budget 1.3x time, 1.5x "
+        "memory",
+    )
+    parser.add_argument(
+        "--slab-slices", type=int, default=None, help="slices per sample (default 1; 8 with --hybrid)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--scan-at", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -167,11 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         if args.scan_at:
             use_scan_at(args.scan_at)
-        print(json.dumps(measure_here(GeneratorConfig(**json.loads(args.child)), args.size)))
+        slab = args.slab_slices or 1
+        print(json.dumps(measure_here(GeneratorConfig(**json.loads(args.child)), args.size, slab)))
         return 0
     if args.quick:
         args.size, args.rounds = 32, 1
     generator = load_generator_settings(Path(args.config))
+    if args.hybrid is not None:
+        return hybrid_table(generator, args)
     variants = [(name, {**generator, **json.loads(text)}) for name, text in args.variant]
     variants = variants or [("ssm (config)", generator)]
     scan_at = {}
@@ -183,6 +267,27 @@ def main(argv: list[str] | None = None) -> int:
     variants.append((f"unet, width {args.unet_width}", unet))
     rows = run_table(variants, args.size, args.rounds, args.threads, scan_at)
     print_table(rows, args.size, args.rounds, args.threads)
+    return 0
+
+
+def hybrid_table(generator: dict, args: argparse.Namespace) -> int:
+    """The hybrid (at each level set asked for) against the U-Net trunk it is built on, one slab."""
+    slab = args.slab_slices or HYBRID_SLAB
+    width = generator.get("unet_base_channels") or args.unet_width
+    trunk = {**generator, "arch": "unet", "unet_base_channels": width}
+    level_sets = [[int(level) for level in text.split(",") if level.strip()] for text in args.hybrid] or [
+        list(generator["ssm_levels"])
+    ]
+    variants = [
+        (
+            f"hybrid, branches at levels {levels or 'none'} + bottleneck",
+            {**trunk, "arch": "hybrid", "ssm_levels": levels},
+        )
+        for levels in level_sets
+    ]
+    variants.append((f"unet trunk alone, width {width}", trunk))
+    rows = run_table(variants, args.size, args.rounds, args.threads, slab_slices=slab)
+    print_table(rows, args.size, args.rounds, args.threads, slab, (HYBRID_TIME_BUDGET, HYBRID_MEMORY_BUDGET))
     return 0
 
 

@@ -28,6 +28,16 @@ def test_one_measurement_sees_time_and_activation_memory():
     # or never reset, would miss them
     full_resolution_map = config.base_channels * size * size * 4
     assert row["peak_bytes"] >= 16 * full_resolution_map, row
+    assert 0 < row["scan_share"] < 1, "the scans took some, not all, of the step"
+
+
+def test_the_hybrid_is_measured_on_a_slab_against_its_trunk():
+    bench = load_bench()
+    tiny = dict(base_channels=8, depth=2, ssm_levels=[1], ssm_state=4, unet_base_channels=8)
+    hybrid = bench.measure_here(GeneratorConfig(arch="hybrid", **tiny), 32, slab_slices=4)
+    trunk = bench.measure_here(GeneratorConfig(arch="unet", **tiny), 32, slab_slices=4)
+    assert hybrid["parameters"] > trunk["parameters"] and 0 < hybrid["scan_share"] < 1
+    assert trunk["scan_share"] == 0
 
 
 @pytest.mark.slow  # end to end: two fresh interpreters, about 6-11 s on 2 cores
@@ -46,4 +56,4 @@ def test_generator_bench_prints_ratios_against_the_unet(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")][1:]
     names = [row.split(" | ")[0] for row in rows]
     assert names == ["| two directions", f"| two directions, scan at {head.stdout[:7]}", "| unet, width 8"]
-    assert rows[-1].endswith("| 1.00x | 1.00x |")
+    assert rows[-1].endswith("| 1.00x | 1.00x | 0% |")
