@@ -16,9 +16,10 @@ temporaries. Ratios are of the medians, against the U-Net. The budget: time <= 2
 
 ``--hybrid [LEVELS ...]`` compares the hybrid (``arch: hybrid``, branches at the config's ``ssm_levels`` or
 at each comma-separated level set given, and the bottleneck) with the U-Net trunk it is built on (the
-config's ``unet_base_channels``), on one slab of ``--slab-slices`` (8) slices; its budget is 1.3x the
-trunk's time and 1.5x its memory. The last column is the share of the step's CPU time spent inside the
-selective scans, forward and backward (timed in a second step).
+config's ``unet_base_channels``, or with 0 the width matched to the SSM generator), on one slab of
+``--slab-slices`` (8) slices; its budget is 1.3x the trunk's time and 1.5x its memory. The last column is
+the share of the step's CPU time spent inside the selective scans, forward and backward (timed in a
+second step).
 
 ``--variant NAME JSON`` adds a design to the table (overrides of the config's ``model.generator``); with
 none, the config's design and the U-Net. ``--old-commit C`` adds the first design again, calling the scan as
@@ -45,7 +46,12 @@ sys.path.insert(0, str(REPO))
 
 from medgan.models import blocks  # noqa: E402
 from medgan.models.context import input_shape  # noqa: E402
-from medgan.models.generator import GeneratorConfig, build_generator, count_parameters  # noqa: E402
+from medgan.models.generator import (  # noqa: E402
+    GeneratorConfig,
+    build_generator,
+    count_parameters,
+    matched_unet_width,
+)
 
 UNET_WIDTH = 72
 TIME_BUDGET, MEMORY_BUDGET = 2.5, 2.0
@@ -273,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
 def hybrid_table(generator: dict, args: argparse.Namespace) -> int:
     """The hybrid (at each level set asked for) against the U-Net trunk it is built on, one slab."""
     slab = args.slab_slices or HYBRID_SLAB
-    width = generator.get("unet_base_channels") or args.unet_width
+    # the trunk is what arch: unet builds from the config: its unet_base_channels, or 0 -> the matched width
+    width = generator.get("unet_base_channels") or matched_unet_width(GeneratorConfig(**generator))
     trunk = {**generator, "arch": "unet", "unet_base_channels": width}
     level_sets = [[int(level) for level in text.split(",") if level.strip()] for text in args.hybrid] or [
         list(generator["ssm_levels"])
