@@ -38,6 +38,43 @@ def run_module(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess
     return result
 
 
+# A tiny generator and a 4-step single-process run on configs/demo.yaml, for command-line tests of an arch.
+TINY_TRAIN_FLAGS = [
+    "--config", "configs/demo.yaml",
+    "--model.generator.unet_base_channels", "8", "--model.generator.depth", "2",
+    "--model.generator.ssm_levels", "1", "--model.generator.ssm_state", "4",
+    "--model.discriminator.base_channels", "8", "--training.max_steps", "4",
+    "--deepspeed.zero_stage", "0", "--logging.wandb", "disabled", "--logging.progress_bar", "false",
+    "--data.num_workers", "0",
+]  # fmt: skip
+
+
+def run_command(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command line from the repository root; a non-zero exit fails the test with its output."""
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def train_tiny(shards: Path, run_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    """``launch/train.py`` with :data:`TINY_TRAIN_FLAGS` and ``flags`` on ``shards`` into ``run_dir``."""
+    command = [sys.executable, "launch/train.py", *TINY_TRAIN_FLAGS, "--data_path", str(shards)]
+    return run_command([*command, "--checkpoint_dir", str(run_dir), *flags])
+
+
+def evaluated_model_rows(run_dir: Path, shards: Path, out: Path) -> list[dict]:
+    """``python -m medgan evaluate`` of ``run_dir`` on the test split; the model's brain rows of
+    per_volume.csv."""
+    import csv
+
+    run_command([
+        sys.executable, "-m", "medgan", "evaluate", "--checkpoint", str(run_dir), "--data_path", str(shards),
+        "--split", "test", "--out", str(out),
+    ])  # fmt: skip
+    with open(out / "per_volume.csv") as stream:
+        return [r for r in csv.DictReader(stream) if r["method"] == "model" and r["region"] == "brain"]
+
+
 def take_batches(loader, count: int) -> list:
     """The first ``count`` batches of a loader (an endless training stream included)."""
     return list(itertools.islice(loader, count))

@@ -1,15 +1,13 @@
 """2.5D context: a generator with context_slices k draws on exactly k slices each side, the edge rule is
 one function, and a 2.5D U-Net trains on slabs, synthesizes and evaluates from the command line."""
 
-import csv
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import evaluated_model_rows, run_command, train_tiny
 
 from data_prep.errors import ConfigError
 from medgan.config import build_config, load_config
@@ -17,7 +15,6 @@ from medgan.models.conditioning import condition_stack, stack_channels
 from medgan.models.context import context_windows, predict_stack
 from medgan.models.generator import GeneratorConfig, build_generator
 
-REPO = Path(__file__).resolve().parent.parent
 TINY_UNET = dict(
     arch="unet", unet_base_channels=8, depth=2, ssm_levels=[1], modalities=["t1", "t1ce", "t2", "flair"]
 )
@@ -95,39 +92,20 @@ def test_a_config_saved_before_whole_volume_validation_still_loads(tmp_path):
 @pytest.mark.slow
 def test_a_2_5d_unet_trains_on_slabs_synthesizes_and_evaluates(phantom_shards, phantom_subjects, tmp_path):
     run_dir = tmp_path / "run"
-    train = [
-        sys.executable, "launch/train.py", "--config", "configs/demo.yaml",
-        "--data_path", str(phantom_shards), "--checkpoint_dir", str(run_dir),
-        "--model.generator.arch", "unet", "--model.generator.unet_base_channels", "8",
-        "--model.generator.depth", "2", "--model.generator.ssm_levels", "1",
-        "--model.generator.context_slices", "2", "--data.slab_slices", "4", "--data.batch_size", "4",
-        "--model.discriminator.base_channels", "8", "--training.max_steps", "4",
-        "--training.val_every_steps", "2", "--deepspeed.zero_stage", "0", "--logging.wandb", "disabled",
-        "--logging.progress_bar", "false", "--data.num_workers", "0",
-    ]  # fmt: skip
-    result = subprocess.run(train, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = train_tiny(
+        phantom_shards, run_dir, "--model.generator.arch", "unet", "--model.generator.context_slices", "2",
+        "--data.slab_slices", "4", "--data.batch_size", "4", "--training.val_every_steps", "2",
+    )  # fmt: skip
     assert "through-plane error" in result.stdout and "volumes" in result.stdout
     record = json.loads((run_dir / "run_record.json").read_text())
     assert record["best_step"] in (2, 4)
     subject = sorted(p for p in phantom_subjects.iterdir() if p.is_dir())[0]
     out = tmp_path / "flair.nii.gz"
     inputs = [["--input", f"{m}={subject / f'{subject.name}_{m}.nii.gz'}"] for m in ("t1", "t1ce", "t2")]
-    synthesize = [
+    run_command([
         sys.executable, "-m", "medgan", "synthesize", "--checkpoint", str(run_dir), "--target", "flair",
         *(arg for pair in inputs for arg in pair), "--out", str(out),
-    ]  # fmt: skip
-    result = subprocess.run(synthesize, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    ])  # fmt: skip
     assert out.is_file()
-    evaluate = [
-        sys.executable, "-m", "medgan", "evaluate", "--checkpoint", str(run_dir), "--data_path",
-        str(phantom_shards), "--split", "test", "--out", str(tmp_path / "eval"),
-    ]  # fmt: skip
-    result = subprocess.run(evaluate, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(tmp_path / "eval" / "per_volume.csv") as stream:
-        rows = [
-            row for row in csv.DictReader(stream) if row["method"] == "model" and row["region"] == "brain"
-        ]
+    rows = evaluated_model_rows(run_dir, phantom_shards, tmp_path / "eval")
     assert rows and all(np.isfinite(float(row["through_plane_error"])) for row in rows)

@@ -2,8 +2,6 @@
 initialisation it is the U-Net; its scans reach across slices, where a 2D or 2.5D U-Net's cannot; and it
 trains on slabs, synthesizes and evaluates from the command line."""
 
-import csv
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,12 +9,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import evaluated_model_rows, run_command, train_tiny
 
 from medgan.models.context import predict_stack
 from medgan.models.generator import GeneratorConfig, HybridGenerator, build_generator
 from medgan.models.slab_scan import SlabS6
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = dict(
     base_channels=8, depth=2, ssm_levels=[1], ssm_state=4, ssm_expand=1, unet_base_channels=8,
     modalities=["t1", "t1ce", "t2", "flair"],
@@ -92,18 +90,10 @@ def test_the_hybrid_trains_on_slabs_and_reaches_across_slices_through_the_comman
     phantom_shards, phantom_subjects, tmp_path
 ):
     run_dir = tmp_path / "run"
-    train = [
-        sys.executable, "launch/train.py", "--config", "configs/demo.yaml",
-        "--data_path", str(phantom_shards), "--checkpoint_dir", str(run_dir),
-        "--model.generator.arch", "hybrid", "--model.generator.unet_base_channels", "8",
-        "--model.generator.depth", "2", "--model.generator.ssm_levels", "1",
-        "--model.generator.ssm_state", "4", "--data.slab_slices", "8", "--data.batch_size", "8",
-        "--model.discriminator.base_channels", "8",
-        "--training.max_steps", "4", "--training.val_every_steps", "4", "--deepspeed.zero_stage", "0",
-        "--logging.wandb", "disabled", "--logging.progress_bar", "false", "--data.num_workers", "0",
-    ]  # fmt: skip
-    result = subprocess.run(train, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    train_tiny(
+        phantom_shards, run_dir, "--model.generator.arch", "hybrid", "--data.slab_slices", "8",
+        "--data.batch_size", "8", "--training.val_every_steps", "4",
+    )  # fmt: skip
 
     subject = sorted(p for p in phantom_subjects.iterdir() if p.is_dir())[0]
     swapped_dir = tmp_path / "swapped"
@@ -117,12 +107,10 @@ def test_the_hybrid_trains_on_slabs_and_reaches_across_slices_through_the_comman
 
     def synthesize(folder: Path, names: dict[str, str], out: Path) -> np.ndarray:
         inputs = [arg for m, name in names.items() for arg in ("--input", f"{m}={folder / name}")]
-        command = [
+        run_command([
             sys.executable, "-m", "medgan", "synthesize", "--checkpoint", str(run_dir), "--target", "flair",
             *inputs, "--out", str(out),
-        ]  # fmt: skip
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+        ])  # fmt: skip
         return np.asarray(nib.load(out).dataobj)
 
     modalities = ("t1", "t1ce", "t2")
@@ -133,12 +121,5 @@ def test_the_hybrid_trains_on_slabs_and_reaches_across_slices_through_the_comman
     assert original[..., z].any(), "slice z holds brain"
     assert not np.array_equal(original[..., z], moved[..., z]), "slices 4 and 5 away did not reach slice z"
 
-    evaluate = [
-        sys.executable, "-m", "medgan", "evaluate", "--checkpoint", str(run_dir), "--data_path",
-        str(phantom_shards), "--split", "test", "--out", str(tmp_path / "eval"),
-    ]  # fmt: skip
-    result = subprocess.run(evaluate, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(tmp_path / "eval" / "per_volume.csv") as stream:
-        rows = [r for r in csv.DictReader(stream) if r["method"] == "model" and r["region"] == "brain"]
+    rows = evaluated_model_rows(run_dir, phantom_shards, tmp_path / "eval")
     assert rows and all(np.isfinite(float(row["through_plane_error"])) for row in rows)
