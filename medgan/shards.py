@@ -79,11 +79,12 @@ class ChannelMap:
 
 @dataclass(slots=True)
 class SubjectStack:
-    """One subject's slices of a shard split, stacked in slice order, in the generator's channel order.
+    """Consecutive slices of one subject of a shard split, stacked in slice order, in the generator's
+    channel order (a whole subject, or a slab of one).
 
     images: float32 ``[Z, M, H, W]`` in ``[0, 1]`` (absent contrasts zero). present: indices into the
     canonical list of the contrasts the subject has. mask: bool ``[Z, H, W]``. seg: uint8 ``[Z, H, W]``
-    BraTS labels, or None. slices: int ``[Z]``, each slice's axial index.
+    BraTS labels, or None. slices: int ``[Z]``, each slice's axial index. keys: each slice's sample key.
     """
 
     subject: str
@@ -92,6 +93,41 @@ class SubjectStack:
     mask: np.ndarray
     seg: np.ndarray | None
     slices: np.ndarray
+    keys: list[str]
+
+
+def subject_runs(raws: Iterable[dict[str, Any]]) -> Iterator[tuple[str, list[int], list[dict[str, Any]]]]:
+    """(subject, slice indices, raw samples) of each run of consecutive samples of one subject in
+    ``raws`` (undecoded, as ``data_prep.shard_reader.raw_samples`` yields them)."""
+    run: list[dict[str, Any]] = []
+    slices: list[int] = []
+    current = ""
+    for raw in raws:
+        info = json.loads(raw["json"])
+        subject = str(info["subject"])
+        if run and subject != current:
+            yield current, slices, run
+            run, slices = [], []
+        current = subject
+        run.append(raw)
+        slices.append(int(info["slice"]))
+    if run:
+        yield current, slices, run
+
+
+def stack_samples(raws: list[dict[str, Any]], channels: ChannelMap) -> SubjectStack:
+    """Raw samples of one subject decoded into the canonical channels and stacked in slice order."""
+    samples = sorted((channels.decode(raw, with_seg=True) for raw in raws), key=lambda s: s.info["slice"])
+    has_seg = all(sample.seg is not None for sample in samples)
+    return SubjectStack(
+        subject=samples[0].subject,
+        images=np.stack([sample.images for sample in samples]),
+        present=samples[0].present,
+        mask=np.stack([sample.mask for sample in samples]).astype(bool),
+        seg=np.stack([sample.seg for sample in samples]) if has_seg else None,
+        slices=np.array([sample.info["slice"] for sample in samples]),
+        keys=[sample.key for sample in samples],
+    )
 
 
 def subject_stacks(
@@ -103,34 +139,8 @@ def subject_stacks(
     """The subjects of ``shards`` (read in order; a subject's slices are consecutive in every shard layout),
     whole; ``keep(ordinal)`` picks which to decode (the n-th subject met has ordinal n), and reading stops
     after the first ``limit`` subjects (0: all)."""
-    group: list[dict[str, Any]] = []
-    ordinal = 0
-
-    def stacked() -> SubjectStack:
-        samples = sorted(
-            (channels.decode(raw, with_seg=True) for raw in group), key=lambda s: s.info["slice"]
-        )
-        has_seg = all(sample.seg is not None for sample in samples)
-        return SubjectStack(
-            subject=samples[0].subject,
-            images=np.stack([sample.images for sample in samples]),
-            present=samples[0].present,
-            mask=np.stack([sample.mask for sample in samples]).astype(bool),
-            seg=np.stack([sample.seg for sample in samples]) if has_seg else None,
-            slices=np.array([sample.info["slice"] for sample in samples]),
-        )
-
-    current: str | None = None
-    for raw in raw_samples(shards):
-        subject = str(json.loads(raw["json"])["subject"])
-        if group and subject != current:
-            if keep(ordinal):
-                yield stacked()
-            ordinal += 1
-            group = []
-            if limit and ordinal >= limit:
-                return
-        current = subject
-        group.append(raw)
-    if group and keep(ordinal):
-        yield stacked()
+    for ordinal, (_, _, run) in enumerate(subject_runs(raw_samples(shards))):
+        if keep(ordinal):
+            yield stack_samples(run, channels)
+        if limit and ordinal + 1 >= limit:
+            return

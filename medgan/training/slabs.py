@@ -18,7 +18,6 @@ slices (a multiple of S, so a batch holds whole slabs, consecutive in it, in sli
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -29,30 +28,28 @@ from data_prep.errors import DataError
 from data_prep.shard_reader import ShardSplit, raw_samples
 from data_prep.volumes import LEFT_RIGHT_AXIS
 from medgan.models.context import context_windows
+from medgan.shards import stack_samples, subject_runs
 from medgan.training.loader import SliceStream, TaskSpec, choose_task
 
 
 def _subjects(raws: Iterable[dict[str, Any]], where: str) -> Iterator[list[dict[str, Any]]]:
-    """The raw samples of ``raws`` grouped by subject (consecutive runs), each group in slice order; a
-    subject that comes back after another, or slices out of order, break the layout: a DataError."""
-    group: list[dict[str, Any]] = []
+    """The raw samples of ``raws`` grouped by subject (``medgan.shards.subject_runs``), each group in slice
+    order; a subject that comes back after another, or slices out of order, break the layout: a
+    DataError."""
     seen: set[str] = set()
-    last: tuple[str, int] | None = None
-    for raw in raws:
-        info = json.loads(raw["json"])
-        subject, index = str(info["subject"]), int(info["slice"])
-        if last is not None and subject == last[0] and index != last[1] + 1:
-            raise DataError(f"{where}: {raw['__key__']}: slice {index} follows slice {last[1]} of {subject}")
-        if last is not None and subject != last[0]:
-            yield group
-            group = []
-        if subject in seen and (last is None or subject != last[0]):
-            raise DataError(f"{where}: {raw['__key__']}: subject {subject} is split within its split's files")
+    for subject, slices, run in subject_runs(raws):
+        if subject in seen:
+            raise DataError(
+                f"{where}: {run[0]['__key__']}: subject {subject} is split within its split's files"
+            )
+        for index in range(1, len(slices)):
+            if slices[index] != slices[index - 1] + 1:
+                raise DataError(
+                    f"{where}: {run[index]['__key__']}: slice {slices[index]} follows slice "
+                    f"{slices[index - 1]} of {subject}"
+                )
         seen.add(subject)
-        group.append(raw)
-        last = (subject, index)
-    if group:
-        yield group
+        yield run
 
 
 class SlabStream(SliceStream):
@@ -111,14 +108,14 @@ class SlabStream(SliceStream):
     ) -> list[dict[str, Any]] | None:
         """The slab's S samples, in slice order, with one task and one flip; None when the subject cannot
         serve the task."""
-        decoded = [self.channels.decode(raw, with_seg=True) for raw in raws]
-        choice = choose_task(decoded[0].present, self.task, rng)
+        stack = stack_samples(raws, self.channels)
+        choice = choose_task(stack.present, self.task, rng)
         if choice is None:
             return None
         inputs, target = choice
-        images = np.stack([sample.images for sample in decoded])
-        mask = np.stack([sample.mask for sample in decoded]).astype(np.float32)[:, None]
-        seg = np.stack([np.zeros_like(s.mask) if s.seg is None else s.seg for s in decoded]).astype(np.uint8)[
+        images = stack.images
+        mask = stack.mask.astype(np.float32)[:, None]
+        seg = (np.zeros(stack.mask.shape, np.uint8) if stack.seg is None else stack.seg).astype(np.uint8)[
             :, None
         ]
         if self.random_flips and rng.random() < 0.5:
@@ -144,9 +141,9 @@ class SlabStream(SliceStream):
                 "target": images[index, target : target + 1].copy(),
                 "mask": mask[index],
                 "seg": seg[index],
-                "key": decoded[index].key,
-                "subject": decoded[index].subject,
-                "slice": np.int64(decoded[index].info["slice"]),
+                "key": stack.keys[index],
+                "subject": stack.subject,
+                "slice": np.int64(stack.slices[index]),
             }
             if windows is not None:
                 sample["context"] = windows[position]
