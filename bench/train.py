@@ -21,11 +21,15 @@ from pathlib import Path
 
 import torch
 
-from medgan.config import load_config
-from medgan.distributed import init_distributed, set_thread_share
-from medgan.training.loader import make_loader
-from medgan.training.step_logging import PhaseTimer
-from medgan.training.trainer import GANTrainer
+# the repository first: bench/ (this script's folder, sys.path[0]) has a data_prep.py that would shadow
+# the data_prep package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from medgan.config import load_config  # noqa: E402
+from medgan.distributed import init_distributed, set_thread_share  # noqa: E402
+from medgan.training.loader import make_loader  # noqa: E402
+from medgan.training.step_logging import PhaseTimer  # noqa: E402
+from medgan.training.trainer import GANTrainer  # noqa: E402
 
 PHASES = (
     "data",
