@@ -93,7 +93,7 @@ def measure(arch: str, args: argparse.Namespace, context) -> dict:
     config = load_config(args.config, overrides)
     trainer = GANTrainer(config, context)
     trainer.timer = PhaseTimer(synchronize=True)
-    batches = iter(make_loader(trainer.slice_stream(train=True), config.data.num_workers))
+    batches = iter(make_loader(trainer.train_stream(), config.data.num_workers))
     flops = None
     for step in range(args.warmup + args.steps):
         if step == args.warmup:

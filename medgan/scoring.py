@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -191,17 +190,6 @@ def summarize_scores(
         name: metrics.summarize(np.array([getattr(row, name) for row in rows], dtype=np.float64))
         for name in names
     }
-
-
-def per_subject_means(rows: Iterable[SliceScore]) -> list[list[Any]]:
-    """``[subject, slices, psnr, ssim, mae]`` per subject (means over its slices), sorted by subject."""
-    by_subject: dict[str, list[SliceScore]] = defaultdict(list)
-    for row in rows:
-        by_subject[row.subject].append(row)
-    return [
-        [subject, len(scores), *(float(np.nanmean([getattr(s, name) for s in scores])) for name in METRICS)]
-        for subject, scores in sorted(by_subject.items())
-    ]
 
 
 def paired_statistics(

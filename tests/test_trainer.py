@@ -116,7 +116,7 @@ def _copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_train_step_updates_both_networks_and_g_leaves_d_untouched(trainer):
-    batch = trainer._to_device(next(iter(make_loader(trainer.slice_stream(train=True), 0))))
+    batch = trainer._to_device(next(iter(make_loader(trainer.train_stream(), 0))))
     g_before, d_before = _copy(trainer.g_engine.module), _copy(trainer.d_engine.module)
     losses = trainer.train_step(batch)
     assert set(losses) == {"loss_d", "loss_g", "loss_adv", "loss_l1"}
@@ -169,7 +169,7 @@ def test_tumour_weighted_l1_equals_a_hand_computation():
 
 
 def test_train_step_weights_the_tumour_when_asked(trainer, monkeypatch):
-    batch = trainer._to_device(next(iter(make_loader(trainer.slice_stream(train=True), 0))))
+    batch = trainer._to_device(next(iter(make_loader(trainer.train_stream(), 0))))
     assert batch["seg"].dtype == torch.uint8
     seen = []
     monkeypatch.setattr(trainer.config.training, "tumour_l1_weight", 2.0)
@@ -191,7 +191,7 @@ def test_validation_logs_each_s6_blocks_scan_share(trainer):
 
 
 def test_adversarial_weight_zero_trains_g_on_l1_alone_and_leaves_d_unrun(trainer, monkeypatch):
-    batch = trainer._to_device(next(iter(make_loader(trainer.slice_stream(train=True), 0))))
+    batch = trainer._to_device(next(iter(make_loader(trainer.train_stream(), 0))))
     monkeypatch.setattr(trainer.config.training, "adversarial_weight", 0.0)
     calls = []
     discriminator = trainer.d_engine.module
@@ -209,7 +209,7 @@ def test_adversarial_weight_zero_trains_g_on_l1_alone_and_leaves_d_unrun(trainer
 
 
 def test_adversarial_weight_scales_the_adversarial_term(trainer, monkeypatch):
-    batch = trainer._to_device(next(iter(make_loader(trainer.slice_stream(train=True), 0))))
+    batch = trainer._to_device(next(iter(make_loader(trainer.train_stream(), 0))))
     monkeypatch.setattr(trainer.config.training, "adversarial_weight", 0.25)
     losses = trainer.train_step(batch)
     assert losses["loss_g"] == pytest.approx(0.25 * losses["loss_adv"] + 100.0 * losses["loss_l1"], rel=1e-5)

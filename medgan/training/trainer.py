@@ -129,22 +129,22 @@ class GANTrainer:
         record = self.state.run_record(self.batches_per_epoch, self.parameter_counts, stopped_by)
         self.checkpoints.write_run_record(record)
 
-    def slice_stream(self, train: bool, epoch: int = 0, skip_batches: int = 0) -> SliceStream:
-        """This rank's batches of the train split (shuffled, from ``skip_batches`` of ``epoch``; slabs of
-        ``data.slab_slices`` with the generator's 2.5D context when it takes one) or of the val split as
-        single slices (one pass, deterministic tasks), as the config describes them."""
+    def train_stream(self, epoch: int = 0, skip_batches: int = 0) -> SliceStream:
+        """This rank's batches of the train split, shuffled, from ``skip_batches`` of ``epoch``: single
+        slices, or slabs of ``data.slab_slices`` with the generator's 2.5D context when it takes one.
+        (Validation reads whole val subjects: :meth:`val_subjects`.)"""
         data = self.config.data
         options: dict[str, Any] = dict(
             seed=self.config.training.seed,
             rank=self.context.rank,
             world_size=self.context.world_size,
-            random_flips=train and data.random_flips,
+            random_flips=data.random_flips,
             shuffle_buffer=data.shuffle_buffer,
             epoch=epoch,
             skip_batches=skip_batches,
         )
         context_slices = self.config.model.generator.context_slices
-        if train and (data.slab_slices > 1 or context_slices):
+        if data.slab_slices > 1 or context_slices:
             return SlabStream(
                 self.train_split,
                 self.canonical,
@@ -154,8 +154,9 @@ class GANTrainer:
                 context_slices=context_slices,
                 **options,
             )
-        split = self.train_split if train else self.val_split
-        return SliceStream(split, self.canonical, self.task, data.batch_size, train=train, **options)
+        return SliceStream(
+            self.train_split, self.canonical, self.task, data.batch_size, train=True, **options
+        )
 
     def val_subjects(self) -> Iterator[SubjectStack]:
         """This rank's share of the val subjects, whole (the first ``training.val_max_subjects`` of the
@@ -286,7 +287,7 @@ class GANTrainer:
     def _train_epoch(self) -> None:
         """Steps through the current epoch from where it stands, to its end, the last step or a stop."""
         epoch = self.state.epoch
-        stream = self.slice_stream(train=True, epoch=epoch, skip_batches=self.state.batch_in_epoch)
+        stream = self.train_stream(epoch=epoch, skip_batches=self.state.batch_in_epoch)
         batches = iter(make_loader(stream, self.config.data.num_workers))
         while self.state.epoch == epoch and self.step < self.total_steps:
             started, cpu_started = time.perf_counter(), time.process_time()
