@@ -81,9 +81,11 @@ def take_batches(loader, count: int) -> list:
 
 
 def load_script(path: Path, name: str):
-    """Import a script that is not in a package (a benchmark, a fixture maker) as module ``name``."""
+    """Import a script that is not in a package (a benchmark, a fixture maker) as module ``name``
+    (registered in ``sys.modules`` first, as an import does, so its dataclasses can find it)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 

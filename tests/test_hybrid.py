@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import evaluated_model_rows, run_command, train_tiny
+from conftest import REPO, evaluated_model_rows, load_script, run_command, train_tiny
 
 from medgan.models.context import predict_stack
 from medgan.models.generator import GeneratorConfig, HybridGenerator, build_generator
@@ -87,7 +87,7 @@ def test_swapping_slices_4_and_5_away_reaches_the_hybrid_and_no_u_net():
 
 @pytest.mark.slow
 def test_the_hybrid_trains_on_slabs_and_reaches_across_slices_through_the_command_line(
-    phantom_shards, phantom_subjects, tmp_path
+    phantom_shards, phantom_subjects, tmp_path, capsys
 ):
     run_dir = tmp_path / "run"
     train_tiny(
@@ -123,3 +123,11 @@ def test_the_hybrid_trains_on_slabs_and_reaches_across_slices_through_the_comman
 
     rows = evaluated_model_rows(run_dir, phantom_shards, tmp_path / "eval")
     assert rows and all(np.isfinite(float(row["through_plane_error"])) for row in rows)
+
+    # the reach at inference, measured: the whole volume against blended slabs on the val split
+    bench = load_script(REPO / "bench" / "slab_inference.py", "bench_slab_inference")
+    flags = ["--slab", "10", "--margin", "2", "--blend", "1"]
+    assert bench.main(["--checkpoint", str(run_dir), "--data_path", str(phantom_shards), *flags]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    table = [line for line in printed if line.startswith(("| whole", "| blended"))]
+    assert len(table) == 2 and "nan" not in " ".join(table), table

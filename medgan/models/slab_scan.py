@@ -17,6 +17,9 @@ branch adds exactly nothing, the scale gets a gradient at once and the branch's 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -68,3 +71,29 @@ class SlabScanBranch(nn.Module):
 
     def forward(self, x: torch.Tensor, slab_slices: int) -> torch.Tensor:
         return x + self.scale.to(x.dtype)[None, :, None, None] * self.scan(self.norm(x), slab_slices)
+
+
+@contextmanager
+def recording_branch_share(model: nn.Module) -> Iterator[dict[str, float]]:
+    """Within the block, each :class:`SlabScanBranch` of ``model`` records how much it adds to the trunk,
+    ``rms(scale * scan) / rms(x)``, of its latest forward; on exit the yielded dict holds ``{module path:
+    share}`` (empty for a model without branches). Near 0 the hybrid computes its U-Net trunk's output."""
+    shares: dict[str, float] = {}
+
+    def recorder(name: str):
+        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            x = inputs[0].float()
+            shares[name] = float((output.float() - x).square().mean().sqrt() / x.square().mean().sqrt())
+
+        return record
+
+    hooks = [
+        module.register_forward_hook(recorder(name))
+        for name, module in model.named_modules()
+        if isinstance(module, SlabScanBranch)
+    ]
+    try:
+        yield shares
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -14,6 +14,7 @@ import torch
 from medgan.distributed import all_gather_objects
 from medgan.models.context import predict_stack
 from medgan.models.generator import GeneratorConfig, build_generator, recording_scan_share
+from medgan.models.slab_scan import recording_branch_share
 from medgan.scoring import METRICS, MODEL, VOLUME_METRICS, VolumeScore, score_volume, summarize_scores
 from medgan.shards import SubjectStack
 from medgan.training.ema import ExponentialMovingAverage, full_fp32_state
@@ -53,8 +54,9 @@ def validate(
 
     summary: ``val/volumes``, ``val/slices``, the mean and std over volumes of each brain metric
     (``val/psnr``, ``val/psnr_std``, ..., ``val/through_plane_error``), the mean tumour PSNR over the
-    volumes with a tumour (``val/tumour_psnr``), and ``model/scan_share/<block>`` (each S6 block's
-    ``rms(scan term) / rms(D * u)`` on the last batch of this rank's first scored volume). table:
+    volumes with a tumour (``val/tumour_psnr``), ``model/scan_share/<block>`` (each S6 block's
+    ``rms(scan term) / rms(D * u)``) and ``model/branch_share/<branch>`` (each hybrid branch's
+    ``rms(scale * scan) / rms(x)``), both on the last batch of this rank's first scored volume. table:
     ``[subject, slices, psnr, ssim, mae]`` per volume, sorted by subject. views: :func:`volume_views` of
     this rank's first scored volume (None when it scored none). Collective (the ranks' rows are gathered).
     """
@@ -69,10 +71,16 @@ def validate(
         available = torch.zeros(len(canonical), dtype=torch.bool, device=device)
         available[inputs] = True
         stack = torch.from_numpy(subject.images).to(device)
-        # each S6 block's scan share, rms(scan term) / rms(D * u), as of the first subject's last batch
-        with recording_scan_share(model) if not rows else contextlib.nullcontext(shares) as recorded:
+        # each S6 block's scan share, rms(scan term) / rms(D * u), and each hybrid branch's share of its
+        # level, rms(scale * scan) / rms(x), as of the first subject's last batch
+        with contextlib.ExitStack() as recording:
+            if not rows:
+                scan_shares = recording.enter_context(recording_scan_share(model))
+                branch_shares = recording.enter_context(recording_branch_share(model))
             fake = predict_stack(model, stack, available, target, context_slices, batch_size)
-        shares = recorded
+        if not rows:
+            shares = {f"model/scan_share/{name}": share for name, share in scan_shares.items()}
+            shares.update({f"model/branch_share/{name}": share for name, share in branch_shares.items()})
         pred = fake[:, 0].float().cpu().numpy() * subject.mask
         if views is None:
             shown = (subject.images * available.cpu().numpy()[None, :, None, None]).max(axis=1)
@@ -94,7 +102,7 @@ def validate(
     )
     brain = [row for row in all_rows if row.region == "brain"]
     summary: dict[str, float] = {"val/volumes": len(brain), "val/slices": sum(row.slices for row in brain)}
-    summary.update({f"model/scan_share/{name}": share for name, share in shares.items()})
+    summary.update(shares)
     for name, values in summarize_scores(brain, VOLUME_METRICS).items():
         summary[f"val/{name}"] = values["mean"]
         summary[f"val/{name}_std"] = values["std"]
