@@ -39,11 +39,11 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from medgan.config import read_yaml  # noqa: E402
 from medgan.models import blocks  # noqa: E402
 from medgan.models.context import input_shape  # noqa: E402
 from medgan.models.generator import (  # noqa: E402
@@ -161,7 +161,7 @@ def measure_in_child(
 
 
 def load_generator_settings(path: Path) -> dict:
-    return {**yaml.safe_load(path.read_text())["model"]["generator"], "checkpoint_stages": False}
+    return {**read_yaml(path)["model"]["generator"], "checkpoint_stages": False}
 
 
 def run_table(

@@ -533,6 +533,14 @@ def generator_rows(name, config, device, settings, peaks, flops=None):
     return flops
 
 
+def generator_settings(path: Path) -> dict:
+    """A config file's ``model.generator`` over its ``base:`` file's, as ``medgan.config.read_yaml``
+    merges them (that module imports nibabel, which a GPU machine may lack)."""
+    loaded = yaml.safe_load(path.read_text()) or {}
+    inherited = generator_settings(path.parent / loaded["base"]) if "base" in loaded else {}
+    return {**inherited, **loaded.get("model", {}).get("generator", {})}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -586,7 +594,7 @@ def main() -> None:
         scan_table(device, settings)
 
     if not args.skip_generator:
-        generator = yaml.safe_load(Path(args.config).read_text())["model"]["generator"]
+        generator = generator_settings(Path(args.config))
         if args.dry_run:
             generator = {**generator, **DRY_GENERATOR}
         size = settings["image_size"]

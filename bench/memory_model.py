@@ -1,6 +1,7 @@
 """The per-GPU memory model of a config's training step, measured on the CPU (no GPU needed).
 
     python bench/memory_model.py [--config configs/brats.yaml] [--size 256] [--batch 16] [--gpu-gib 80]
+                                 [--slab-slices S]
 
 What a training step keeps on a GPU is (1) the tensors autograd saves for the backward (activations),
 which grow with the batch, and (2) the weights, gradients and optimizer states, which do not. (1) is
@@ -13,6 +14,10 @@ bf16 with ZeRO keeps per parameter bf16 weights (2 bytes), fp32 master weights (
 gradients (2 + 4) and Adam's two fp32 moments (8): 20 bytes, all on one rank here (ZeRO 1-3 divide the
 last 16 over the ranks, so this is the one-GPU bound).
 
+A generator that scans across slices (``arch: hybrid``) is measured on one slab of ``data.slab_slices``
+slices (``--slab-slices`` overrides it), as it trains; its bytes are reported per slice, as the batch
+counts slices.
+
 What it leaves out, and the margin asks for: temporaries that live only inside one op (the largest is
 about one activation of the largest layer), cuDNN workspaces, the CUDA context (about 0.5-1 GiB) and the
 caching allocator's fragmentation (10-20%). ``bench/gpu.py`` measures the real peak on a GPU.
@@ -21,18 +26,19 @@ caching allocator's fragmentation (10-20%). ``bench/gpu.py`` measures the real p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from medgan.config import load_config  # noqa: E402
 from medgan.models.conditioning import condition_stack  # noqa: E402
 from medgan.models.context import input_shape  # noqa: E402
-from medgan.models.discriminator import DiscriminatorConfig, PatchDiscriminator  # noqa: E402
-from medgan.models.generator import GeneratorConfig, build_generator  # noqa: E402
+from medgan.models.discriminator import PatchDiscriminator  # noqa: E402
+from medgan.models.generator import build_generator  # noqa: E402
 
 BYTES_PER_PARAMETER = 2 + 4 + 2 + 4 + 8
 GIB = 2**30
@@ -78,12 +84,17 @@ def measure(model: torch.nn.Module, run) -> SavedBytes:
     return saved
 
 
-def generator_step(generator, dtype, size):
+def generator_step(generator, dtype, size, slab_slices: int = 1):
+    """One forward of one sample (a slab of ``slab_slices`` slices for a generator that scans across
+    slices) and its mean: what :func:`measure` runs."""
     modalities = len(generator.config.modalities) if hasattr(generator, "config") else 5
     context = generator.config.context_slices if hasattr(generator, "config") else 0
-    images = torch.rand(input_shape(1, modalities, size, size, context), dtype=dtype)
-    available = torch.tensor([[True, True, True, False, False][:modalities]])
-    return lambda: generator(images, available, torch.tensor([3])).float().mean()
+    images = torch.rand(input_shape(slab_slices, modalities, size, size, context), dtype=dtype)
+    available = torch.tensor([[True, True, True, False, False][:modalities]]).expand(slab_slices, -1)
+    target = torch.full((slab_slices,), 3)
+    if getattr(generator, "scans_across_slices", False):
+        return lambda: generator(images, available, target, slab_slices=slab_slices).float().mean()
+    return lambda: generator(images, available, target).float().mean()
 
 
 def main() -> int:
@@ -92,21 +103,27 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=None, help="per-GPU batch (default: the config's)")
     parser.add_argument("--gpu-gib", type=float, default=80.0)
+    parser.add_argument("--slab-slices", type=int, default=None, help="default: the config's")
     args = parser.parse_args()
-    config = yaml.safe_load(Path(args.config).read_text())
-    batch = args.batch or config["data"]["batch_size"]
+    config = load_config(args.config)
+    batch = args.batch or config.data.batch_size
     torch.manual_seed(0)
     rows = {}
     for dtype in (torch.float32, torch.bfloat16):
         for checkpointing in (False, True):
-            settings = {**config["model"]["generator"], "checkpoint_stages": checkpointing}
-            generator = build_generator(GeneratorConfig(**settings)).to(dtype).train()
-            run = generator_step(generator, dtype, args.size)
-            rows[(dtype, checkpointing)] = measure(generator, run)
+            settings = dataclasses.replace(config.model.generator, checkpoint_stages=checkpointing)
+            generator = build_generator(settings).to(dtype).train()
+            slab = (
+                (args.slab_slices or config.data.slab_slices)
+                if getattr(generator, "scans_across_slices", False)
+                else 1
+            )
+            run = generator_step(generator, dtype, args.size, slab)
+            saved = measure(generator, run)
+            saved.bytes = {name: count // slab for name, count in saved.bytes.items()}  # per slice
+            rows[(dtype, checkpointing)] = saved
     generator_parameters = sum(p.numel() for p in generator.parameters())
-    discriminator = PatchDiscriminator(DiscriminatorConfig(**config["model"]["discriminator"]), 5).to(
-        torch.bfloat16
-    )
+    discriminator = PatchDiscriminator(config.model.discriminator, 5).to(torch.bfloat16)
     condition = condition_stack(
         torch.rand(1, 5, args.size, args.size, dtype=torch.bfloat16),
         torch.tensor([[True, True, True, False, False]]),
@@ -117,8 +134,10 @@ def main() -> int:
     discriminator_parameters = sum(p.numel() for p in discriminator.parameters())
 
     names = list(rows[(torch.float32, False)].bytes)
+    slabs = f", measured on a slab of {slab} slices" if slab > 1 else ""
     print(
-        f"## Activation bytes per sample, {args.config} generator at {args.size} x {args.size}, one forward"
+        f"## Activation bytes per slice, {args.config} generator ({config.model.generator.arch}) at "
+        f"{args.size} x {args.size}, one forward{slabs}"
     )
     print("| stage | fp32 MiB | bf16 MiB | bf16, checkpoint_stages MiB |")
     print("|---|---|---|---|")

@@ -430,6 +430,10 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
     return config_path, overrides
 
 
+# the key with which a config file names the file it starts from (read_yaml)
+BASE_KEY = "base"
+
+
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
@@ -440,8 +444,12 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config YAML into a dict; a missing or malformed file is a one-line ConfigError."""
+def read_yaml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config YAML into a dict; a missing or malformed file is a one-line ConfigError.
+
+    A file may start from another: ``base: brats.yaml`` (a path relative to the file) reads that file
+    first and merges this one's keys over it, section by section (a variant of a config without a copy of
+    it); the base may have its own base."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -455,7 +463,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"config file {str(path)!r} must hold a mapping of sections, not {type(loaded).__name__}"
         )
-    return loaded
+    base = loaded.pop(BASE_KEY, None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {str(path)!r}: {BASE_KEY} must be a file name, not {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"config file {str(path)!r}: its {BASE_KEY} {base!r} does not exist ({base_path})")
+    including = (*_including, path.resolve())
+    if base_path.resolve() in including:
+        chain = " -> ".join(str(p.name) for p in (*including, base_path))
+        raise ConfigError(f"config file {str(path)!r}: {BASE_KEY} files form a cycle ({chain})")
+    return _merge(read_yaml(base_path, including), loaded)
 
 
 def build_config(values: dict[str, Any] | None = None, saved: bool = False) -> Config:

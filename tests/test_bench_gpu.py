@@ -93,3 +93,12 @@ def test_flop_count_adds_the_scan_analytically():
     assert scan == 21 * 4 * 4 * (32 * 64 + 32 * 16 + 64 * 16 + 64 * 4)
     assert total > scan
     assert counts["unet"][1] == 0 and counts["unet"][0] > 0
+
+
+def test_the_gpu_bench_reads_a_config_over_its_base_as_the_config_tree_does():
+    from medgan.config import read_yaml
+
+    path = REPO / "configs" / "brats_hybrid.yaml"
+    settings = load_bench().generator_settings(path)
+    assert settings == read_yaml(path)["model"]["generator"] and settings["arch"] == "hybrid"
+    assert settings["unet_base_channels"] == 72, "the base's widths are kept"

@@ -10,7 +10,7 @@ from medgan.config import Config, ConfigError, build_config, config_from_cli, lo
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "brats.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "brats.yaml", "brats_hybrid.yaml"])
 def test_shipped_configs_load(name):
     config = load_config(CONFIGS / name)
     assert isinstance(config, Config)
@@ -102,6 +102,28 @@ def test_bad_yaml_files_name_the_file(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(scalar)
+
+
+def test_a_config_file_starts_from_its_base_and_overrides_it_section_by_section(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("data:\n  batch_size: 4\n  num_workers: 3\ntraining:\n  lr_g: 0.1\n")
+    (tmp_path / "sub" / "middle.yaml").write_text("base: ../root.yaml\ndata:\n  batch_size: 8\n")
+    (tmp_path / "leaf.yaml").write_text("base: sub/middle.yaml\ntraining:\n  lr_d: 0.2\n")
+    config = load_config(tmp_path / "leaf.yaml", {"data": {"num_workers": 1}})
+    assert (config.data.batch_size, config.data.num_workers) == (8, 1)
+    assert (config.training.lr_g, config.training.lr_d) == (0.1, 0.2)
+    assert "base" not in config.to_dict()
+
+    (tmp_path / "orphan.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"orphan.yaml': its base 'gone.yaml' does not exist"):
+        load_config(tmp_path / "orphan.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"form a cycle \(a.yaml -> b.yaml -> a.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "listed.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="base must be a file name"):
+        load_config(tmp_path / "listed.yaml")
 
 
 def test_one_config_error_for_the_model_configs_and_the_tree():

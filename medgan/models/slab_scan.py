@@ -67,6 +67,11 @@ class SlabScanBranch(nn.Module):
         super().__init__()
         self.norm = ChannelLayerNorm(channels)
         self.scan = SlabS6(channels, d_state, expand, scan_backend=scan_backend)
+        # The zero scale already keeps the branch out at initialisation, so its own projections start at
+        # unit gain (LeCun normal): with MultiDirectionS6's trunc normal 0.02 the scan's output was 0.026 x
+        # its input, and after a demo run the branch still added 1e-4 of its level (docs/performance.md).
+        for layer in (self.scan.in_proj, self.scan.out_proj):
+            nn.init.normal_(layer.weight, std=layer.weight[0].numel() ** -0.5)
         self.scale = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor, slab_slices: int) -> torch.Tensor:
