@@ -50,7 +50,11 @@ class SavedBytes:
     def __init__(self, model: torch.nn.Module) -> None:
         self.current = "(between stages)"
         self.bytes: dict[str, int] = {}
-        self.seen: set[tuple[int, int]] = set()
+        # the weights autograd saves (a convolution keeps its weight) are counted once, with the
+        # optimizer's bytes, not per sample
+        self.seen: set[tuple[int, int]] = {
+            (p.untyped_storage().data_ptr(), p.untyped_storage().nbytes()) for p in model.parameters()
+        }
         for name, child in model.named_children():
             # containers are never called themselves: attribute to their members (encoder.0, ...)
             members = (

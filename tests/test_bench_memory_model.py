@@ -10,7 +10,7 @@ from conftest import REPO
 
 
 def test_memory_model_adds_up_on_the_demo_config():
-    command = [sys.executable, "bench/memory_model.py", "--config", "configs/demo.yaml", "--size", "32"]
+    command = [sys.executable, "bench/memory_model.py", "--config", "configs/demo.yaml", "--size", "64"]
     result = subprocess.run([*command, "--batch", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = re.findall(r"^\| ([\w.() ]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", result.stdout, re.MULTILINE)
