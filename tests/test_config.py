@@ -10,7 +10,7 @@ from medgan.config import Config, ConfigError, build_config, config_from_cli, lo
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "brats.yaml", "brats_hybrid.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "brats.yaml", "brats_hybrid.yaml", "demo_hybrid.yaml"])
 def test_shipped_configs_load(name):
     config = load_config(CONFIGS / name)
     assert isinstance(config, Config)
