@@ -30,11 +30,16 @@ def _run_phantom(args) -> int:
         shape=tuple(args.shape),
         missing_rate=args.missing_rate,
     )
-    subjects = make_phantom(config, args.out, progress=progress_bar("phantom"))
+    subjects = make_phantom(config, args.out, progress=progress_bar("phantom"), noise_free=args.noise_free)
     with_tumour = sum(subject.has_tumour for subject in subjects)
     print(
         f"wrote {len(subjects)} {config.layout} phantom subjects ({with_tumour} with a tumour) to {args.out}"
     )
+    if args.noise_free is not None:
+        print(
+            f"and each without its bias field and noise to {args.noise_free / 'noise_free'}, and with the "
+            f"noise's mean lift to {args.noise_free / 'expected'}"
+        )
     return 0
 
 
@@ -81,6 +86,14 @@ def build_parser(prog: str = "python -m data_prep") -> argparse.ArgumentParser:
         default=0.0,
         metavar="P",
         help="probability a subject lacks one contrast",
+    )
+    phantom.add_argument(
+        "--noise-free",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="brats layout: also write every subject without its bias field and noise (DIR/noise_free) and "
+        "with the noise's mean lift (DIR/expected), references no model can beat; the subjects are unchanged",
     )
     phantom.set_defaults(run=_run_phantom)
 

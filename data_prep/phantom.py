@@ -20,7 +20,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, special
 
 from data_prep.errors import UserError
 from data_prep.mr_signal import signal_table
@@ -305,19 +305,49 @@ def render_tissues(template: Template, anatomy: SubjectAnatomy, points_mm: np.nd
     return fractions, seg, brain
 
 
-def render_contrasts(rng, fractions: np.ndarray, modalities, points_mm: np.ndarray) -> np.ndarray:
-    """float64 [M, N] scanner-like magnitudes: signal equations, bias field, Rician noise, scanner gain."""
-    table = signal_table(TISSUE_NAMES, list(modalities))
-    clean = table @ fractions
+# The bias field's strength (a log-gain of 0.12 x a unit smooth field) and the noise's sigma as a share of
+# the brightest tissue's signal.
+_BIAS_STRENGTH, _NOISE_SHARE = 0.12, 0.025
+
+
+def _imperfections(rng, clean: np.ndarray, sigma: np.ndarray, points_mm: np.ndarray) -> np.ndarray:
+    """One draw of what no input can predict: ``clean`` [M, N] under a smooth multiplicative bias field,
+    as the magnitude of a complex signal with Gaussian noise of ``sigma`` [M, 1] (Rician)."""
     box_min = FIELD_CENTRE_MM - FIELD_OF_VIEW_MM / 2
-    bias = SmoothField.random(rng, len(modalities), 3, box_min, FIELD_OF_VIEW_MM, upsampled=12)(points_mm)
-    biased = clean * np.exp(0.12 * bias)
-    sigma = 0.025 * table[:, :3].max(axis=1, keepdims=True)
+    field = SmoothField.random(rng, len(clean), 3, box_min, FIELD_OF_VIEW_MM, upsampled=12)(points_mm)
+    biased = clean * np.exp(_BIAS_STRENGTH * field)
     real = biased + sigma * rng.standard_normal(biased.shape)
     imaginary = sigma * rng.standard_normal(biased.shape)
-    noisy = np.hypot(real, imaginary)
+    return np.hypot(real, imaginary)
+
+
+def rician_mean(amplitude: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """The mean magnitude of a signal ``amplitude`` under complex Gaussian noise of ``sigma`` (the Rician
+    distribution's mean, ``sigma sqrt(pi / 2) L_1/2(-amplitude^2 / 2 sigma^2)``, written with the
+    exponentially scaled Bessel functions so it stays finite for strong signals)."""
+    half = np.square(amplitude / sigma) / 4  # x / 2 with x = amplitude^2 / (2 sigma^2)
+    return sigma * np.sqrt(np.pi / 2) * ((1 + 2 * half) * special.i0e(half) + 2 * half * special.i1e(half))
+
+
+def render_contrasts(
+    rng, fractions: np.ndarray, modalities, points_mm: np.ndarray, references: bool = False
+) -> np.ndarray:
+    """float64 [M, N] scanner-like magnitudes: signal equations, bias field, Rician noise, scanner gain.
+
+    references: also return, as ``(magnitudes, noise_free, expected)``, the signal equations times the
+    same gain (noise_free) and the mean magnitude the noise gives them (expected, :func:`rician_mean`):
+    what the best predictor from the true tissue maps would give under squared error. The bias field is
+    left out of both: its mean is a global factor of about ``exp(0.12^2 / 2)``, which the shards'
+    normalisation divides out. ``rng`` draws the same either way.
+    """
+    table = signal_table(TISSUE_NAMES, list(modalities))
+    clean = table @ fractions
+    sigma = _NOISE_SHARE * table[:, :3].max(axis=1, keepdims=True)
+    noisy = _imperfections(rng, clean, sigma, points_mm)
     gain = rng.uniform(900.0, 1400.0, size=(len(modalities), 1)) / table.max(axis=1, keepdims=True)
-    return noisy * gain
+    if not references:
+        return noisy * gain
+    return noisy * gain, clean * gain, rician_mean(clean, sigma) * gain
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,8 +380,15 @@ def _present_modalities(rng, modalities, missing_rate: float) -> list[str]:
     return present
 
 
-def make_brats_subject(config: PhantomConfig, index: int, out: Path) -> PhantomSubject:
-    """Write BraTS2021_{index:05d}/ with t1, t1ce, t2, flair (some maybe missing) and seg (LPS, as BraTS)."""
+def make_brats_subject(
+    config: PhantomConfig, index: int, out: Path, noise_free: Path | None = None
+) -> PhantomSubject:
+    """Write BraTS2021_{index:05d}/ with t1, t1ce, t2, flair (some maybe missing) and seg (LPS, as BraTS).
+
+    noise_free: also write the subject, in the same layout, as rendered without the bias field and the
+    noise (under ``noise_free/noise_free``) and with the noise's mean lift (``noise_free/expected``;
+    :func:`render_contrasts`); the subject's own files are the same either way.
+    """
     rng = np.random.default_rng([config.seed, index])
     template = load_template()
     anatomy = _draw_anatomy(rng, template, with_tumour=rng.random() < config.tumour_rate)
@@ -360,15 +397,23 @@ def make_brats_subject(config: PhantomConfig, index: int, out: Path) -> PhantomS
     fractions, seg, brain = render_tissues(template, anatomy, points, with_head=False)
     modalities = LAYOUT_MODALITIES["brats"]
     present = _present_modalities(rng, modalities, config.missing_rate)
-    images = render_contrasts(rng, fractions, modalities, points) * brain  # skull-stripped, zero outside
     subject = f"BraTS2021_{index:05d}"
-    folder = out / subject
+    if noise_free is None:
+        renderings = {out: render_contrasts(rng, fractions, modalities, points)}
+    else:
+        images, clean, expected = render_contrasts(rng, fractions, modalities, points, references=True)
+        renderings = {out: images, noise_free / "noise_free": clean, noise_free / "expected": expected}
     files = {}
-    for modality, image in zip(modalities, images):
-        if modality in present:
-            path = folder / f"{subject}_{modality}.nii.gz"
-            files[modality] = _save(np.rint(image).reshape(config.shape), affine, path, np.int16)
-    files["seg"] = _save(seg.reshape(config.shape), affine, folder / f"{subject}_seg.nii.gz", np.uint8)
+    for root, images in renderings.items():
+        folder = root / subject
+        for modality, image in zip(modalities, images * brain):  # skull-stripped, zero outside
+            if modality in present:
+                path = folder / f"{subject}_{modality}.nii.gz"
+                files.setdefault(
+                    modality, _save(np.rint(image).reshape(config.shape), affine, path, np.int16)
+                )
+        seg_path = _save(seg.reshape(config.shape), affine, folder / f"{subject}_seg.nii.gz", np.uint8)
+        files.setdefault("seg", seg_path)
     return PhantomSubject(subject=subject, files=files, has_tumour=anatomy.tumour is not None)
 
 
@@ -412,18 +457,28 @@ def make_ixi_subject(config: PhantomConfig, index: int, out: Path) -> PhantomSub
     return PhantomSubject(subject=subject, files=files, has_tumour=False)
 
 
-def make_phantom(config: PhantomConfig, out: Path, progress=None) -> list[PhantomSubject]:
+def make_phantom(
+    config: PhantomConfig, out: Path, progress=None, noise_free: Path | None = None
+) -> list[PhantomSubject]:
     """Write `config.subjects` subjects under `out` (created); returns what was written, in order.
 
     progress: optional callable wrapping an iterable (e.g. tqdm) for a progress bar.
+    noise_free: BraTS layout only; also write every subject without its bias field and noise
+    (``noise_free/noise_free``) and with the noise's mean lift (``noise_free/expected``): references for
+    what no model can beat (:func:`render_contrasts`).
     """
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"--out {out}: cannot create the folder ({error.strerror})") from None
-    make = make_brats_subject if config.layout == "brats" else make_ixi_subject
+    if noise_free is not None and config.layout != "brats":
+        raise UserError(f"--noise-free {noise_free}: written for the brats layout only, not {config.layout}")
+    for folder, flag in ((out, "--out"), (noise_free, "--noise-free")):
+        try:
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"{flag} {folder}: cannot create the folder ({error.strerror})") from None
     indices = range(config.subjects)
     if progress is not None:
         indices = progress(indices)
-    return [make(config, index, out) for index in indices]
+    if config.layout == "ixi":
+        return [make_ixi_subject(config, index, out) for index in indices]
+    return [make_brats_subject(config, index, out, noise_free) for index in indices]

@@ -39,6 +39,51 @@ def test_same_seed_same_bytes_and_subjects_independent_of_count(tmp_path):
     assert not np.array_equal(_load(other[0].files["t2"]), _load(again[0].files["t2"]))
 
 
+def test_noise_free_references_leave_the_subjects_as_they_are_and_carry_the_noise_lift(tmp_path):
+    config = PhantomConfig(layout="brats", subjects=2, seed=3, shape=SMALL_SHAPE, tumour_rate=1.0)
+    plain = make_phantom(config, tmp_path / "plain")
+    subjects = make_phantom(config, tmp_path / "with", noise_free=tmp_path / "references")
+    for before, after in zip(plain, subjects):
+        assert all(after.files[m].read_bytes() == path.read_bytes() for m, path in before.files.items())
+    for subject in subjects:
+        name = subject.subject
+        real = _load(subject.files["flair"]).astype(float)
+        noise_free, expected = (
+            _load(tmp_path / "references" / kind / name / f"{name}_flair.nii.gz").astype(float)
+            for kind in ("noise_free", "expected")
+        )  # fmt: skip
+        seg = _load(tmp_path / "references" / "expected" / name / f"{name}_seg.nii.gz")
+        assert np.array_equal(seg, _load(subject.files["seg"]))
+        brain = real > 0
+        # the same skull stripping (a dark voxel may round to 0 without the noise's lift)
+        assert not (noise_free[~brain].any() or expected[~brain].any())
+        assert (expected[brain] > 0).mean() > 0.95
+        # the noise lifts the mean magnitude (Jensen), most where the signal is low
+        lift = (expected - noise_free)[brain]
+        assert lift.min() >= -1, "below the noise-free rendering beyond int16 rounding"
+        dark = noise_free[brain] <= np.percentile(noise_free[brain], 5)
+        bright = noise_free[brain] >= np.percentile(noise_free[brain], 50)
+        assert lift[dark].mean() > 2 * lift[bright].mean() + 1
+    with pytest.raises(UserError, match="brats layout only"):
+        make_phantom(
+            PhantomConfig(layout="ixi", subjects=1, shape=SMALL_SHAPE), tmp_path / "i", noise_free=tmp_path
+        )
+
+
+def test_the_expected_magnitude_is_the_mean_of_the_noisy_ones():
+    from data_prep.phantom import _imperfections, rician_mean
+
+    rng = np.random.default_rng(0)
+    points = rng.uniform(-60, 60, size=(3, 4000))
+    amplitude = np.array([0.0, 0.5, 1.0, 2.0, 5.0, 50.0])
+    clean, sigma = np.repeat(amplitude[:, None], 4000, axis=1), np.ones((6, 1))
+    simulated = np.mean([_imperfections(rng, clean, sigma, points) for _ in range(32)], axis=0).mean(axis=1)
+    assert rician_mean(np.array(0.0), 1.0) == pytest.approx(np.sqrt(np.pi / 2)), "no signal: Rayleigh's mean"
+    assert rician_mean(np.array(1e4), 1.0) == pytest.approx(1e4, rel=1e-6), "a strong signal: no lift"
+    # the simulation adds the bias field (a few percent either way at these points) to the noise
+    np.testing.assert_allclose(simulated, rician_mean(amplitude, 1.0), rtol=0.04, atol=0.02)
+
+
 def test_signal_equations_order_tissues_as_in_real_mri():
     table = dict(
         zip(
@@ -145,3 +190,25 @@ def test_command_line_writes_subjects_and_reports_bad_values_in_one_line(tmp_pat
     )
     error = capsys.readouterr().err.strip().splitlines()
     assert error == ["data_prep phantom: error: --missing-rate -1.0: expected a probability in [0, 1]"]
+
+
+def test_command_line_writes_the_noise_free_references_beside_the_subjects(tmp_path, capsys):
+    out, references = tmp_path / "phantom", tmp_path / "references"
+    command = [
+        "phantom",
+        "--layout",
+        "brats",
+        "--subjects",
+        "1",
+        "--out",
+        str(out),
+        "--shape",
+        "32",
+        "32",
+        "16",
+    ]
+    assert main([*command, "--noise-free", str(references)]) == 0
+    assert "and each without its bias field and noise to" in capsys.readouterr().out
+    for kind in ("noise_free", "expected"):
+        files = sorted(p.name for p in (references / kind / "BraTS2021_00000").iterdir())
+        assert files == sorted(p.name for p in (out / "BraTS2021_00000").iterdir())
