@@ -266,16 +266,19 @@ def sample_load(path: Path, stop: threading.Event, every: float = 30.0) -> None:
         stop.wait(every)
 
 
-def run_all(out: Path, runs: list[Run], budget_seconds: float, cores: list[int]) -> None:
-    """Every run, ``len(cores)`` at a time, each worker on its own core."""
+def run_all(out: Path, runs: list, budget_seconds: float, cores: list[int], train=None) -> None:
+    """Every run, ``len(cores)`` at a time, each worker on its own core; ``train(out, run, budget_seconds,
+    core)`` trains and scores one (default :func:`train_and_evaluate`; bench/study_context.py passes its
+    own)."""
     free = list(cores)
     lock = threading.Lock()
+    train = train or train_and_evaluate
 
-    def work(run: Run) -> None:
+    def work(run) -> None:
         with lock:
             core = free.pop()
         try:
-            train_and_evaluate(out, run, budget_seconds, core)
+            train(out, run, budget_seconds, core)
         finally:
             with lock:
                 free.append(core)
@@ -290,14 +293,17 @@ def run_all(out: Path, runs: list[Run], budget_seconds: float, cores: list[int])
 
 
 # ------------------------------------------------------------------------------------------- the report
-def volume_values(out: Path, name: str, method: str = "model") -> dict[tuple[str, str], dict[str, float]]:
-    """(region, metric) -> subject -> value from an evaluation's per_volume.csv (NaN-free)."""
+def volume_values(
+    out: Path, name: str, method: str = "model", metrics=tuple(DIGITS)
+) -> dict[tuple[str, str], dict[str, float]]:
+    """(region, metric) -> subject -> value of each of ``metrics`` from an evaluation's per_volume.csv
+    (NaN-free)."""
     values: dict[tuple[str, str], dict[str, float]] = {}
     with open(out / "eval" / name / "per_volume.csv") as stream:
         for row in csv.DictReader(stream):
             if row["method"] != method:
                 continue
-            for metric in DIGITS:
+            for metric in metrics:
                 value = float(row[metric])
                 if np.isfinite(value):
                     values.setdefault((row["region"], metric), {})[row["subject"]] = value
@@ -376,7 +382,7 @@ def arm_table(per_arm: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def equal_step_lines(records: dict[str, dict], runs: dict[str, list[Run]]) -> list[str]:
+def equal_step_lines(records: dict[str, dict], runs: dict[str, list], labels: dict = LABELS) -> list[str]:
     """Descriptive, not an endpoint: each arm's val PSNR at the last validated step every run reached,
     so per step rather than per CPU second."""
     reached = [{step for step, _ in records[r.name]["validations"]} for group in runs.values() for r in group]
@@ -388,7 +394,7 @@ def equal_step_lines(records: dict[str, dict], runs: dict[str, list[Run]]) -> li
         f"Per step rather than per CPU second (descriptive, not an endpoint): val PSNR (dB) at step {step}, "
         "the last validated step every L1 run reached, mean over seeds (per seed in brackets):",
         "",
-        "| " + " | ".join(LABELS[arm] for arm in runs) + " |",
+        "| " + " | ".join(labels[arm] for arm in runs) + " |",
         "|---" * len(runs) + "|",
     ]
     cells = []
@@ -731,8 +737,9 @@ def write_report(args: argparse.Namespace, invocation: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def insert_tables(results: Path, tables: str) -> None:
-    start, end = "<!-- study:tables -->", "<!-- study:end -->"
+def insert_tables(results: Path, tables: str, marker: str = "study") -> None:
+    """``tables`` between ``<!-- MARKER:tables -->`` and ``<!-- MARKER:end -->`` of ``results``."""
+    start, end = f"<!-- {marker}:tables -->", f"<!-- {marker}:end -->"
     text = results.read_text()
     if start not in text or end not in text:
         raise SystemExit(f"{results}: needs the markers {start} and {end} where the tables go")

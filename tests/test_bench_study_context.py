@@ -1,0 +1,117 @@
+"""bench/study_context.py, the second study: its arms are the declared ones and differ only where declared,
+its comparisons carry each seed's own difference into the claim rule, and one run goes from the phantom and
+its noise-free references through training to the three scores and the floor."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from medgan.config import config_from_cli
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("bench_study_context", REPO / "bench" / "study_context.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_the_arms_share_trunk_batch_and_recipe_and_differ_only_where_declared(study):
+    configs = {}
+    for recipe in ("l1", "gan"):
+        for arm in study.ARMS:
+            run = study.Run(recipe, arm, 1)
+            flags = study.run_flags(run, Path("shards"), Path("runs") / run.name, 360.0)
+            configs[recipe, arm] = config_from_cli(flags)
+    for (recipe, arm), config in configs.items():
+        generator, data, training = config.model.generator, config.data, config.training
+        assert (data.batch_size, data.shuffle_buffer, data.num_workers) == (8, 512, 0)
+        assert generator.unet_base_channels == 16 and generator.depth == 3
+        assert (training.cpu_budget_seconds, training.seed, training.lr_schedule) == (360.0, 1, "constant")
+        assert training.adversarial_weight == (1.0 if recipe == "gan" else 0.0)
+        assert (data.input_modalities, data.target_modality) == (["t1", "t1ce", "t2"], "flair")
+        assert generator.arch == ("hybrid" if arm.startswith("hybrid") else "unet")
+        assert generator.context_slices == (2 if arm == "unet25d" else 0)
+        assert data.slab_slices == (8 if arm == "hybridslab" else 1)
+        if generator.arch == "hybrid":
+            assert generator.ssm_levels == [], "the branch beside the bottleneck alone (measured at width 16)"
+
+
+def _arms(shift_seed: float = 0.0) -> dict[str, list[dict]]:
+    """Three seeds, four subjects: the slab hybrid 1 dB above every arm in every seed, except that seed 2's
+    advantage over the 2D hybrid is ``1 - shift_seed``."""
+    endpoint = ("tumour", "psnr")
+    base = {"s1": 20.0, "s2": 22.0, "s3": 21.0, "s4": 23.0}
+    noise = [{"s1": 0.1, "s2": -0.1, "s3": 0.05, "s4": 0.0}, {"s1": -0.05, "s2": 0.1, "s3": 0.0, "s4": 0.05},
+             {"s1": 0.0, "s2": 0.05, "s3": -0.1, "s4": 0.1}]  # fmt: skip
+    arms = {
+        arm: [{endpoint: {s: base[s] + noise[seed][s] for s in base}} for seed in range(3)]
+        for arm in ("unet2d", "unet25d", "hybrid2d")
+    }
+    arms["hybridslab"] = [
+        {endpoint: {s: base[s] + 1.0 + noise[seed][s] * 0.5 for s in base}} for seed in range(3)
+    ]
+    arms["hybrid2d"][2] = {endpoint: {s: v + shift_seed for s, v in arms["hybrid2d"][2][endpoint].items()}}
+    return arms
+
+
+def test_each_seed_must_agree_for_a_claim(study):
+    rows = study.comparison_rows(_arms(), study.PAIRS, study.PRIMARY)
+    assert [row["pair"] for row in rows] == study.PAIRS
+    for row in rows:
+        assert row["n"] == 4 and row["mean_difference"] == pytest.approx(1.0, abs=0.05)
+        assert len(row["per_seed"]) == 3 and all(d > 0.9 for d in row["per_seed"])
+    assert study.claims(rows) == (True, True)
+    # seed 2's 2D hybrid now beats the slab hybrid: the pooled interval may still exclude 0, the claim
+    # about the scan may not
+    rows = study.comparison_rows(_arms(shift_seed=1.5), study.PAIRS, study.PRIMARY)
+    assert rows[2]["per_seed"][2] < 0 < min(rows[2]["per_seed"][:2])
+    assert study.claims(rows) == (True, False)
+    # a lower-is-better endpoint is won by a negative difference
+    assert study.won(
+        {"ci95": [-0.02, -0.01], "holm_p": 0.01, "per_seed": [-0.01, -0.02]}, "through_plane_error"
+    )
+    assert not study.won({"ci95": [-0.02, -0.01], "holm_p": 0.01, "per_seed": [-0.01, 0.001]}, "mae")
+    assert not study.won({"ci95": [0.1, 0.2], "holm_p": 0.2, "per_seed": [0.1, 0.2]}, "psnr")
+    assert not math.isnan(rows[0]["holm_p"])
+
+
+@pytest.mark.slow
+def test_one_run_goes_from_the_phantom_to_its_three_scores_and_the_floor(study, tmp_path):
+    out = tmp_path / "study"
+    study.make_data(out, subjects=6, shape=(64, 64, 24))
+    for kind in ("noise_free", "expected"):
+        assert (out / f"shards_{kind}" / "manifest.json").is_file()
+    test_subjects = sorted(p.name for p in (out / "test_subjects").iterdir())
+    assert test_subjects == sorted(json_subjects(out / "shards", "test"))
+    run = study.Run("l1", "hybridslab", 0)
+    record = study.train_and_evaluate(out, run, budget_seconds=2.0, core=None)
+    assert record["steps"] >= 1 and record["best_step"] in [step for step, _ in record["validations"]]
+    values = {**study.volume_values(out, run.name), **study.extra_values(out, run.name)}
+    assert set(values[("brain", "through_plane_error")]) == set(test_subjects)
+    assert set(values[("segmenter WT", "dice_drop")]) <= set(test_subjects)
+    assert values[("brasyn non_tumour", "ssim")]
+    study.floor_scores(out)
+    floor = study.volume_values(out, "floor", "noise_free")
+    expected = study.volume_values(out, "floor", "expected")
+    model = study.volume_values(out, run.name)
+    for subject in test_subjects:
+        # the noise-free FLAIR is far nearer the real one than a model trained for 2 s
+        assert floor[("brain", "psnr")][subject] > model[("brain", "psnr")][subject] + 3
+        assert np.isfinite(expected[("brain", "psnr")][subject])
+
+
+def json_subjects(shards: Path, split: str) -> list[str]:
+    import json
+
+    return json.loads((shards / "manifest.json").read_text())["splits"][split]["subjects"]
