@@ -193,32 +193,40 @@ def make_data(out: Path, subjects: int, size: int) -> Path:
     return shards
 
 
+def train_once(folder: Path, name: str, flags: list[str], budget_seconds: float, core: int | None) -> dict:
+    """``launch/train.py FLAGS`` into ``folder``, recorded in ``folder/train.json`` with its summary,
+    command, load and code; a finished run (its train.json) is read back instead, and an unfinished one
+    starts again from scratch."""
+    record_path = folder / "train.json"
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    command = [sys.executable, "launch/train.py", *flags]
+    say(f"{name}: training on core {core} (load {load_average()})")
+    load_before = load_average()
+    wall = run_logged(command, folder / "train.log", core)
+    record = {
+        **training_summary(folder),
+        "name": name,
+        "budget_seconds": budget_seconds,
+        "process_wall_seconds": wall,
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "command": "python " + shlex.join(command[1:]),
+        "code": code_state(),
+    }
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    say(f"{name}: {record['steps']} steps in {record['train_cpu_seconds']} s CPU, {wall:.0f} s wall")
+    return record
+
+
 def train_and_evaluate(out: Path, run: Run, budget_seconds: float, core: int | None) -> dict:
     """Train ``run`` (skipped when its train.json exists), then score its best checkpoint on test."""
     folder = out / "runs" / run.name
-    record_path = folder / "train.json"
     shards = out / f"shards{run.size}"
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        command = [sys.executable, "launch/train.py", *run_flags(run, shards, folder, budget_seconds)]
-        say(f"{run.name}: training on core {core} (load {load_average()})")
-        load_before = load_average()
-        wall = run_logged(command, folder / "train.log", core)
-        record = {
-            **training_summary(folder),
-            "name": run.name,
-            "budget_seconds": budget_seconds,
-            "process_wall_seconds": wall,
-            "load_average_before": load_before,
-            "load_average_after": load_average(),
-            "command": "python " + shlex.join(command[1:]),
-            "code": code_state(),
-        }
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
-        say(f"{run.name}: {record['steps']} steps in {record['train_cpu_seconds']} s CPU, {wall:.0f} s wall")
+    flags = run_flags(run, shards, folder, budget_seconds)
+    record = train_once(folder, run.name, flags, budget_seconds, core)
     evaluation = out / "eval" / run.name
     if not (evaluation / "summary.json").is_file():
         shutil.rmtree(evaluation, ignore_errors=True)
@@ -473,44 +481,46 @@ def scan_shares(out: Path, name: str, size: int, batches: int = 8) -> dict[str, 
     return {block: float(np.mean(values)) for block, values in collected.items()}
 
 
-def plot_validation(records: dict[str, dict], groups: dict[str, list[str]], path: Path) -> None:
-    """Val PSNR against training-loop CPU minutes, one panel per group, one line per run (a run's CPU
-    time at a step taken as its mean CPU time per step times the step)."""
+def plot_curves(panels: dict[str, list[tuple[dict, str, str, str]]], path: Path, ylabel: str) -> None:
+    """Val PSNR against training-loop CPU minutes, a panel per title and a line per ``(record, label,
+    colour, line style)`` (a run's CPU time at a step taken as its mean CPU time per step times the step)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"unet": "tab:blue", "ssm": "tab:red", "scanoff": "tab:orange"}
-    figure, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), sharey=True, squeeze=False)
-    for axis, (title, names) in zip(axes[0], groups.items()):
-        for name in names:
-            record = records[name]
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), sharey=True, squeeze=False)
+    for axis, (title, lines) in zip(axes[0], panels.items()):
+        for record, label, colour, style in lines:
             per_step = record["train_cpu_seconds"] / record["steps"] / 60
             steps, psnr = zip(*record["validations"])
-            arm = name.split("_")[1]  # Run.name: recipe_arm[_size]_seedN
-            style = "--" if name.startswith("gan_") else "-"
-            label = ("GAN " if name.startswith("gan_") else "") + LABELS[arm]
-            axis.plot(
-                [st * per_step for st in steps],
-                psnr,
-                style,
-                marker=".",
-                color=colours[arm],
-                alpha=0.8,
-                label=label,
-            )
+            axis.plot([st * per_step for st in steps], psnr, style, marker=".", color=colour, alpha=0.8,
+                      label=label)  # fmt: skip
         handles, labels = axis.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
         axis.legend(unique.values(), unique.keys(), fontsize=8)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("training-loop CPU minutes")
         axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("val PSNR (dB, brain, per slice)")
+    axes[0][0].set_ylabel(ylabel)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_validation(records: dict[str, dict], groups: dict[str, list[str]], path: Path) -> None:
+    """The first study's curves: one panel per group of run names, coloured by arm, GAN runs dashed."""
+    colours = {"unet": "tab:blue", "ssm": "tab:red", "scanoff": "tab:orange"}
+    panels = {}
+    for title, names in groups.items():
+        panels[title] = []
+        for name in names:
+            arm = name.split("_")[1]  # Run.name: recipe_arm[_size]_seedN
+            gan = name.startswith("gan_")
+            label = ("GAN " if gan else "") + LABELS[arm]
+            panels[title].append((records[name], label, colours[arm], "--" if gan else "-"))
+    plot_curves(panels, path, "val PSNR (dB, brain, per slice)")
 
 
 def machine() -> str:

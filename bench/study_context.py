@@ -229,30 +229,8 @@ def train_and_evaluate(out: Path, run: Run, budget_seconds: float, core: int | N
     """Train ``run`` (skipped when its train.json exists), then score its best checkpoint (each score
     skipped when its summary.json exists)."""
     folder = out / "runs" / run.name
-    record_path = folder / "train.json"
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        command = [sys.executable, "launch/train.py", *run_flags(run, out / "shards", folder, budget_seconds)]
-        study.say(f"{run.name}: training on core {core} (load {study.load_average()})")
-        load_before = study.load_average()
-        wall = study.run_logged(command, folder / "train.log", core)
-        record = {
-            **study.training_summary(folder),
-            "name": run.name,
-            "budget_seconds": budget_seconds,
-            "process_wall_seconds": wall,
-            "load_average_before": load_before,
-            "load_average_after": study.load_average(),
-            "command": "python " + shlex.join(command[1:]),
-            "code": study.code_state(),
-        }
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
-        study.say(
-            f"{run.name}: {record['steps']} steps in {record['train_cpu_seconds']} s CPU, {wall:.0f} s wall"
-        )
+    flags = run_flags(run, out / "shards", folder, budget_seconds)
+    record = study.train_once(folder, run.name, flags, budget_seconds, core)
     if run.recipe == "calibration":
         return record
     for name, arguments in evaluations(out, run).items():
@@ -401,45 +379,16 @@ def calibration_lines(out: Path, args: argparse.Namespace) -> list[str]:
     ]
 
 
+COLOURS = {"unet2d": "tab:blue", "unet25d": "tab:green", "hybrid2d": "tab:orange", "hybridslab": "tab:red"}
+
+
 def plot_curves(groups: dict[str, list[dict]], path: Path) -> None:
-    """Val PSNR against training-loop CPU minutes, a panel per group and a line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = {
-        "unet2d": "tab:blue",
-        "unet25d": "tab:green",
-        "hybrid2d": "tab:orange",
-        "hybridslab": "tab:red",
+    """Val PSNR against training-loop CPU minutes, a panel per group and a line per run, coloured by arm."""
+    panels = {
+        title: [(r, LABELS[r["name"].split("_")[1]], COLOURS[r["name"].split("_")[1]], "-") for r in records]
+        for title, records in groups.items()
     }
-    figure, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.8), sharey=True, squeeze=False)
-    for axis, (title, records) in zip(axes[0], groups.items()):
-        for record in records:
-            per_step = record["train_cpu_seconds"] / record["steps"] / 60
-            steps, psnr = zip(*record["validations"])
-            arm = record["name"].split("_")[1]
-            label = LABELS.get(arm, arm)
-            axis.plot(
-                [s * per_step for s in steps],
-                psnr,
-                marker=".",
-                color=colours.get(arm),
-                alpha=0.8,
-                label=label,
-            )
-        handles, labels = axis.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
-        axis.legend(unique.values(), unique.keys(), fontsize=8)
-        axis.set_title(title, fontsize=10)
-        axis.set_xlabel("training-loop CPU minutes")
-        axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("val PSNR (dB, brain, per volume)")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    study.plot_curves(panels, path, "val PSNR (dB, brain, per volume)")
 
 
 def gan_arms(out: Path, seeds: list[int]) -> list[str]:
