@@ -136,7 +136,7 @@ def run_flags(run: Run, shards: Path, folder: Path, budget_seconds: float) -> li
 # ------------------------------------------------------------------------------------------- the data
 def make_data(out: Path, subjects: int, shape: tuple[int, int, int] = SHAPE) -> None:
     """The phantom and its noise-free references, each sharded with the same split (made once), and the
-    test subjects' NIfTI folder (links) for the BraSyn and segmenter scores."""
+    test subjects' NIfTI folder (copies) for the BraSyn and segmenter scores."""
     done = out / "data.json"
     if done.is_file():
         return
@@ -162,7 +162,7 @@ def make_data(out: Path, subjects: int, shape: tuple[int, int, int] = SHAPE) -> 
     shutil.rmtree(test, ignore_errors=True)
     test.mkdir()
     for subject in splits["shards"]["test"]:
-        (test / subject).symlink_to(out / "phantom" / subject)
+        shutil.copytree(out / "phantom" / subject, test / subject)  # discovery does not follow links
     done.write_text(json.dumps({"subjects": subjects, "shape": shape, "splits": splits["shards"]}, indent=2))
 
 
