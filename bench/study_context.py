@@ -603,10 +603,10 @@ def main(argv: list[str] | None = None) -> None:
             )
         if "l1" in args.parts:
             runs = [Run("l1", arm, seed) for seed in args.seeds for arm in ARMS]
-            study.study.run_all(args.out, runs, args.budget_minutes * 60, args.cores, train_and_evaluate)
+            study.run_all(args.out, runs, args.budget_minutes * 60, args.cores, train_and_evaluate)
         if "gan" in args.parts:
             runs = [Run("gan", arm, seed) for seed in args.seeds for arm in gan_arms(args.out, args.seeds)]
-            study.study.run_all(args.out, runs, args.budget_minutes * 60, args.cores, train_and_evaluate)
+            study.run_all(args.out, runs, args.budget_minutes * 60, args.cores, train_and_evaluate)
     except (RuntimeError, subprocess.CalledProcessError) as error:
         raise SystemExit(f"bench/study_context.py: {error}") from None
     finally:

@@ -115,3 +115,28 @@ def json_subjects(shards: Path, split: str) -> list[str]:
     import json
 
     return json.loads((shards / "manifest.json").read_text())["splits"][split]["subjects"]
+
+
+def test_the_command_runs_each_part_with_its_budget_through_the_shared_scheduler(
+    study, tmp_path, monkeypatch
+):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "data.json").write_text("{}")  # the data part is done
+    calls = []
+    monkeypatch.setattr(study.study, "run_all", lambda *a: calls.append(a))
+    monkeypatch.setattr(study, "gan_arms", lambda _out, seeds: ["unet2d", "hybridslab"])
+    parts = ["--parts", "calibration", "l1", "gan"]
+    study.main(["--out", str(out), "--budget-minutes", "9", "--seeds", "0", "1", *parts])
+    (calibration, *_), (l1, *_), (gan, *_) = ((a[1], a[2], a[4]) for a in calls)
+    assert [c[1:] for c in ((a[1], a[2], a[4]) for a in calls)] == [
+        (study.CALIBRATION_MINUTES * 60, study.train_and_evaluate),
+        (540.0, study.train_and_evaluate),
+        (540.0, study.train_and_evaluate),
+    ]
+    assert [r.name for r in calibration] == ["calibration_unet2d_seed100"]
+    assert len(l1) == 8 and {r.arm for r in l1} == set(study.ARMS) and {r.seed for r in l1} == {0, 1}
+    assert sorted(r.name for r in gan) == ["gan_hybridslab_seed0", "gan_hybridslab_seed1", "gan_unet2d_seed0",
+                                           "gan_unet2d_seed1"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        study.main(["--out", str(out), "--parts", "l1"])  # no budget
