@@ -98,7 +98,7 @@ SECONDARY = (
     ("brain", "psnr"),
 )  # fmt: skip
 LOWER_IS_BETTER = ("mae", "through_plane_error", "dice_drop")
-DIGITS = {"psnr": 2, "ssim": 4, "mae": 4, "through_plane_error": 4, "ssim_sagittal": 4, "ssim_coronal": 4}
+DIGITS = {"psnr": 2, "ssim": 4, "mae": 4, "through_plane_error": 5, "ssim_sagittal": 4, "ssim_coronal": 4}
 FLOORS = {"noise_free": "floor: noise-free FLAIR", "expected": "floor: with the noise's mean lift"}
 
 
@@ -293,8 +293,11 @@ def comparison_rows(arms: dict[str, list[dict]], pairs, endpoint) -> list[dict]:
             for x, y in zip(arms[first], arms[second])
         ]
         rows.append({"pair": (first, second), **stats, "per_seed": per_seed})
-    for row, adjusted in zip(rows, holm_adjusted([row["ttest_p"] for row in rows])):
-        row["holm_p"] = adjusted
+    # Holm over every comparison; one without a p-value (every difference 0) counts as p = 1 there and
+    # keeps NaN itself, so it is never won and the others are still corrected for it
+    p_values = [row["ttest_p"] if np.isfinite(row["ttest_p"]) else 1.0 for row in rows]
+    for row, adjusted in zip(rows, holm_adjusted(p_values)):
+        row["holm_p"] = adjusted if np.isfinite(row["ttest_p"]) else float("nan")
     return rows
 
 
@@ -405,18 +408,23 @@ def study_command(args: argparse.Namespace) -> str:
 
 
 def write_report(args: argparse.Namespace, invocation: str) -> str:
-    """The tables (markdown) from every finished run and evaluation; raises on a missing one."""
+    """The tables (markdown) from every finished run and evaluation; raises on a missing L1 one. Until
+    every adversarial run has been scored, its section says so instead of its tables (the L1 arms carry
+    the declared comparisons)."""
     out, seeds = args.out, args.seeds
     records = {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/train.json"))}
     l1 = {arm: [Run("l1", arm, s) for s in seeds] for arm in ARMS}
-    gan = {arm: [Run("gan", arm, s) for s in seeds] for arm in gan_arms(out, seeds)}
+
+    def unscored(runs: list[Run]) -> list[str]:
+        return [
+            n for r in runs for n in evaluations(out, r) if not (out / "eval" / n / "summary.json").is_file()
+        ]
+
+    missing = unscored([r for runs in l1.values() for r in runs])
+    gan = {arm: [Run("gan", arm, s) for s in seeds] for arm in gan_arms(out, seeds)} if not missing else {}
+    gan_done = not missing and not unscored([r for runs in gan.values() for r in runs])
+    gan = gan if gan_done else {}
     needed = [r for group in (l1, gan) for runs in group.values() for r in runs]
-    missing = [
-        name
-        for r in needed
-        for name in evaluations(out, r)
-        if not (out / "eval" / name / "summary.json").is_file()
-    ]
     if missing:
         raise SystemExit(
             f"bench/study_context.py: report needs {' '.join(missing)} (run the other parts first)"
@@ -521,33 +529,16 @@ def write_report(args: argparse.Namespace, invocation: str) -> str:
         f"hybrid the same way): **{'yes' if scan else 'no'}**.",
     ]
 
-    gan_values = {f"gan_{a}": [values[r.name] for r in runs] for a, runs in gan.items()}
-    everything = {**{f"l1_{a}": v for a, v in arm_values.items()}, **gan_values}
-    winner = next(a for a in gan if a != "unet2d")
-    gan_pairs = [
-        (f"gan_{winner}", f"l1_{winner}"),
-        ("gan_unet2d", "l1_unet2d"),
-        (f"gan_{winner}", "gan_unet2d"),
-    ]
-    names = {f"l1_{a}": f"{LABELS[a]}, L1" for a in ARMS} | {f"gan_{a}": f"{LABELS[a]} + GAN" for a in ARMS}
-    gan_endpoints = [PRIMARY, ("brain", "ssim"), ("brain", "through_plane_error")]
-    table, _ = comparison_lines(everything, gan_pairs, gan_endpoints, names)
-    lines += [
-        "",
-        "### The adversarial term (secondary: does it change the ranking?)",
-        "",
-        *arm_table({names[key]: per_seed for key, per_seed in gan_values.items()}),
-        "",
-        f"Holm over these {len(gan_pairs)} comparisons per endpoint, intervals at 1 - 0.05/{len(gan_pairs)}.",
-        "",
-        *table,
-    ]
+    if gan_done:
+        lines += ["", *adversarial_lines(values, arm_values, gan)]
+    else:
+        pending = ", ".join(LABELS[a] for a in gan_arms(out, seeds))
+        lines += ["", ADVERSARIAL_TITLE, "", f"Not run yet ({pending}): `{study_command(args)}` runs it."]
     figure = args.results.parent / "images" / "study_context_validation.png"
-    plot_curves(
-        {"L1 only": [records[r.name] for runs in l1.values() for r in runs],
-         "with the adversarial term": [records[r.name] for runs in gan.values() for r in runs]},
-        figure,
-    )  # fmt: skip
+    panels = {"L1 only": [records[r.name] for runs in l1.values() for r in runs]}
+    if gan_done:
+        panels["with the adversarial term"] = [records[r.name] for runs in gan.values() for r in runs]
+    plot_curves(panels, figure)
     total_wall = sum(r["process_wall_seconds"] for r in records.values())
     lines += [
         "",
@@ -562,6 +553,33 @@ def write_report(args: argparse.Namespace, invocation: str) -> str:
         *calibration_lines(out, args),
     ]
     return "\n".join(lines) + "\n"
+
+
+ADVERSARIAL_TITLE = "### The adversarial term (secondary: does it change the ranking?)"
+
+
+def adversarial_lines(values: dict, arm_values: dict, gan: dict[str, list[Run]]) -> list[str]:
+    """The adversarial section: its arms and its three comparisons (Holm over them)."""
+    gan_values = {f"gan_{a}": [values[r.name] for r in runs] for a, runs in gan.items()}
+    everything = {**{f"l1_{a}": v for a, v in arm_values.items()}, **gan_values}
+    winner = next(a for a in gan if a != "unet2d")
+    gan_pairs = [
+        (f"gan_{winner}", f"l1_{winner}"),
+        ("gan_unet2d", "l1_unet2d"),
+        (f"gan_{winner}", "gan_unet2d"),
+    ]
+    names = {f"l1_{a}": f"{LABELS[a]}, L1" for a in ARMS} | {f"gan_{a}": f"{LABELS[a]} + GAN" for a in ARMS}
+    gan_endpoints = [PRIMARY, ("brain", "ssim"), ("brain", "through_plane_error")]
+    table, _ = comparison_lines(everything, gan_pairs, gan_endpoints, names)
+    return [
+        ADVERSARIAL_TITLE,
+        "",
+        *arm_table({names[key]: per_seed for key, per_seed in gan_values.items()}),
+        "",
+        f"Holm over these {len(gan_pairs)} comparisons per endpoint, intervals at 1 - 0.05/{len(gan_pairs)}.",
+        "",
+        *table,
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

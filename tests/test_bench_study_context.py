@@ -140,3 +140,86 @@ def test_the_command_runs_each_part_with_its_budget_through_the_shared_scheduler
                                            "gan_unet2d_seed1"]  # fmt: skip
     with pytest.raises(SystemExit):
         study.main(["--out", str(out), "--parts", "l1"])  # no budget
+
+
+def _fake_study(study, out: Path, advantage: float) -> None:
+    """Scored runs without training: every L1 run's per-volume values are a subject's base value, the slab
+    hybrid's raised by ``advantage`` dB of tumour PSNR in every seed; the data, floor and load records a
+    finished study leaves."""
+    import csv
+    import json
+
+    rng = np.random.default_rng(0)
+    subjects = [f"s{i:02d}" for i in range(8)]
+    (out / "shards").mkdir(parents=True)
+    splits = {"train": {"samples": 100, "subjects": ["a"]}, "val": {"samples": 10, "subjects": ["b"]},
+              "test": {"samples": 80, "subjects": subjects}}  # fmt: skip
+    (out / "shards" / "manifest.json").write_text(json.dumps({"splits": splits}))
+    (out / "data.json").write_text(json.dumps({"subjects": 10, "shape": [64, 64, 24]}))
+    (out / "load.csv").write_text("1,1.0\n2,2.0\n")
+    fields = ["method", "task", "subject", "region", *study.DIGITS, "voxels", "slices"]
+
+    def write_volumes(folder: Path, shifts: dict[str, float]) -> None:
+        """per_volume.csv with a row per method (its tumour PSNR raised by ``shifts[method]``), subject and
+        region; every other subject has a tumour."""
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "per_volume.csv", "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=fields)
+            writer.writeheader()
+            for method, shift in shifts.items():
+                for index, subject in enumerate(subjects):
+                    for region in ("brain", "tumour") if index % 2 == 0 else ("brain",):
+                        values = {m: 0.5 + 0.01 * index for m in study.DIGITS}
+                        values["psnr"] = (
+                            20 + index + rng.normal(0, 0.01) + (shift if region == "tumour" else 0)
+                        )
+                        writer.writerow({"method": method, "task": "t", "subject": subject, "region": region,
+                                         **values, "voxels": 10, "slices": 24})  # fmt: skip
+
+    write_volumes(out / "eval" / "floor", {"noise_free": 10.0, "expected": 10.01})
+    record = {"steps": 1000, "train_cpu_seconds": 540, "parameters": 1, "best_step": 1000,
+              "validations": [[200, 20.0], [1000, 25.0]], "budget_seconds": 540, "process_wall_seconds": 600,
+              "code": None}  # fmt: skip
+    runs = [study.Run("l1", arm, seed) for arm in study.ARMS for seed in (0, 1, 2)]
+    runs.append(study.Run("calibration", "unet2d", study.CALIBRATION_SEED))
+    for run in runs:
+        (out / "runs" / run.name).mkdir(parents=True)
+        (out / "runs" / run.name / "train.json").write_text(
+            json.dumps({**record, "name": run.name, "command": "c"})
+        )
+        if run.recipe == "calibration":
+            continue
+        for name in study.evaluations(out, run):
+            (out / "eval" / name).mkdir(parents=True, exist_ok=True)
+            (out / "eval" / name / "summary.json").write_text("{}")
+        model = advantage if run.arm == "hybridslab" else 0.0
+        write_volumes(out / "eval" / run.name, {"model": model, "best_input_copy": -5.0})
+        (out / "eval" / f"{run.name}_brasyn" / "brasyn.csv").write_text(
+            "method,subject,ssim_tumour,ssim_non_tumour\n" + "".join(f"model,{s},0.9,0.8\n" for s in subjects)
+        )
+        (out / "eval" / f"{run.name}_segmenter" / "segmentation.csv").write_text(
+            "subject,region,dice_drop\n" + "".join(f"{s},WT,{rng.uniform(0, 0.3)}\n" for s in subjects)
+        )
+
+
+@pytest.mark.parametrize("advantage", [1.0, 0.0])
+def test_the_report_reads_the_runs_applies_the_claim_rule_and_says_what_has_not_run(
+    study, tmp_path, advantage
+):
+    import argparse
+
+    out = tmp_path / "study"
+    _fake_study(study, out, advantage)
+    results = tmp_path / "docs" / "results.md"
+    results.parent.mkdir()
+    results.write_text("# declared\n<!-- study-context:tables -->\n<!-- study-context:end -->\n## reading\n")
+    args = argparse.Namespace(out=out, seeds=[0, 1, 2], results=results, budget_minutes=9.0, subjects=10)
+    tables = study.write_report(args, "python bench/study_context.py --parts report")
+    claim = "yes" if advantage else "no"
+    assert f"every seed the same way): **{claim}**" in tables
+    assert "| slab hybrid | " in tables and "| floor: noise-free FLAIR | " in tables
+    assert (
+        "Not run yet (2D U-Net, slab hybrid" in tables if advantage else "Not run yet (2D U-Net, " in tables
+    )
+    assert (results.parent / "images" / "study_context_validation.png").is_file()
+    assert "| 1000 | " in tables, "the calibration run's curve"
