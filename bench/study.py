@@ -327,7 +327,9 @@ def seed_averaged(per_seed: list[dict], endpoint: tuple[str, str]) -> dict[str, 
 def comparison_rows(
     arms: dict[str, list[dict]], pairs: list[tuple[str, str]], endpoint: tuple[str, str]
 ) -> list[dict]:
-    """Paired over subjects, per pair: difference, Bonferroni interval (1 - alpha/m), t p, Holm p."""
+    """Paired over subjects (seed-averaged), per pair: difference, Bonferroni interval (1 - alpha/m), t p,
+    Holm p over the pairs, and each seed's own mean difference over the same subjects (``per_seed``).
+    A pair without a p-value (every difference 0) counts as p = 1 in Holm's correction and keeps NaN."""
     m = len(pairs)
     rows = []
     for first, second in pairs:
@@ -336,14 +338,24 @@ def comparison_rows(
         stats = paired_statistics(
             np.array([a[s] for s in subjects]), np.array([b[s] for s in subjects]), confidence=1 - ALPHA / m
         )
-        rows.append({"pair": (first, second), **stats})
-    for row, adjusted in zip(rows, holm_adjusted([row["ttest_p"] for row in rows])):
-        row["holm_p"] = adjusted
+        per_seed = [
+            float(np.mean([x[endpoint][s] - y[endpoint][s] for s in subjects]))
+            for x, y in zip(arms[first], arms[second])
+        ]
+        rows.append({"pair": (first, second), **stats, "per_seed": per_seed})
+    p_values = [row["ttest_p"] if np.isfinite(row["ttest_p"]) else 1.0 for row in rows]
+    for row, adjusted in zip(rows, holm_adjusted(p_values)):
+        row["holm_p"] = adjusted if np.isfinite(row["ttest_p"]) else float("nan")
     return rows
 
 
+# Metrics where a lower value is the better one (the second study adds the through-plane error and the
+# segmenter's Dice drop to the first study's MAE).
+LOWER_IS_BETTER = ("mae", "through_plane_error", "dice_drop")
+
+
 def better(metric: str, difference: float) -> bool:
-    return difference < 0 if metric == "mae" else difference > 0
+    return difference < 0 if metric in LOWER_IS_BETTER else difference > 0
 
 
 def claim_met(rows: list[dict], metric: str) -> bool:

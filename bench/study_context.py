@@ -67,7 +67,7 @@ def _first_study():
 
 study = _first_study()
 
-from medgan.scoring import holm_adjusted, paired_statistics, score_volume  # noqa: E402
+from medgan.scoring import score_volume  # noqa: E402
 
 CONFIG = "configs/demo.yaml"
 INPUTS, TARGET = ("t1", "t1ce", "t2"), "flair"
@@ -78,7 +78,7 @@ SHUFFLE_BUFFER = 512  # slices (about 10 subjects), every arm
 TRUNK_WIDTH = 16  # demo.yaml's U-Net width (matched to its SSM generator), every arm's trunk
 VAL_EVERY = 200
 CALIBRATION_SEED, CALIBRATION_MINUTES = 100, 24.0
-ALPHA = 0.05
+ALPHA = study.ALPHA
 PARTS = ("data", "calibration", "l1", "gan", "report")
 ARMS = {
     "unet2d": ["--model.generator.arch", "unet"],
@@ -97,7 +97,6 @@ SECONDARY = (
     ("brain", "ssim_coronal"), ("brain", "ssim"), ("tumour", "ssim"), ("brain", "mae"), ("tumour", "mae"),
     ("brain", "psnr"),
 )  # fmt: skip
-LOWER_IS_BETTER = ("mae", "through_plane_error", "dice_drop")
 DIGITS = {"psnr": 2, "ssim": 4, "mae": 4, "through_plane_error": 5, "ssim_sagittal": 4, "ssim_coronal": 4}
 FLOORS = {"noise_free": "floor: noise-free FLAIR", "expected": "floor: with the noise's mean lift"}
 
@@ -273,32 +272,8 @@ def extra_values(out: Path, name: str) -> dict[tuple[str, str], dict[str, float]
     return values
 
 
-def better(metric: str, difference: float) -> bool:
-    return difference < 0 if metric in LOWER_IS_BETTER else difference > 0
-
-
-def comparison_rows(arms: dict[str, list[dict]], pairs, endpoint) -> list[dict]:
-    """Per pair, paired over subjects (seed-averaged): difference, Bonferroni interval (1 - alpha/m), t p,
-    Holm p over the pairs; and each seed's own mean difference over the same subjects."""
-    rows = []
-    for first, second in pairs:
-        a, b = seed_averaged(arms[first], endpoint), seed_averaged(arms[second], endpoint)
-        subjects = sorted(set(a) & set(b))
-        stats = paired_statistics(
-            np.array([a[s] for s in subjects]), np.array([b[s] for s in subjects]),
-            confidence=1 - ALPHA / len(pairs),
-        )  # fmt: skip
-        per_seed = [
-            float(np.mean([x[endpoint][s] - y[endpoint][s] for s in subjects]))
-            for x, y in zip(arms[first], arms[second])
-        ]
-        rows.append({"pair": (first, second), **stats, "per_seed": per_seed})
-    # Holm over every comparison; one without a p-value (every difference 0) counts as p = 1 there and
-    # keeps NaN itself, so it is never won and the others are still corrected for it
-    p_values = [row["ttest_p"] if np.isfinite(row["ttest_p"]) else 1.0 for row in rows]
-    for row, adjusted in zip(rows, holm_adjusted(p_values)):
-        row["holm_p"] = adjusted if np.isfinite(row["ttest_p"]) else float("nan")
-    return rows
+better = study.better  # lower is better for MAE, the through-plane error and the Dice drop
+comparison_rows = study.comparison_rows  # paired, Bonferroni interval, Holm, and each seed's difference
 
 
 def won(row: dict, metric: str) -> bool:
