@@ -616,7 +616,8 @@ def main(argv: list[str] | None = None) -> None:
 
     make_data(args.out, args.subjects)
     stop = threading.Event()
-    threading.Thread(target=study.sample_load, args=(args.out / "load.csv", stop), daemon=True).start()
+    if {"calibration", "l1", "gan"} & set(args.parts):  # the load while runs train, not while reporting
+        threading.Thread(target=study.sample_load, args=(args.out / "load.csv", stop), daemon=True).start()
     try:
         if "calibration" in args.parts:
             study.run_all(
