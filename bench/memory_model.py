@@ -1,7 +1,7 @@
 """The per-GPU memory model of a config's training step, measured on the CPU (no GPU needed).
 
     python bench/memory_model.py [--config configs/brats.yaml] [--size 256] [--batch 16] [--gpu-gib 80]
-                                 [--slab-slices S]
+                                 [--slab-slices S] [--arch ssm|unet|hybrid]
 
 What a training step keeps on a GPU is (1) the tensors autograd saves for the backward (activations),
 which grow with the batch, and (2) the weights, gradients and optimizer states, which do not. (1) is
@@ -108,8 +108,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=None, help="per-GPU batch (default: the config's)")
     parser.add_argument("--gpu-gib", type=float, default=80.0)
     parser.add_argument("--slab-slices", type=int, default=None, help="default: the config's")
+    parser.add_argument(
+        "--arch", choices=("ssm", "unet", "hybrid"), default=None, help="default: the config's"
+    )
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = load_config(args.config, {"model": {"generator": {"arch": args.arch}}} if args.arch else None)
     batch = args.batch or config.data.batch_size
     torch.manual_seed(0)
     rows = {}

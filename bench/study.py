@@ -65,8 +65,10 @@ VAL_EVERY = {64: 200, 128: 100}
 PARTS = ("l1", "gan", "pilot", "report")
 ARMS = {
     "unet": ["--model.generator.arch", "unet"],
-    "ssm": [],
-    "scanoff": ["--model.generator.scan_off", "true"],
+    # demo.yaml's generator was the SSM generator when this study ran; the arms name it since the second
+    # study moved demo.yaml to the U-Net
+    "ssm": ["--model.generator.arch", "ssm"],
+    "scanoff": ["--model.generator.arch", "ssm", "--model.generator.scan_off", "true"],
 }
 LABELS = {"unet": "U-Net", "ssm": "SSM", "scanoff": "SSM, scan off"}
 

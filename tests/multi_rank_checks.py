@@ -25,7 +25,7 @@ from medgan.training.trainer import GANTrainer
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = {
     "generator": {
-        "base_channels": 8, "depth": 2, "ssm_levels": [1], "ssm_state": 4, "condition_dim": 8,
+        "arch": "ssm", "base_channels": 8, "depth": 2, "ssm_levels": [1], "ssm_state": 4, "condition_dim": 8,
         "attention_heads": 2,
     },
     "discriminator": {"base_channels": 8, "layers": 2},

@@ -101,7 +101,7 @@ def test_two_ranks_zero3_train_the_same_with_checkpointed_stages(phantom_shards,
     def train(checkpoint_stages: str) -> dict[int, str]:
         command = [
             DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-            "--config", "configs/demo.yaml",
+            "--config", "configs/demo.yaml", "--model.generator.arch", "ssm",
             "--model.generator.base_channels", "8", "--model.generator.depth", "2",
             "--model.generator.ssm_levels", "1", "--model.generator.ssm_state", "4",
             "--model.generator.condition_dim", "8", "--model.generator.attention_heads", "2",

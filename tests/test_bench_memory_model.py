@@ -10,7 +10,9 @@ from conftest import REPO
 
 
 def test_memory_model_adds_up_on_the_demo_config():
+    # the SSM generator: its stages are what checkpoint_stages recomputes (demo.yaml's default is the U-Net)
     command = [sys.executable, "bench/memory_model.py", "--config", "configs/demo.yaml", "--size", "64"]
+    command += ["--arch", "ssm"]
     result = subprocess.run([*command, "--batch", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = re.findall(r"^\| ([\w.() ]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", result.stdout, re.MULTILINE)
@@ -22,6 +24,7 @@ def test_memory_model_adds_up_on_the_demo_config():
     assert 0.4 * fp32 < bf16 < 0.65 * fp32, "bf16 activations are about half of fp32's"
     assert checkpointed < bf16, "checkpoint_stages keeps less"
     assert "## Per GPU at batch 2 (bf16), against 80 GiB" in result.stdout
+    assert "configs/demo.yaml generator (ssm)" in result.stdout
 
 
 def test_memory_model_measures_the_hybrid_on_a_slab_per_slice():

@@ -67,6 +67,27 @@ def test_receptive_fields_are_the_generators_measured_by_the_gradient(study, dep
     assert _gradient_extent(model, model.bottleneck, size) == expected["bottleneck"]
 
 
+def test_the_arms_are_the_declared_generators_whatever_demo_yaml_defaults_to(study):
+    """The first study's arms name their generator: demo.yaml's default moved to the U-Net after it ran."""
+    from pathlib import Path
+
+    from medgan.config import config_from_cli
+
+    generators = {
+        arm: config_from_cli(
+            study.run_flags(study.Run("l1", arm, 0, 64), Path("s"), Path("r"), 60.0)
+        ).model.generator
+        for arm in study.ARMS
+    }
+    assert {arm: (g.arch, g.scan_off) for arm, g in generators.items()} == {
+        "unet": ("unet", False), "ssm": ("ssm", False), "scanoff": ("ssm", True),
+    }  # fmt: skip
+    assert (
+        generators["unet"].unet_base_channels in (0, 16)
+        and build_generator(generators["unet"]).stem.out_channels == 16
+    )
+
+
 def test_ssm_levels_without_global_reach(study):
     # depth 3: level 1 sees 18 pixels, level 2 40; level 0 is never chosen
     assert study.ssm_levels_without_global_reach(128, 3) == [1, 2]

@@ -133,7 +133,7 @@ def test_unet_baseline_is_the_closest_width_on_the_grid(name):
     config = generator_config(name)
     # meta tensors: the counts without allocating brats' 100M parameters
     with torch.device("meta"):
-        ssm_params = count_parameters(build_generator(config))
+        ssm_params = count_parameters(build_generator(dataclasses.replace(config, arch="ssm")))
         unet = build_generator(dataclasses.replace(config, arch="unet"))
         unet_params = count_parameters(unet)
         width = unet.stem.out_channels

@@ -32,7 +32,7 @@ from medgan.training.engines import deepspeed_settings, lr_factor
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 TINY = [
-    "--config", "configs/demo.yaml",
+    "--config", "configs/demo.yaml", "--model.generator.arch", "ssm",
     "--model.generator.base_channels", "8", "--model.generator.depth", "2",
     "--model.generator.ssm_levels", "1", "--model.generator.ssm_state", "4",
     "--model.generator.condition_dim", "8", "--model.generator.attention_heads", "2",
