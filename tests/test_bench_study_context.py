@@ -47,6 +47,14 @@ def test_the_arms_share_trunk_batch_and_recipe_and_differ_only_where_declared(st
             assert generator.ssm_levels == [], "the branch beside the bottleneck alone (measured at width 16)"
 
 
+def test_demo_config_generator_is_the_arm_the_declared_rule_chose(study):
+    """The study chose the 2D U-Net for configs/demo.yaml (docs/results.md): its generator is that arm's,
+    setting for setting, so the demo trains what the study measured."""
+    run = study.Run("l1", "unet2d", 0)
+    measured = config_from_cli(study.run_flags(run, Path("shards"), Path("runs"), 360.0)).model.generator
+    assert config_from_cli(["--config", study.CONFIG]).model.generator == measured
+
+
 def _arms(shift_seed: float = 0.0) -> dict[str, list[dict]]:
     """Three seeds, four subjects: the slab hybrid 1 dB above every arm in every seed, except that seed 2's
     advantage over the 2D hybrid is ``1 - shift_seed``."""
