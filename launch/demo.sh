@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: the whole pipeline on the CPU, no GPU and no download, in about 15 minutes on 2 cores:
+# `make demo`: the whole pipeline on the CPU, no GPU and no download, in about 5 minutes on 2 cores:
 # phantom -> shards -> 2-rank DeepSpeed training -> evaluation -> a synthesized NIfTI -> HTML report.
 # Everything goes under runs/demo/ (removed first, so the demo always starts from nothing).
 set -euo pipefail
