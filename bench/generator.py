@@ -4,9 +4,9 @@
                               [--variant NAME '{"key": value, ...}' ...] [--old-commit C] [--quick]
 
 The SSM generator of brats.yaml's ``model.generator`` settings (``arch: ssm`` whatever the config's arch;
-activation checkpointing off) and the U-Net baseline at width
-``--unet-width`` (72: the width that matched the SSM generator's parameter count when the budget was set;
-fixed, so the budget does not move with the design), one ``size x size`` sample in fp32,
+activation checkpointing off) and the U-Net baseline at width ``--unet-width`` (72: the width that
+matched the SSM generator's parameter count when the budget was set; fixed, so the budget does not move
+with the design), one ``size x size`` sample in fp32,
 ``g(x, available, target).mean().backward()`` in training mode after a 32 x 32 warm-up. Each
 measurement runs in a fresh process (one model's allocations cannot hide the next one's peak) and the
 models take turns, round after round, so a change in the machine's load falls on all of them; the table
