@@ -396,14 +396,15 @@ def write_report(args: argparse.Namespace, invocation: str) -> str:
         ]
 
     missing = unscored([r for runs in l1.values() for r in runs])
-    gan = {arm: [Run("gan", arm, s) for s in seeds] for arm in gan_arms(out, seeds)} if not missing else {}
-    gan_done = not missing and not unscored([r for runs in gan.values() for r in runs])
-    gan = gan if gan_done else {}
-    needed = [r for group in (l1, gan) for runs in group.values() for r in runs]
     if missing:
         raise SystemExit(
             f"bench/study_context.py: report needs {' '.join(missing)} (run the other parts first)"
         )
+    gan = {arm: [Run("gan", arm, s) for s in seeds] for arm in gan_arms(out, seeds)}
+    gan_done = not unscored([r for runs in gan.values() for r in runs])
+    if not gan_done:
+        gan = {}
+    needed = [r for group in (l1, gan) for runs in group.values() for r in runs]
     floor_scores(out)
     values = {r.name: {**volume_values(out, r.name), **extra_values(out, r.name)} for r in needed}
     floors = {kind: [volume_values(out, "floor", kind)] for kind in FLOORS}
